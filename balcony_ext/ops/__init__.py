@@ -1,0 +1,12 @@
+"""Python entry points of the native ops (torch.ops.balcony.*), with fake kernels for
+torch.compile and autograd for the ops used in training. Each op lives in its own module,
+beside its plain-PyTorch reference (`reference_<op>`), which is the op's specification."""
+
+from .rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
+
+__all__ = [
+    "rms_norm",
+    "fused_add_rms_norm",
+    "reference_rms_norm",
+    "reference_fused_add_rms_norm",
+]

@@ -1,0 +1,57 @@
+"""Shared benchmark helpers: timing (median after warm-up), the copy bandwidth of this machine
+measured in the same run, an aligned table, and the final JSON line."""
+
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, warmup: int = 3, reps: int = 20, min_time: float = 0.0) -> float:
+    """Median wall time of fn() in seconds (CUDA-synchronised when a GPU is used)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start_all) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * reps:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, device: str = "cpu") -> float:
+    """GB/s of dst.copy_(src) for a buffer past the caches, counting bytes read + written."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), warmup=2, reps=10)
+    return 2 * nbytes / t / 1e9
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([format(r[k], f) if f else str(r[k]) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for i, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def emit_json(payload: dict):
+    """The last line of every benchmark: one JSON object."""
+    print(json.dumps(payload, sort_keys=True))

@@ -1,0 +1,4 @@
+// Every CPU kernel header, included once per capability translation unit. One line per op.
+#pragma once
+#include "vec.h"
+#include "rms_norm_kernel.h"

@@ -1,0 +1,31 @@
+// Helpers for the CUDA op entry points: stream lookup, dtype dispatch to the kernel's types.
+#pragma once
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../torch_utils.h"
+
+namespace balcony::cuda {
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+#define BALCONY_CUDA_CHECK(expr)                                                              \
+  do {                                                                                        \
+    cudaError_t err_ = (expr);                                                                \
+    TORCH_CHECK(err_ == cudaSuccess, "CUDA error in ", #expr, ": ", cudaGetErrorString(err_)); \
+  } while (0)
+
+// Calls body with `scalar_t` set to float, __half or __nv_bfloat16.
+#define BALCONY_DISPATCH_CUDA_FLOATING(dtype, name, ...)                                                  \
+  [&] {                                                                                                  \
+    switch (dtype) {                                                                                     \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                                 \
+      case at::kHalf: { using scalar_t = __half; return __VA_ARGS__(); }                                 \
+      case at::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); }                      \
+      default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype, " (CUDA kernels take float32, float16, bfloat16)"); \
+    }                                                                                                    \
+  }()
+
+}  // namespace balcony::cuda

@@ -1,0 +1,91 @@
+// The one library definition: every schema of torch.ops.balcony, with a comment per op.
+// Implementations register themselves per backend (TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>.cu). Python-side fake (meta) kernels and autograd live in balcony_ext/ops.py;
+// plain-PyTorch references (the specification) in balcony_ext/reference.py.
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/capability.h"
+
+namespace {
+
+std::string get_cpu_capability() { return balcony::cpu::capability_name(balcony::cpu::capability()); }
+
+std::string max_cpu_capability() { return balcony::cpu::capability_name(balcony::cpu::max_supported_capability()); }
+
+void set_cpu_capability(const std::string& name) {
+  balcony::cpu::Capability c;
+  TORCH_CHECK(balcony::cpu::parse_capability(name.c_str(), &c), "unknown CPU capability '", name,
+              "'; expected 'default', 'avx2' or 'avx512'");
+  TORCH_CHECK(balcony::cpu::set_capability(c), "this CPU does not support '", name, "' (the most it supports is '",
+              max_cpu_capability(), "')");
+}
+
+bool built_with_cuda() {
+#if defined(BALCONY_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(balcony, m) {
+  // out = weight * x * rsqrt(mean(x^2, -1) + eps), computed in float32. input [..., H], weight [H].
+  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
+  // Gradients of rms_norm with respect to input and weight.
+  m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // In place: residual = input + residual; input = rms_norm(residual, weight, eps).
+  m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+
+  // Rotary embedding (rotate-half layout) on query in place and on key, then key and value
+  // written into the caches at their positions. query [B,T,Hq,D], key/value [B,T,Hkv,D],
+  // key_cache/value_cache [B,Hkv,S,D], positions [B,T] int64 (rope position = cache slot;
+  // a negative position marks padding: nothing is rotated or written), cos/sin [P, D/2] float32.
+  m.def(
+      "rope_append(Tensor(a!) query, Tensor key, Tensor value, Tensor(b!) key_cache, Tensor(c!) value_cache, "
+      "Tensor positions, Tensor cos, Tensor sin) -> ()");
+
+  // One query token per sequence against its KV cache: query [B,Hq,D], caches [B,Hkv,S,D],
+  // seq_lens [B] (int32 or int64; entries [0, len) are attended), Hq a multiple of Hkv.
+  // Split along the sequence (num_splits 0 = choose) with a stable online-softmax merge.
+  m.def(
+      "decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor seq_lens, float scale, "
+      "int num_splits=0) -> Tensor");
+
+  // SwiGLU activation: input [..., 2I] = [gate | up] -> silu(gate) * up, [..., I].
+  m.def("silu_and_mul(Tensor input) -> Tensor");
+  m.def("silu_and_mul_backward(Tensor grad_out, Tensor input) -> Tensor");
+
+  // KL(p_teacher || p_student) for self-distillation without materialising the student logits:
+  // student [N,H], weight [V,H] (the LM head), teacher [N,H] hidden states (teacher_is_logits
+  // False) or [N,V] logits (True). reduction "sum" or "mean" (over the N tokens); chunk_size
+  // tokens per chunk (0 = choose). Returns (loss float32 scalar, grad of loss wrt student
+  // [N,H] when compute_grad, else an empty tensor).
+  m.def(
+      "fused_linear_kl(Tensor student, Tensor weight, Tensor teacher, bool teacher_is_logits, str reduction, "
+      "int chunk_size, bool compute_grad) -> (Tensor, Tensor)");
+
+  // Next token per row of logits [B,V]: temperature[B] <= 0 means greedy (argmax); otherwise
+  // softmax(logits / temperature), keep the top_k[B] most likely (0 = all), then the smallest
+  // set of those whose mass reaches top_p[B] of theirs, and pick by inverse CDF in vocabulary
+  // order with uniform[B] in [0, 1). Returns int64 [B].
+  m.def(
+      "sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform) -> Tensor");
+
+  // The CPU instruction set the kernels use: "default", "avx2" or "avx512".
+  m.def("get_cpu_capability() -> str", &get_cpu_capability);
+  m.def("max_cpu_capability() -> str", &max_cpu_capability);
+  m.def("set_cpu_capability(str name) -> ()", &set_cpu_capability);
+  // Whether this build contains the CUDA kernels.
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+}
+
+// Importable as the Python module balcony_ext._C: loading it runs the registrations above.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "balcony native kernels", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
