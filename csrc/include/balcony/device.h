@@ -10,7 +10,7 @@
 #pragma once
 
 #if defined(BALCONY_CUDA_HARNESS)
-#include "harness/cuda_harness.h"
+#include "cuda_harness.h"  // csrc/harness/, on the include path of harness builds only
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
