@@ -31,12 +31,17 @@ def read_sources():
     return groups
 
 
+def default_cuda_home():
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported, and guesses it from the nvcc on
+    # PATH, which may be a wrapper outside the toolkit: point it at the standard location first.
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and Path("/usr/local/cuda/bin/nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def want_cuda(torch):
     flag = os.environ.get("BALCONY_CUDA", "").strip().lower()
     if flag in ("0", "false", "off", "no"):
         return False
-    if not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda/bin/nvcc").exists():
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "")) / "bin" / "nvcc")
     possible = torch.version.cuda is not None and nvcc and Path(nvcc).exists()
     if flag in ("1", "true", "on", "yes"):
@@ -48,6 +53,7 @@ def want_cuda(torch):
 
 
 def extensions():
+    default_cuda_home()
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
