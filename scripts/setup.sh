@@ -18,10 +18,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 echo "== installing $TORCH_SPEC and the build tools"
-$PIP install -q --upgrade pip setuptools wheel ninja
-$PIP install -q "$TORCH_SPEC"
-echo "== building and installing balcony_ext (log: build/install.log)"
 mkdir -p build
+quiet_pip() {  # pip's output goes to build/pip.log, shown only when it fails
+  $PIP install -q "$@" > build/pip.log 2>&1 || { cat build/pip.log; echo "setup: pip install $* failed" >&2; exit 1; }
+}
+quiet_pip --upgrade pip setuptools wheel ninja
+quiet_pip "$TORCH_SPEC"
+echo "== building and installing balcony_ext (log: build/install.log)"
 start=$(date +%s)
 if ! $PIP install -v --no-build-isolation ".[test]" > build/install.log 2>&1; then
   tail -n 60 build/install.log
@@ -42,4 +45,4 @@ if grep -q "ptxas info" build/install.log; then
     exit 1
   fi
 fi
-.venv/bin/python -c "import balcony_ext as b; print('   balcony_ext', b.__version__, '| CUDA kernels built:', b.built_with_cuda(), '| CPU kernels:', b.cpu_capability())"
+.venv/bin/python -P -c "import balcony_ext as b; print('   balcony_ext', b.__version__, '| CUDA kernels built:', b.built_with_cuda(), '| CPU kernels:', b.cpu_capability())"
