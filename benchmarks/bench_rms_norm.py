@@ -6,7 +6,8 @@ PyTorch eager (the reference functions, and torch.nn.functional.rms_norm where i
 
 Bytes counted = what the op must read + write (x, out, residual, grad tensors; the weight once).
 "Large" rows (> 32 MiB moved, past any L2/L3) are held to the >= 70% of copy bandwidth target.
-Prints a table, then one JSON line.
+On a shared CPU machine, --threads 1 gives steadier figures (a busy second core stalls every
+parallel region). Prints a table, then one JSON line.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the source tree, when not installed
 from common import copy_bandwidth, emit_json, machine, median_time, print_table  # noqa: E402
 
 from balcony_ext import ops  # noqa: E402
@@ -31,7 +33,10 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--hidden", type=int, nargs="+", default=[576, 2048, 4096])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 4096])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev, dtype = args.device, getattr(torch, args.dtype)
     es = torch.finfo(dtype).bits // 8
     eps = 1e-6

@@ -75,15 +75,29 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
   int sm_count = 0;
   BALCONY_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, input.device().index()));
   BALCONY_DISPATCH_CUDA_FLOATING(input.scalar_type(), "rms_norm_backward", [&] {
-    const auto shape = cuda::rms_norm_backward_shape<scalar_t>(rows, static_cast<int>(hidden), sm_count);
-    TORCH_CHECK(shape.k != 0, "rms_norm_backward: hidden size ", hidden, " is larger than the CUDA kernel's limit (",
-                cuda::rms_norm_backward_max_hidden<scalar_t>(), " for ", input.scalar_type(), ")");
+    const auto* gp = static_cast<const scalar_t*>(g.data_ptr());
+    const auto* xp = static_cast<const scalar_t*>(x.data_ptr());
+    const auto* wp = static_cast<const scalar_t*>(w.data_ptr());
+    auto* gxp = static_cast<scalar_t*>(grad_x.data_ptr());
+    const bool vec = cuda::rms_norm_backward_vectorized(gp, g.stride(0), xp, x.stride(0), wp, gxp, grad_x.stride(0),
+                                                        static_cast<int>(hidden));
+    const auto shape = cuda::rms_norm_backward_shape<scalar_t>(rows, static_cast<int>(hidden), vec, sm_count);
+    if (shape.k == 0) {
+      // Past the register-resident kernel's reach (hidden > 16384 for 16-bit types, 8192 for
+      // float32; half that when rows are unaligned): the same formula in ATen ops, float32.
+      const at::Tensor xf = x.to(at::kFloat), gf = g.to(at::kFloat), wf = w.to(at::kFloat);
+      const at::Tensor r = at::rsqrt(xf.pow(2).mean(-1, true) + eps);
+      const at::Tensor gw = gf * wf;
+      grad_x.copy_(r * gw - xf * r.pow(3) * (gw * xf).mean(-1, true));
+      grad_w.copy_((gf * xf * r).sum(0));
+      return;
+    }
     at::Tensor partial = at::empty({shape.parts, hidden}, input.options().dtype(at::kFloat));
-    BALCONY_CUDA_CHECK(cuda::launch_rms_norm_backward<scalar_t>(
-        static_cast<const scalar_t*>(g.data_ptr()), g.stride(0), static_cast<const scalar_t*>(x.data_ptr()),
-        x.stride(0), static_cast<const scalar_t*>(w.data_ptr()), static_cast<scalar_t*>(grad_x.data_ptr()),
-        grad_x.stride(0), static_cast<scalar_t*>(grad_w.data_ptr()), partial.data_ptr<float>(), shape, rows,
-        static_cast<int>(hidden), static_cast<float>(eps), cuda::current_stream()));
+    BALCONY_CUDA_CHECK(cuda::launch_rms_norm_backward<scalar_t>(gp, g.stride(0), xp, x.stride(0), wp, gxp,
+                                                                grad_x.stride(0), static_cast<scalar_t*>(grad_w.data_ptr()),
+                                                                partial.data_ptr<float>(), shape, rows,
+                                                                static_cast<int>(hidden), static_cast<float>(eps),
+                                                                cuda::current_stream()));
   });
   return {grad_x.view(input.sizes()), grad_w};
 }

@@ -127,9 +127,11 @@ BALCONY_DEVICE Pack16<T> load_chunk(const T* row, int c, int hidden) {
   if constexpr (VEC) {
     return reinterpret_cast<const Pack16<T>*>(row)[c];
   } else {
+    const T* src = row + c * N;
+    const int n = hidden - c * N;
     Pack16<T> p;
 #pragma unroll
-    for (int j = 0; j < N; ++j) p.v[j] = c * N + j < hidden ? row[c * N + j] : from_float<T>(0.f);
+    for (int j = 0; j < N; ++j) p.v[j] = j < n ? src[j] : from_float<T>(0.f);
     return p;
   }
 }
@@ -140,9 +142,11 @@ BALCONY_DEVICE void store_chunk(T* row, int c, int hidden, const Pack16<T>& p) {
   if constexpr (VEC) {
     reinterpret_cast<Pack16<T>*>(row)[c] = p;
   } else {
+    T* dst = row + c * N;
+    const int n = hidden - c * N;
 #pragma unroll
     for (int j = 0; j < N; ++j)
-      if (c * N + j < hidden) row[c * N + j] = p.v[j];
+      if (j < n) dst[j] = p.v[j];
   }
 }
 
@@ -164,13 +168,15 @@ BALCONY_DEVICE void block_reduce_sum2(float& a, float& b, float* scratch) {
 
 // Most threads per block for K chunks per thread: what keeps x, g (K chunks each) and the K chunks
 // of float accumulators in registers without spilling.
-template <int K>
+// NOTE: measured with -Xptxas -v (sm_90): K = 4 uses 78-128 registers when vectorised, and the
+// element-wise (unaligned) variant spills at 128 for 16-bit types, hence 256 threads for it.
+template <int K, bool VEC>
 constexpr int rms_norm_backward_max_threads() {
-  return K == 1 ? 1024 : 512;
+  return K == 1 ? 1024 : (VEC ? 512 : 256);
 }
 
 template <typename T, bool VEC, int K>
-__global__ void BALCONY_RMS_LAUNCH_BOUNDS(rms_norm_backward_max_threads<K>())
+__global__ void BALCONY_RMS_LAUNCH_BOUNDS((rms_norm_backward_max_threads<K, VEC>()))
     rms_norm_backward_kernel(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ x, int64_t x_stride,
                              const T* __restrict__ w, T* __restrict__ grad_x, int64_t gx_stride,
                              float* __restrict__ partial, int64_t rows, int hidden, float eps) {
@@ -257,7 +263,8 @@ __global__ void sum_partials_kernel(const float* __restrict__ partial, int parts
   }
 }
 
-// Launch shape of the backward: chunks per thread, threads per block, and the number of blocks
+// Launch shape of the backward (for the vectorised or the element-wise kernel, see
+// rms_norm_backward_vectorized): chunks per thread, threads per block, and the number of blocks
 // (= rows of the float32 `partial` scratch, [parts, hidden], that the caller allocates).
 struct RmsNormBackwardShape {
   int k = 0;  // 0: hidden too large for these kernels (see rms_norm_backward_max_hidden)
@@ -265,18 +272,29 @@ struct RmsNormBackwardShape {
   int parts = 0;
 };
 
+// Whether the 16-byte vectorised kernel applies (every row start and the weight aligned).
 template <typename T>
-constexpr int rms_norm_backward_max_hidden() {
-  return 4 * rms_norm_backward_max_threads<4>() * Pack16<T>::N;
+inline bool rms_norm_backward_vectorized(const T* g, int64_t g_stride, const T* x, int64_t x_stride, const T* w,
+                                         const T* grad_x, int64_t gx_stride, int hidden) {
+  constexpr int N = Pack16<T>::N;
+  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
+  return hidden % N == 0 && g_stride % N == 0 && x_stride % N == 0 && gx_stride % N == 0 && aligned(g) &&
+         aligned(x) && aligned(w) && aligned(grad_x);
 }
 
 template <typename T>
-inline RmsNormBackwardShape rms_norm_backward_shape(int64_t rows, int hidden, int sm_count) {
+constexpr int rms_norm_backward_max_hidden(bool vec) {
+  return 4 * (vec ? rms_norm_backward_max_threads<4, true>() : rms_norm_backward_max_threads<4, false>()) *
+         Pack16<T>::N;
+}
+
+template <typename T>
+inline RmsNormBackwardShape rms_norm_backward_shape(int64_t rows, int hidden, bool vec, int sm_count) {
   RmsNormBackwardShape s;
   const int chunks = ceil_div(hidden, Pack16<T>::N);
-  if (chunks <= rms_norm_backward_max_threads<1>()) {
+  if (chunks <= rms_norm_backward_max_threads<1, true>()) {
     s.k = 1;
-  } else if (hidden <= rms_norm_backward_max_hidden<T>()) {
+  } else if (hidden <= rms_norm_backward_max_hidden<T>(vec)) {
     s.k = 4;
   } else {
     return s;
@@ -296,10 +314,8 @@ cudaError_t launch_rms_norm_backward(const T* g, int64_t g_stride, const T* x, i
                                      cudaStream_t stream) {
   if (shape.k == 0) return cudaErrorInvalidValue;
   if (hidden == 0) return cudaSuccess;
-  constexpr int N = Pack16<T>::N;
-  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
-  const bool vec = hidden % N == 0 && g_stride % N == 0 && x_stride % N == 0 && gx_stride % N == 0 && aligned(g) &&
-                   aligned(x) && aligned(w) && aligned(grad_x);
+  const bool vec = rms_norm_backward_vectorized(g, g_stride, x, x_stride, w, grad_x, gx_stride, hidden);
+  if (!vec && shape.threads > rms_norm_backward_max_threads<4, false>()) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(shape.parts)), block(static_cast<unsigned>(shape.threads));
 #define BALCONY_RMS_BWD(VEC, K)                                                                                   \
   BALCONY_LAUNCH((rms_norm_backward_kernel<T, VEC, K>), grid, block, 0, stream, g, g_stride, x, x_stride, w, grad_x, \
