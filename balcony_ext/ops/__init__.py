@@ -3,10 +3,13 @@ torch.compile and autograd for the ops used in training. Each op lives in its ow
 beside its plain-PyTorch reference (`reference_<op>`), which is the op's specification."""
 
 from .rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
+from .silu_and_mul import reference_silu_and_mul, silu_and_mul
 
 __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
     "reference_rms_norm",
     "reference_fused_add_rms_norm",
+    "silu_and_mul",
+    "reference_silu_and_mul",
 ]

@@ -2,3 +2,4 @@
 #pragma once
 #include "vec.h"
 #include "rms_norm_kernel.h"
+#include "silu_and_mul_kernel.h"

@@ -1,4 +1,4 @@
-// torch.ops.balcony.rms_norm / fused_add_rms_norm on CPU: checks, then the vectorised kernel
+// torch.ops.balcony.rms_norm / rms_norm_backward / fused_add_rms_norm on CPU: checks, then the vectorised kernel
 // (csrc/cpu/rms_norm_kernel.h) over rows in parallel.
 #include <torch/library.h>
 
@@ -9,6 +9,12 @@ BALCONY_CPU_KERNEL(void, rms_norm,
                    (balcony::ScalarKind kind, const void* x, int64_t x_stride, const void* w, void* out,
                     int64_t out_stride, void* residual, int64_t res_stride, int64_t hidden, float eps, int64_t begin,
                     int64_t end))
+BALCONY_CPU_KERNEL(void, rms_norm_backward,
+                   (balcony::ScalarKind kind, const void* g, int64_t g_stride, const void* x, int64_t x_stride,
+                    const void* w, void* grad_x, int64_t gx_stride, float* grad_w_acc, int64_t hidden, float eps,
+                    int64_t begin, int64_t end))
+BALCONY_CPU_KERNEL(void, sum_partials,
+                   (balcony::ScalarKind kind, const float* acc, int64_t parts, int64_t hidden, void* out))
 
 namespace balcony {
 namespace {
@@ -63,7 +69,42 @@ void fused_add_rms_norm_cpu(at::Tensor& input, at::Tensor& residual, const at::T
                    });
 }
 
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                         const at::Tensor& weight, double eps) {
+  check_norm_args(input, weight);
+  BALCONY_CHECK_DEVICE(grad_out, at::kCPU);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "rms_norm_backward: grad_out ", grad_out.sizes(), " and input ",
+              input.sizes(), " must have the same shape");
+  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
+  const int64_t hidden = weight.size(0);
+  at::Tensor x = input.reshape({-1, hidden});
+  if (x.stride(-1) != 1) x = x.contiguous();
+  at::Tensor g = grad_out.reshape({-1, hidden});
+  if (g.stride(-1) != 1) g = g.contiguous();
+  at::Tensor w = weight.contiguous();
+  const int64_t rows = x.size(0);
+  at::Tensor grad_x = at::empty({rows, hidden}, input.options());
+  at::Tensor grad_w = at::empty({hidden}, weight.options());
+  // grad_weight: one float32 accumulator row per block of rows, summed in block order afterwards.
+  // The blocks depend only on the sizes and the thread count, so the result is deterministic.
+  const int64_t grain = grain_rows(hidden * static_cast<int64_t>(input.element_size()) * 3);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain));
+  at::Tensor acc = at::zeros({parts, hidden}, input.options().dtype(at::kFloat));
+  auto kind = cpu_scalar_kind(input, "input");
+  auto kernel = BALCONY_CPU_DISPATCH(rms_norm_backward);
+  float* acc_ptr = acc.data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p)
+      kernel(kind, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), w.data_ptr(), grad_x.data_ptr(),
+             grad_x.stride(0), acc_ptr + p * hidden, hidden, static_cast<float>(eps), rows * p / parts,
+             rows * (p + 1) / parts);
+  });
+  BALCONY_CPU_DISPATCH(sum_partials)(kind, acc_ptr, parts, hidden, grad_w.data_ptr());
+  return {grad_x.view(input.sizes()), grad_w};
+}
+
 TORCH_LIBRARY_IMPL(balcony, CPU, m) {
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_cpu);
 }

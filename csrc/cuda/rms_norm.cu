@@ -1,4 +1,4 @@
-// torch.ops.balcony.rms_norm / fused_add_rms_norm on CUDA: checks, dtype dispatch, one launcher call.
+// torch.ops.balcony.rms_norm / rms_norm_backward / fused_add_rms_norm on CUDA: checks, dtype dispatch, one launcher call.
 #include <torch/library.h>
 
 #include "balcony/rms_norm.cuh"
@@ -55,7 +55,55 @@ void fused_add_rms_norm_cuda(at::Tensor& input, at::Tensor& residual, const at::
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                          const at::Tensor& weight, double eps) {
+  check_norm_args_cuda(input, weight);
+  BALCONY_CHECK_SAME_DEVICE(grad_out, input);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "rms_norm_backward: grad_out ", grad_out.sizes(), " and input ",
+              input.sizes(), " must have the same shape");
+  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t hidden = weight.size(0);
+  at::Tensor x = input.reshape({-1, hidden});
+  if (x.stride(-1) != 1) x = x.contiguous();
+  at::Tensor g = grad_out.reshape({-1, hidden});
+  if (g.stride(-1) != 1) g = g.contiguous();
+  at::Tensor w = weight.contiguous();
+  const int64_t rows = x.size(0);
+  at::Tensor grad_x = at::empty({rows, hidden}, input.options());
+  at::Tensor grad_w = at::empty({hidden}, weight.options());
+  int sm_count = 0;
+  BALCONY_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, input.device().index()));
+  BALCONY_DISPATCH_CUDA_FLOATING(input.scalar_type(), "rms_norm_backward", [&] {
+    const auto* gp = static_cast<const scalar_t*>(g.data_ptr());
+    const auto* xp = static_cast<const scalar_t*>(x.data_ptr());
+    const auto* wp = static_cast<const scalar_t*>(w.data_ptr());
+    auto* gxp = static_cast<scalar_t*>(grad_x.data_ptr());
+    const bool vec = cuda::rms_norm_backward_vectorized(gp, g.stride(0), xp, x.stride(0), wp, gxp, grad_x.stride(0),
+                                                        static_cast<int>(hidden));
+    const auto shape = cuda::rms_norm_backward_shape<scalar_t>(rows, static_cast<int>(hidden), vec, sm_count);
+    if (shape.k == 0) {
+      // Past the register-resident kernel's reach (hidden > 16384 for 16-bit types, 8192 for
+      // float32; half that when rows are unaligned): the same formula in ATen ops, float32.
+      const at::Tensor xf = x.to(at::kFloat), gf = g.to(at::kFloat), wf = w.to(at::kFloat);
+      const at::Tensor r = at::rsqrt(xf.pow(2).mean(-1, true) + eps);
+      const at::Tensor gw = gf * wf;
+      grad_x.copy_(r * gw - xf * r.pow(3) * (gw * xf).mean(-1, true));
+      grad_w.copy_((gf * xf * r).sum(0));
+      return;
+    }
+    at::Tensor partial = at::empty({shape.parts, hidden}, input.options().dtype(at::kFloat));
+    BALCONY_CUDA_CHECK(cuda::launch_rms_norm_backward<scalar_t>(gp, g.stride(0), xp, x.stride(0), wp, gxp,
+                                                                grad_x.stride(0), static_cast<scalar_t*>(grad_w.data_ptr()),
+                                                                partial.data_ptr<float>(), shape, rows,
+                                                                static_cast<int>(hidden), static_cast<float>(eps),
+                                                                cuda::current_stream()));
+  });
+  return {grad_x.view(input.sizes()), grad_w};
+}
+
 TORCH_LIBRARY_IMPL(balcony, CUDA, m) {
+  m.impl("rms_norm_backward", &rms_norm_backward_cuda);
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_cuda);
 }

@@ -1,0 +1,82 @@
+"""SiLU-and-multiply microbenchmark: torch.ops.balcony.silu_and_mul (forward) and silu_and_mul_backward
+against PyTorch eager (the reference function and its autograd-equivalent formula).
+
+    python benchmarks/bench_silu_and_mul.py             # GPU if present, else CPU; bfloat16
+    python benchmarks/bench_silu_and_mul.py --dtype float32 --device cpu
+
+Bytes counted = what the op must read + write: forward 2I in + I out; backward I grad + 2I in + 2I out
+per row. "Large" rows (> 32 MiB moved) are held to the >= 70% of copy bandwidth target.
+On a shared CPU machine, --threads 1 gives steadier figures (a busy second core stalls every
+parallel region). Prints a table, then one JSON line.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the source tree, when not installed
+from common import copy_bandwidth, emit_json, machine, median_time, print_table  # noqa: E402
+
+from balcony_ext import ops  # noqa: E402
+from balcony_ext.reference import reference_silu_and_mul  # noqa: E402
+
+LARGE_BYTES = 32 << 20
+
+
+def eager_backward(grad, x):
+    """What autograd of the reference computes, written out in eager float32 ops."""
+    gate, up = x.float().chunk(2, dim=-1)
+    g = grad.float()
+    s = torch.sigmoid(gate)
+    return torch.cat([g * up * s * (1 + gate * (1 - s)), g * F.silu(gate)], dim=-1).to(x.dtype)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--inter", type=int, nargs="+", default=[1536, 5632, 14336])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 4096])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    es = torch.finfo(dtype).bits // 8
+    copy_gbs = copy_bandwidth(device=dev)
+    results = []
+
+    def add(op, rows, inter, nbytes, ours, ref):
+        reps = 5 if nbytes > LARGE_BYTES else 20
+        t, t_ref = median_time(ours, reps=reps), median_time(ref, reps=reps)
+        gbs = nbytes / t / 1e9
+        results.append(dict(op=op, rows=rows, inter=inter, us=t * 1e6, ref_us=t_ref * 1e6, gbs=gbs,
+                            frac_copy=gbs / copy_gbs, speedup=t_ref / t, large=nbytes > LARGE_BYTES))
+
+    for inter in args.inter:
+        for rows in args.rows:
+            x = torch.randn(rows, 2 * inter, device=dev, dtype=dtype)
+            add("silu_and_mul", rows, inter, 3 * rows * inter * es, lambda: ops.silu_and_mul(x),
+                lambda: reference_silu_and_mul(x))
+        rows = max(args.rows)  # training shape
+        x = torch.randn(rows, 2 * inter, device=dev, dtype=dtype)
+        g = torch.randn(rows, inter, device=dev, dtype=dtype)
+        add("silu_and_mul_backward", rows, inter, 5 * rows * inter * es,
+            lambda: torch.ops.balcony.silu_and_mul_backward(g, x), lambda: eager_backward(g, x))
+
+    print(f"# {machine()}, device {dev}, dtype {args.dtype}, copy bandwidth {copy_gbs:.1f} GB/s")
+    print_table(results, [("op", "op", None), ("rows", "rows", "d"), ("inter", "I", "d"), ("us", "ours us", ".1f"),
+                          ("ref_us", "ref us", ".1f"), ("gbs", "GB/s", ".1f"), ("frac_copy", "of copy", ".0%"),
+                          ("speedup", "vs ref", ".2f"), ("large", "large", None)])
+    large = [r for r in results if r["large"]]
+    emit_json(dict(bench="silu_and_mul", device=dev, dtype=args.dtype, machine=machine(), copy_gbs=copy_gbs,
+                   target_met_large=all(r["frac_copy"] >= 0.7 for r in large) if large else None,
+                   min_frac_copy_large=min((r["frac_copy"] for r in large), default=None), results=results))
+
+
+if __name__ == "__main__":
+    main()

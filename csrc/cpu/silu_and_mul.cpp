@@ -1,0 +1,83 @@
+// torch.ops.balcony.silu_and_mul / silu_and_mul_backward on CPU: checks, then the vectorised kernel
+// (csrc/cpu/silu_and_mul_kernel.h) over rows in parallel.
+#include <torch/library.h>
+
+#include "../torch_utils.h"
+#include "capability.h"
+
+BALCONY_CPU_KERNEL(void, silu_and_mul,
+                   (balcony::ScalarKind kind, const void* in, int64_t in_stride, void* out, int64_t out_stride,
+                    int64_t inter, int64_t begin, int64_t end))
+BALCONY_CPU_KERNEL(void, silu_and_mul_backward,
+                   (balcony::ScalarKind kind, const void* grad, int64_t grad_stride, const void* in,
+                    int64_t in_stride, void* grad_in, int64_t gi_stride, int64_t inter, int64_t begin, int64_t end))
+
+namespace balcony {
+namespace {
+
+// input [..., 2I] as a (rows x 2I) matrix with unit stride in the last dimension.
+at::Tensor rows_of(const at::Tensor& t, int64_t cols) {
+  if (t.numel() == 0) return t.new_empty({0, cols});
+  at::Tensor m = t.reshape({-1, cols});
+  return m.stride(-1) == 1 ? m : m.contiguous();
+}
+
+int64_t check_silu_input(const at::Tensor& input) {
+  BALCONY_CHECK_DEVICE(input, at::kCPU);
+  TORCH_CHECK(input.dim() >= 1, "silu_and_mul: input must have at least 1 dimension, got a scalar");
+  TORCH_CHECK(input.size(-1) % 2 == 0, "silu_and_mul: input's last dimension must be even ([gate | up]), got ",
+              input.size(-1));
+  cpu_scalar_kind(input, "input");
+  return input.size(-1) / 2;
+}
+
+std::vector<int64_t> half_last(const at::Tensor& input) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() /= 2;
+  return shape;
+}
+
+}  // namespace
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& input) {
+  const int64_t inter = check_silu_input(input);
+  at::Tensor out = at::empty(half_last(input), input.options());
+  if (out.numel() == 0) return out;
+  at::Tensor x = rows_of(input, 2 * inter);
+  const int64_t rows = x.size(0);
+  auto kind = cpu_scalar_kind(input, "input");
+  auto kernel = BALCONY_CPU_DISPATCH(silu_and_mul);
+  at::parallel_for(0, rows, grain_rows(inter * static_cast<int64_t>(input.element_size()) * 3),
+                   [&](int64_t begin, int64_t end) {
+                     kernel(kind, x.data_ptr(), x.stride(0), out.data_ptr(), inter, inter, begin, end);
+                   });
+  return out;
+}
+
+at::Tensor silu_and_mul_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input) {
+  const int64_t inter = check_silu_input(input);
+  BALCONY_CHECK_DEVICE(grad_out, at::kCPU);
+  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
+  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_backward: grad_out ",
+              grad_out.sizes(), " must have input's shape ", input.sizes(), " with the last dimension halved");
+  at::Tensor grad_in = at::empty(input.sizes(), input.options());
+  if (grad_in.numel() == 0) return grad_in;
+  at::Tensor x = rows_of(input, 2 * inter);
+  at::Tensor g = rows_of(grad_out, inter);
+  const int64_t rows = x.size(0);
+  auto kind = cpu_scalar_kind(input, "input");
+  auto kernel = BALCONY_CPU_DISPATCH(silu_and_mul_backward);
+  at::parallel_for(0, rows, grain_rows(inter * static_cast<int64_t>(input.element_size()) * 5),
+                   [&](int64_t begin, int64_t end) {
+                     kernel(kind, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), grad_in.data_ptr(),
+                            2 * inter, inter, begin, end);
+                   });
+  return grad_in;
+}
+
+TORCH_LIBRARY_IMPL(balcony, CPU, m) {
+  m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("silu_and_mul_backward", &silu_and_mul_backward_cpu);
+}
+
+}  // namespace balcony

@@ -1,0 +1,81 @@
+// SiLU-and-multiply (SwiGLU activation) and its backward, CPU kernel (one capability; see
+// csrc/cpu/capability.h). A row of the input is [gate (inter) | up (inter)]; float32 math.
+#pragma once
+#include "vec.h"
+
+namespace balcony::cpu::BALCONY_CPU_CAPABILITY {
+
+// sigmoid(x) = 1 / (1 + exp(-x)); exact limits at both ends (vexp saturates and underflows cleanly).
+inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp(-x)); }
+
+// out = silu(gate) * up for rows [begin, end).
+template <typename T>
+inline void silu_and_mul_rows(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t inter,
+                              int64_t begin, int64_t end) {
+  constexpr int W = kVecWidth;
+  for (int64_t row = begin; row < end; ++row) {
+    const T* gate = in + row * in_stride;
+    const T* up = gate + inter;
+    T* o = out + row * out_stride;
+    int64_t i = 0;
+    for (; i + W <= inter; i += W) vstore(o + i, vsilu(vload(gate + i)) * vload(up + i));
+    if (i < inter) {
+      const int n = static_cast<int>(inter - i);
+      vstore_partial(o + i, vsilu(vload_partial(gate + i, n)) * vload_partial(up + i, n), n);
+    }
+  }
+}
+
+// With s = sigmoid(gate): grad_gate = grad * up * s * (1 + gate * (1 - s)), grad_up = grad * gate * s.
+inline vfloat silu_mul_grads(vfloat g, vfloat gate, vfloat up, vfloat* grad_up) {
+  vfloat s = vsigmoid(gate);
+  *grad_up = g * gate * s;
+  return g * up * s * (1.0f + gate * (1.0f - s));
+}
+
+template <typename T>
+inline void silu_and_mul_backward_rows(const T* grad, int64_t grad_stride, const T* in, int64_t in_stride,
+                                       T* grad_in, int64_t gi_stride, int64_t inter, int64_t begin, int64_t end) {
+  constexpr int W = kVecWidth;
+  for (int64_t row = begin; row < end; ++row) {
+    const T* gr = grad + row * grad_stride;
+    const T* gate = in + row * in_stride;
+    const T* up = gate + inter;
+    T* dgate = grad_in + row * gi_stride;
+    T* dup = dgate + inter;
+    int64_t i = 0;
+    vfloat gu;
+    for (; i + W <= inter; i += W) {
+      vstore(dgate + i, silu_mul_grads(vload(gr + i), vload(gate + i), vload(up + i), &gu));
+      vstore(dup + i, gu);
+    }
+    if (i < inter) {
+      const int n = static_cast<int>(inter - i);
+      vfloat gg = silu_mul_grads(vload_partial(gr + i, n), vload_partial(gate + i, n), vload_partial(up + i, n), &gu);
+      vstore_partial(dgate + i, gg, n);
+      vstore_partial(dup + i, gu, n);
+    }
+  }
+}
+
+void silu_and_mul(ScalarKind kind, const void* in, int64_t in_stride, void* out, int64_t out_stride, int64_t inter,
+                  int64_t begin, int64_t end) {
+  if (kind == ScalarKind::BF16)
+    silu_and_mul_rows(static_cast<const bf16_t*>(in), in_stride, static_cast<bf16_t*>(out), out_stride, inter, begin,
+                      end);
+  else
+    silu_and_mul_rows(static_cast<const float*>(in), in_stride, static_cast<float*>(out), out_stride, inter, begin,
+                      end);
+}
+
+void silu_and_mul_backward(ScalarKind kind, const void* grad, int64_t grad_stride, const void* in, int64_t in_stride,
+                           void* grad_in, int64_t gi_stride, int64_t inter, int64_t begin, int64_t end) {
+  if (kind == ScalarKind::BF16)
+    silu_and_mul_backward_rows(static_cast<const bf16_t*>(grad), grad_stride, static_cast<const bf16_t*>(in),
+                               in_stride, static_cast<bf16_t*>(grad_in), gi_stride, inter, begin, end);
+  else
+    silu_and_mul_backward_rows(static_cast<const float*>(grad), grad_stride, static_cast<const float*>(in), in_stride,
+                               static_cast<float*>(grad_in), gi_stride, inter, begin, end);
+}
+
+}  // namespace balcony::cpu::BALCONY_CPU_CAPABILITY

@@ -1,0 +1,72 @@
+// torch.ops.balcony.silu_and_mul / silu_and_mul_backward on CUDA: checks, dtype dispatch, one launcher call.
+#include <torch/library.h>
+
+#include "balcony/silu_and_mul.cuh"
+#include "cuda_utils.h"
+
+namespace balcony {
+namespace {
+
+int64_t check_silu_input_cuda(const at::Tensor& input) {
+  BALCONY_CHECK_DEVICE(input, at::kCUDA);
+  TORCH_CHECK(input.dim() >= 1, "silu_and_mul: input must have at least 1 dimension, got a scalar");
+  TORCH_CHECK(input.size(-1) % 2 == 0, "silu_and_mul: input's last dimension must be even ([gate | up]), got ",
+              input.size(-1));
+  TORCH_CHECK(input.size(-1) / 2 <= std::numeric_limits<int>::max(), "silu_and_mul: last dimension too large");
+  return input.size(-1) / 2;
+}
+
+at::Tensor rows_of(const at::Tensor& t, int64_t cols) {
+  if (t.numel() == 0) return t.new_empty({0, cols});
+  at::Tensor m = t.reshape({-1, cols});
+  return m.stride(-1) == 1 ? m : m.contiguous();
+}
+
+std::vector<int64_t> half_last(const at::Tensor& input) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() /= 2;
+  return shape;
+}
+
+}  // namespace
+
+at::Tensor silu_and_mul_cuda(const at::Tensor& input) {
+  const int64_t inter = check_silu_input_cuda(input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty(half_last(input), input.options());
+  if (out.numel() == 0) return out;
+  at::Tensor x = rows_of(input, 2 * inter);
+  BALCONY_DISPATCH_CUDA_FLOATING(input.scalar_type(), "silu_and_mul", [&] {
+    BALCONY_CUDA_CHECK(cuda::launch_silu_and_mul<scalar_t>(
+        static_cast<const scalar_t*>(x.data_ptr()), x.stride(0), static_cast<scalar_t*>(out.data_ptr()), inter,
+        x.size(0), static_cast<int>(inter), cuda::current_stream()));
+  });
+  return out;
+}
+
+at::Tensor silu_and_mul_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input) {
+  const int64_t inter = check_silu_input_cuda(input);
+  BALCONY_CHECK_SAME_DEVICE(grad_out, input);
+  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
+  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_backward: grad_out ",
+              grad_out.sizes(), " must have input's shape ", input.sizes(), " with the last dimension halved");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor grad_in = at::empty(input.sizes(), input.options());
+  if (grad_in.numel() == 0) return grad_in;
+  at::Tensor x = rows_of(input, 2 * inter);
+  at::Tensor g = rows_of(grad_out, inter);
+  BALCONY_DISPATCH_CUDA_FLOATING(input.scalar_type(), "silu_and_mul_backward", [&] {
+    BALCONY_CUDA_CHECK(cuda::launch_silu_and_mul_backward<scalar_t>(
+        static_cast<const scalar_t*>(g.data_ptr()), g.stride(0), static_cast<const scalar_t*>(x.data_ptr()),
+        x.stride(0), static_cast<scalar_t*>(grad_in.data_ptr()), 2 * inter, x.size(0), static_cast<int>(inter),
+        cuda::current_stream()));
+  });
+  return grad_in;
+}
+
+TORCH_LIBRARY_IMPL(balcony, CUDA, m) {
+  m.impl("silu_and_mul", &silu_and_mul_cuda);
+  m.impl("silu_and_mul_backward", &silu_and_mul_backward_cuda);
+}
+
+}  // namespace balcony
