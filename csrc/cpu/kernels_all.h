@@ -2,3 +2,4 @@
 #pragma once
 #include "vec.h"
 #include "rms_norm_kernel.h"
+#include "fused_linear_kl_kernel.h"
