@@ -3,3 +3,4 @@
 #include "vec.h"
 #include "rms_norm_kernel.h"
 #include "fused_linear_kl_kernel.h"
+#include "sample_tokens_kernel.h"
