@@ -41,9 +41,8 @@ inline KlArgs check_fused_linear_kl_args(const at::Tensor& student, const at::Te
   TORCH_CHECK(chunk_size >= 0, "fused_linear_kl: chunk_size must be >= 0 (0 = choose), got ", chunk_size);
   int64_t chunk = chunk_size;
   if (chunk == 0) {
-    // A chunk's logits (student, plus teacher when computed here) about 32 MB in float32.
-    // NOTE: on the 2-core Zen 5 box, 16-64 MB chunks ran within noise of each other for
-    // N=4096, V=49152, H=576; smaller chunks starve the GEMM, larger ones only cost memory.
+    // A chunk's logits (student, plus teacher when computed here) about 32 MB in float32: tens of
+    // rows, enough for the GEMM to run at full speed (not tuned; see benchmarks/bench_fused_linear_kl.py).
     const int64_t per_row = v * 4 * (teacher_is_logits ? 1 : 2);
     chunk = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(1, per_row));
   }
