@@ -3,3 +3,5 @@
 #include "vec.h"
 #include "rms_norm_kernel.h"
 #include "silu_and_mul_kernel.h"
+#include "fused_linear_kl_kernel.h"
+#include "sample_tokens_kernel.h"

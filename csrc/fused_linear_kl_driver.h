@@ -1,0 +1,91 @@
+// The chunked driver of fused_linear_kl, shared by the CPU and CUDA entry points: argument
+// checks, then per chunk of tokens: student (and teacher) logits by at::mm (vendor BLAS), one
+// fused row kernel (the backend's), and grad_student[chunk] = grad_logits @ weight by at::mm.
+// At most one chunk of logits exists at a time.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "torch_utils.h"
+
+namespace balcony {
+
+struct KlArgs {
+  int64_t n, h, v, chunk;
+  bool mean;
+};
+
+inline KlArgs check_fused_linear_kl_args(const at::Tensor& student, const at::Tensor& weight,
+                                         const at::Tensor& teacher, bool teacher_is_logits,
+                                         const std::string& reduction, int64_t chunk_size) {
+  BALCONY_CHECK_SAME_DEVICE(student, weight);
+  BALCONY_CHECK_SAME_DEVICE(student, teacher);
+  BALCONY_CHECK_DIM(student, 2);
+  BALCONY_CHECK_DIM(weight, 2);
+  BALCONY_CHECK_DIM(teacher, 2);
+  BALCONY_CHECK_SAME_DTYPE(student, weight);
+  BALCONY_CHECK_SAME_DTYPE(student, teacher);
+  const int64_t n = student.size(0), h = student.size(1), v = weight.size(0);
+  TORCH_CHECK(weight.size(1) == h, "fused_linear_kl: weight must be [V, H] with H = student's hidden size ", h,
+              ", got weight of shape ", weight.sizes());
+  if (teacher_is_logits) {
+    TORCH_CHECK(teacher.size(0) == n && teacher.size(1) == v, "fused_linear_kl: teacher logits must be [N, V] = [",
+                n, ", ", v, "], got ", teacher.sizes());
+  } else {
+    TORCH_CHECK(teacher.size(0) == n && teacher.size(1) == h,
+                "fused_linear_kl: teacher hidden states must be [N, H] = [", n, ", ", h, "], got ", teacher.sizes());
+  }
+  TORCH_CHECK(reduction == "mean" || reduction == "sum", "fused_linear_kl: reduction must be \"mean\" or \"sum\", got \"",
+              reduction, "\"");
+  TORCH_CHECK(chunk_size >= 0, "fused_linear_kl: chunk_size must be >= 0 (0 = choose), got ", chunk_size);
+  int64_t chunk = chunk_size;
+  if (chunk == 0) {
+    // A chunk's logits (student, plus teacher when computed here) about 32 MB in float32: tens of
+    // rows, enough for the GEMM to run at full speed (not tuned; see benchmarks/bench_fused_linear_kl.py).
+    const int64_t per_row = v * 4 * (teacher_is_logits ? 1 : 2);
+    chunk = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(1, per_row));
+  }
+  chunk = std::min<int64_t>(chunk, std::max<int64_t>(1, n));
+  return KlArgs{n, h, v, chunk, reduction == "mean"};
+}
+
+// row_kernel(s_logits [c, V] contiguous (overwritten by the gradient when compute_grad),
+//            t_logits [c, V] last dim contiguous, loss [c] float32 contiguous, grad_scale, compute_grad)
+template <typename RowKernel>
+std::tuple<at::Tensor, at::Tensor> fused_linear_kl_chunked(const at::Tensor& student_in, const at::Tensor& weight_in,
+                                                           const at::Tensor& teacher_in, bool teacher_is_logits,
+                                                           const KlArgs& a, bool compute_grad, RowKernel&& row_kernel) {
+  const at::Tensor student = student_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  at::Tensor teacher = teacher_in;
+  if (teacher.stride(-1) != 1) teacher = teacher.contiguous();
+  const at::Tensor weight_t = weight.t();
+  at::Tensor row_loss = at::empty({a.n}, student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({a.n, a.h}, student.options()) : at::empty({0}, student.options());
+  const float grad_scale = a.mean ? 1.0f / static_cast<float>(std::max<int64_t>(1, a.n)) : 1.0f;
+  at::Tensor s_buf = at::empty({a.chunk, a.v}, student.options());
+  at::Tensor t_buf = teacher_is_logits ? at::Tensor() : at::empty({a.chunk, a.v}, student.options());
+  for (int64_t start = 0; start < a.n; start += a.chunk) {
+    const int64_t c = std::min(a.chunk, a.n - start);
+    at::Tensor s_logits = s_buf.narrow(0, 0, c);
+    at::mm_out(s_logits, student.narrow(0, start, c), weight_t);
+    at::Tensor t_logits;
+    if (teacher_is_logits) {
+      t_logits = teacher.narrow(0, start, c);
+    } else {
+      t_logits = t_buf.narrow(0, 0, c);
+      at::mm_out(t_logits, teacher.narrow(0, start, c), weight_t);
+    }
+    row_kernel(s_logits, t_logits, row_loss.narrow(0, start, c), grad_scale, compute_grad);
+    if (compute_grad) {
+      at::Tensor g = grad.narrow(0, start, c);
+      at::mm_out(g, s_logits, weight);
+    }
+  }
+  at::Tensor total = row_loss.sum(at::kDouble);
+  if (a.mean) total = total / static_cast<double>(a.n);
+  return {total.to(at::kFloat), grad};
+}
+
+}  // namespace balcony
