@@ -41,7 +41,8 @@ RUN_ENV = {
 }
 
 
-def _sanitize() -> bool:
+def sanitized() -> bool:
+    """Whether the runner is built with AddressSanitizer and UBSan."""
     return os.environ.get("BALCONY_HARNESS_SANITIZE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -54,7 +55,7 @@ def _sources():
 def build() -> Path:
     """Returns the runner executable, compiling it first when its sources or flags changed."""
     cxx = shlex.split(os.environ.get("CXX", "c++"))
-    flags = CXXFLAGS + (SANITIZE if _sanitize() else [])
+    flags = CXXFLAGS + (SANITIZE if sanitized() else [])
     srcs, deps = _sources()
     h = hashlib.sha256()
     h.update(" ".join(cxx + flags).encode())
