@@ -29,7 +29,7 @@ KERNEL_INCLUDE = ROOT / "csrc" / "include"
 BUILD_DIR = ROOT / "build" / "cuda_harness"
 
 # seed % 2 == 0: warp-greedy schedule; seed % 2 == 1: uniform random schedule (cuda_harness.cpp).
-SEEDS = tuple(int(s) for s in os.environ.get("BALCONY_HARNESS_SEEDS", "0,1,2,3").split(","))
+SEEDS = tuple(int(s) for s in os.environ.get("BALCONY_HARNESS_SEEDS", "0,1,2,3,4,5,6,7").split(","))
 
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 CXXFLAGS = ["-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-fcf-protection=none", "-Wall", "-Werror",

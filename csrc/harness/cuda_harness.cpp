@@ -337,15 +337,19 @@ bool try_resolve_warp(int w) {
     Thread& t = g_threads[w * 32 + l];
     if (t.state != State::Warp) continue;
     const unsigned m = t.mask;
-    const std::string who = where() + ", " + thread_name(w * 32 + l) + ": " + op_name(t.op);
-    char mb[64];
-    snprintf(mb, sizeof mb, " with mask 0x%08x", m);
+    // Messages are built only on failure: this runs at every warp-primitive arrival.
+    auto who = [&] { return where() + ", " + thread_name(w * 32 + l) + ": " + op_name(t.op); };
+    auto mb = [&] {
+      char buf[64];
+      snprintf(buf, sizeof buf, " with mask 0x%08x", m);
+      return std::string(buf);
+    };
     if (!(m >> l & 1u)) {
-      record_failure(who + mb + " does not include the calling lane", cudaErrorLaunchFailure);
+      record_failure(who() + mb() + " does not include the calling lane", cudaErrorLaunchFailure);
       return false;
     }
     if (m & ~existing) {
-      record_failure(who + mb + " names lanes that do not exist (the block has " + std::to_string(g_launch.nthreads) +
+      record_failure(who() + mb() + " names lanes that do not exist (the block has " + std::to_string(g_launch.nthreads) +
                          " threads)", cudaErrorLaunchFailure);
       return false;
     }
@@ -354,7 +358,7 @@ bool try_resolve_warp(int w) {
       if (!(m >> j & 1u)) continue;
       const Thread& u = g_threads[w * 32 + j];
       if (u.state == State::Done) {
-        record_failure(who + mb + " waits for lane " + std::to_string(j) + ", which has exited",
+        record_failure(who() + mb() + " waits for lane " + std::to_string(j) + ", which has exited",
                        cudaErrorLaunchFailure);
         return false;
       }
@@ -367,7 +371,7 @@ bool try_resolve_warp(int w) {
       if (u.mask != m || u.op != t.op || u.width != t.width) {
         char buf[160];
         snprintf(buf, sizeof buf, " meets lane %d in %s with mask 0x%08x width %d", j, op_name(u.op), u.mask, u.width);
-        record_failure(who + mb + " width " + std::to_string(t.width) + buf, cudaErrorLaunchFailure);
+        record_failure(who() + mb() + " width " + std::to_string(t.width) + buf, cudaErrorLaunchFailure);
         return false;
       }
     }
