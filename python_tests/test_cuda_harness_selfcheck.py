@@ -105,11 +105,20 @@ REPORTED = {
 }
 
 
+# Without sanitizers the harness's guard bytes around each shared array still catch the writes.
+UNSANITIZED = {
+    "reverse_static_overflow": (3, "write out of bounds of shared array 'fixed'"),
+    "reverse_dynamic_overflow": (3, "write out of bounds of dynamic shared memory"),
+}
+
+
 @pytest.mark.parametrize("case", list(REPORTED))
 def test_broken_kernel_is_reported(case):
     status, phrase = REPORTED[case]
     if not ch.sanitized() and status in (23, 24):
-        pytest.skip("built without sanitizers (BALCONY_HARNESS_SANITIZE=0)")
+        if case not in UNSANITIZED:
+            pytest.skip("built without sanitizers (BALCONY_HARNESS_SANITIZE=0)")
+        status, phrase = UNSANITIZED[case]
     with pytest.raises(ch.HarnessFailure) as e:
         _run(case, seeds=(0,))
     assert e.value.returncode == status and phrase in e.value.report, e.value.report
