@@ -4,6 +4,8 @@ harness, against the plain-PyTorch reference, for every scheduling seed.
     pytest -m cuda_harness python_tests/test_cuda_harness_rms_norm.py
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def test_rms_norm_under_harness(case, fused, dtype):
         pytest.skip("not a vector-path size for this dtype")
     if case == "vec_capped_block" and dtype != torch.float32:
         hidden = 4 * 1030  # keep the bigger block cheap; float32 packs of 4 still wrap here
-    torch.manual_seed(hash((case, fused)) % 1000)
+    torch.manual_seed(zlib.crc32(f"{case}-{fused}".encode()))
     stride, n = _layout(rows, hidden, pad, offset)
     x = (torch.randn(n) * 3).to(dtype)
     w = torch.randn(hidden + offset).to(dtype)
