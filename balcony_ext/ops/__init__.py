@@ -2,11 +2,18 @@
 torch.compile and autograd for the ops used in training. Each op lives in its own module,
 beside its plain-PyTorch reference (`reference_<op>`), which is the op's specification."""
 
+from .decode_attention import decode_attention, reference_decode_attention
 from .rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
+from .rope_append import reference_rope_append, rope_append, rope_tables
 
 __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
     "reference_rms_norm",
     "reference_fused_add_rms_norm",
+    "rope_append",
+    "rope_tables",
+    "reference_rope_append",
+    "decode_attention",
+    "reference_decode_attention",
 ]

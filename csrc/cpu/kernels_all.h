@@ -2,3 +2,5 @@
 #pragma once
 #include "vec.h"
 #include "rms_norm_kernel.h"
+#include "rope_append_kernel.h"
+#include "decode_attention_kernel.h"
