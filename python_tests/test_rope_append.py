@@ -140,3 +140,16 @@ def test_rope_append_errors():
         ops.rope_append(q, k, v, kc, vc, pos, cos.double(), sin.double())
     with pytest.raises(RuntimeError, match="key_cache must be"):
         ops.rope_append(q, k, v, kc[:, :1].contiguous(), vc[:, :1].contiguous(), pos, cos, sin)
+
+
+@pytest.mark.cuda
+def test_rope_append_cuda_skips_out_of_range_positions():
+    """On CUDA positions are not copied to the host to be checked: one >= S or >= P is skipped."""
+    q, k, v, kc, vc, pos, cos, sin = make_inputs(2, 3, 4, 2, 32, 10, "cuda", torch.float32, seed=6, P=12)
+    pos[0, 1] = 10  # == S
+    pos[1, 0] = 50
+    got, want = run_both(q, k, v, kc, vc, torch.where(pos >= 10, -1, pos), cos, sin)
+    got2 = [q.clone(), kc.clone(), vc.clone()]
+    ops.rope_append(got2[0], k, v, got2[1], got2[2], pos, cos, sin)
+    for g, w in zip(got2, want):
+        assert_close(g, w)
