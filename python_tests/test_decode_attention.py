@@ -103,3 +103,10 @@ def test_decode_attention_errors():
         ops.decode_attention(q, kc, vc, lens, 0.1, num_splits=-2)
     with pytest.raises(RuntimeError, match=r"seq_lens must be \[B\]"):
         ops.decode_attention(q, kc, vc, lens[:1])
+
+
+@pytest.mark.cuda
+def test_decode_attention_cuda_head_dim_limits():
+    q, kc, vc, lens = make_inputs(1, 2, 1, 20, 8, [8], "cuda", torch.bfloat16, poison=False)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.decode_attention(q, kc, vc, lens)

@@ -30,7 +30,13 @@ constexpr int64_t kScratchBlock = 32;
 int64_t choose_cpu_splits(int64_t B, int64_t Hkv, int64_t max_len) {
   constexpr int64_t kMinSplitLen = 256;
   const int64_t threads = at::get_num_threads();
-  const int64_t want = (4 * threads + B * Hkv - 1) / (B * Hkv);
+  int64_t want = (4 * threads + B * Hkv - 1) / (B * Hkv);
+  // A task count that is a multiple of the thread count: parallel_for hands out equal ranges.
+  for (int64_t s = want; s < want + threads; ++s)
+    if ((B * Hkv * s) % threads == 0) {
+      want = s;
+      break;
+    }
   const int64_t most = std::max<int64_t>(1, (max_len + kMinSplitLen - 1) / kMinSplitLen);
   return std::max<int64_t>(1, std::min(want, most));
 }

@@ -64,6 +64,15 @@ BALCONY_DEVICE void load_kv_row(const T* kbase, long long k_ss, const T* vbase, 
   }
 }
 
+// NOTE: with __launch_bounds__(128), ptxas (CUDA 13, sm_90) gave the float16 MAXG = 8 instance
+// 128 registers and spilled 8 bytes; a cap of 168 (at 128 threads, still 3 blocks per SM) has no
+// spills in any instance. (__maxnreg__ and __launch_bounds__ cannot be combined.)
+#if defined(BALCONY_CUDA_HARNESS)
+#define BALCONY_DECODE_SPLIT_BOUNDS
+#else
+#define BALCONY_DECODE_SPLIT_BOUNDS __maxnreg__(168)
+#endif
+
 // grid (num_splits, Hkv * head_groups, B); block kDecodeWarps warps. A block takes kv head h of
 // sequence b, the query heads g0 .. g0 + MAXG - 1 of its group (head_groups = ceil(G / MAXG)) and
 // split j. Each row of a warp is L = 32 / ROWS lanes holding one cache position at a time: lane c
@@ -72,8 +81,7 @@ BALCONY_DEVICE void load_kv_row(const T* kbase, long long k_ss, const T* vbase, 
 // heads. Scores are reduced over the row's lanes with shuffles; each row keeps its own online
 // softmax state in registers; rows then merge through shuffles, warps through shared memory.
 template <typename T, int VEC, int PPL, int MAXG>
-__global__ void __launch_bounds__(kDecodeWarps * kWarpSize)
-    decode_attention_split_kernel(DecodeAttentionParams<T> p, int lanes_per_row) {
+__global__ void BALCONY_DECODE_SPLIT_BOUNDS decode_attention_split_kernel(DecodeAttentionParams<T> p, int lanes_per_row) {
   using P = Vec<T, VEC>;
   BALCONY_DYNAMIC_SHARED(float, smem);
   const int L = lanes_per_row, rows = kWarpSize / L;
@@ -130,9 +138,10 @@ __global__ void __launch_bounds__(kDecodeWarps * kWarpSize)
       for (int k = 0; k < PPL; ++k) {
         const int pk = c + k * L;
         if (pk < npack) {
-          const float* q = qs + g * D + pk * VEC;
+          // 16-byte shared loads: D % VEC == 0 and VEC >= 4 keep every query pack aligned.
+          const Vec<float, VEC> q = *reinterpret_cast<const Vec<float, VEC>*>(qs + g * D + pk * VEC);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) s += q[e] * to_float(kp[k].v[e]);
+          for (int e = 0; e < VEC; ++e) s += q.v[e] * to_float(kp[k].v[e]);
         }
       }
       for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
