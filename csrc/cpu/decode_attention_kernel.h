@@ -17,29 +17,22 @@ inline int64_t decode_attention_scratch_floats(int64_t G, int64_t D) {
   return G * (2 * D + kDecodeBlock + 2) + 2 * kDecodeBlock * D;
 }
 
-// Horizontal sum by halving (log2(W) shuffles+adds instead of W scalar adds).
+// Horizontal sum by halving in registers (log2(W) shuffles + adds).
+// NOTE: the same halving through memcpy went through the stack; perf showed it at ~15% of the kernel.
 inline float hsum(vfloat v) {
-  typedef float f4 __attribute__((vector_size(16)));
-  f4 r;
-  if constexpr (kVecWidth == 16) {
-    typedef float f8 __attribute__((vector_size(32)));
-    f8 a, b;
-    std::memcpy(&a, &v, 32);
-    std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-    a += b;
-    f4 c, d;
-    std::memcpy(&c, &a, 16);
-    std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
-    r = c + d;
-  } else if constexpr (kVecWidth == 8) {
-    f4 c, d;
-    std::memcpy(&c, &v, 16);
-    std::memcpy(&d, reinterpret_cast<const char*>(&v) + 16, 16);
-    r = c + d;
-  } else {
-    std::memcpy(&r, &v, 16);
+#if BALCONY_VEC_WIDTH == 16
+  {
+    auto h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    auto q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
   }
-  return (r[0] + r[2]) + (r[1] + r[3]);
+#elif BALCONY_VEC_WIDTH == 8
+  auto q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+#else
+  return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
 }
 
 // Rows [0, n) of a bfloat16 block (row stride `stride`) to float rows of D.
@@ -164,15 +157,37 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
       }
       l[g] += vsum(sum);
     }
-    // acc_g += sum_jj p[g][jj] * V[jj]: D-chunk outermost so each accumulator stays in a register
-    // across the block; the V block is re-read from L1 once per head.
+    // acc_g += sum_jj p[g][jj] * V[jj], the V block re-read from L1 once per head.
+    // NOTE: one accumulator per D-chunk made this a chain of dependent FMAs (4 cycles each; half
+    // the kernel's time in perf); four chunks at once (or two interleaved positions) hide it.
     int64_t i = 0;
+    for (; i + 4 * W <= D; i += 4 * W) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* p = sc + g * NB;
+        float* ag = acc + g * D + i;
+        vfloat a0 = vload(ag), a1 = vload(ag + W), a2 = vload(ag + 2 * W), a3 = vload(ag + 3 * W);
+        for (int64_t jj = 0; jj < nb; ++jj) {
+          const vfloat pv = vsplat(p[jj]);
+          const float* vr = vblk + jj * vs + i;
+          a0 += pv * vload(vr);
+          a1 += pv * vload(vr + W);
+          a2 += pv * vload(vr + 2 * W);
+          a3 += pv * vload(vr + 3 * W);
+        }
+        vstore(ag, a0), vstore(ag + W, a1), vstore(ag + 2 * W, a2), vstore(ag + 3 * W, a3);
+      }
+    }
     for (; i + W <= D; i += W) {
       for (int64_t g = 0; g < G; ++g) {
         const float* p = sc + g * NB;
-        vfloat va = vload(acc + g * D + i);
-        for (int64_t jj = 0; jj < nb; ++jj) va += vsplat(p[jj]) * vload(vblk + jj * vs + i);
-        vstore(acc + g * D + i, va);
+        vfloat a0 = vload(acc + g * D + i), a1 = vsplat(0.f);
+        int64_t jj = 0;
+        for (; jj + 2 <= nb; jj += 2) {
+          a0 += vsplat(p[jj]) * vload(vblk + jj * vs + i);
+          a1 += vsplat(p[jj + 1]) * vload(vblk + (jj + 1) * vs + i);
+        }
+        if (jj < nb) a0 += vsplat(p[jj]) * vload(vblk + jj * vs + i);
+        vstore(acc + g * D + i, a0 + a1);
       }
     }
     if (i < D) {
