@@ -2,20 +2,27 @@
 torch.compile and autograd for the ops used in training. Each op lives in its own module,
 beside its plain-PyTorch reference (`reference_<op>`), which is the op's specification."""
 
+from .decode_attention import decode_attention, reference_decode_attention
 from .fused_linear_kl import fused_linear_kl, reference_fused_linear_kl
-from .sample_tokens import reference_sample_tokens, sample_tokens
 from .rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
+from .rope_append import reference_rope_append, rope_append, rope_tables
+from .sample_tokens import reference_sample_tokens, sample_tokens
 from .silu_and_mul import reference_silu_and_mul, silu_and_mul
 
 __all__ = [
-    "sample_tokens",
-    "reference_sample_tokens",
-    "fused_linear_kl",
-    "reference_fused_linear_kl",
     "rms_norm",
     "fused_add_rms_norm",
     "reference_rms_norm",
     "reference_fused_add_rms_norm",
+    "rope_append",
+    "rope_tables",
+    "reference_rope_append",
+    "decode_attention",
+    "reference_decode_attention",
     "silu_and_mul",
     "reference_silu_and_mul",
+    "fused_linear_kl",
+    "reference_fused_linear_kl",
+    "sample_tokens",
+    "reference_sample_tokens",
 ]

@@ -5,3 +5,5 @@
 #include "silu_and_mul_kernel.h"
 #include "fused_linear_kl_kernel.h"
 #include "sample_tokens_kernel.h"
+#include "rope_append_kernel.h"
+#include "decode_attention_kernel.h"

@@ -1,0 +1,42 @@
+"""Split-KV decode attention over a static KV cache (torch.ops.balcony.decode_attention)."""
+
+import math
+
+import torch
+
+from .. import _native
+
+
+def reference_decode_attention(query, key_cache, value_cache, seq_lens, scale):
+    """The specification: per sequence b, softmax(q k^T * scale) v over cache entries [0, len_b),
+    query [B,Hq,D], caches [B,Hkv,S,D] (GQA: query head i uses kv head i // (Hq/Hkv)).
+    Float32 math, rounded once to query's dtype; a zero length gives zeros."""
+    B, Hq, D = query.shape
+    group = Hq // key_cache.shape[1]
+    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=query.device)
+    for b in range(B):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        k = key_cache[b, :, :n].float().repeat_interleave(group, dim=0)  # [Hq, n, D]
+        v = value_cache[b, :, :n].float().repeat_interleave(group, dim=0)
+        scores = torch.einsum("hd,hnd->hn", query[b].float(), k) * scale
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(dim=-1), v)
+    return out.to(query.dtype)
+
+
+def decode_attention(query, key_cache, value_cache, seq_lens, scale=None, num_splits: int = 0):
+    """One query token per sequence: query [B,Hq,D], caches [B,Hkv,S,D], seq_lens [B] (int32/int64).
+    scale defaults to 1/sqrt(D); num_splits 0 lets the kernel choose. Returns [B,Hq,D]."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    return torch.ops.balcony.decode_attention(query, key_cache, value_cache, seq_lens, float(scale), int(num_splits))
+
+
+if _native.available():
+
+    @torch.library.register_fake("balcony::decode_attention")
+    def _(query, key_cache, value_cache, seq_lens, scale, num_splits=0):
+        torch._check(query.dim() == 3, lambda: "decode_attention: query must be [B, Hq, D]")
+        torch._check(key_cache.dim() == 4, lambda: "decode_attention: key_cache must be [B, Hkv, S, D]")
+        return query.new_empty(query.shape)

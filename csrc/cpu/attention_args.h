@@ -1,0 +1,44 @@
+// Argument packs of the attention-side CPU kernels (rope_append, decode_attention), shared by the
+// kernel headers (compiled once per capability) and the op entry points. Plain data, torch-free.
+// Strides are in elements; the last dimension of every tensor is contiguous.
+#pragma once
+#include <cstdint>
+
+namespace balcony::cpu {
+
+struct RopeAppendArgs {
+  void* query;  // [B,T,Hq,D], strides q_sb, q_st, q_sh; rotated in place
+  int64_t q_sb, q_st, q_sh;
+  const void* key;  // [B,T,Hkv,D]
+  int64_t k_sb, k_st, k_sh;
+  const void* value;  // [B,T,Hkv,D]
+  int64_t v_sb, v_st, v_sh;
+  void* key_cache;    // [B,Hkv,S,D], contiguous
+  void* value_cache;  // [B,Hkv,S,D], contiguous
+  const int64_t* positions;  // [B,T], contiguous; negative = padding, else < S and < P (checked by the caller)
+  const float* cos;          // [P, D/2], contiguous
+  const float* sin;
+  int64_t T, Hq, Hkv, D, S;
+};
+
+// Split-KV decode attention. Task (b, kv head h, split j) covers positions
+// [j * chunk, min((j + 1) * chunk, seq_lens[b])) for the G = Hq / Hkv query heads h*G .. h*G+G-1.
+struct DecodeAttentionArgs {
+  const void* query;  // [B,Hq,D], strides q_sb, q_sh
+  int64_t q_sb, q_sh;
+  const void* key_cache;  // [B,Hkv,S,D], strides k_sb, k_sh, k_ss
+  int64_t k_sb, k_sh, k_ss;
+  const void* value_cache;
+  int64_t v_sb, v_sh, v_ss;
+  const int64_t* seq_lens;  // [B]
+  int64_t Hkv, G, D;
+  int64_t num_splits, chunk;
+  float scale;
+  void* out;  // [B,Hq,D] contiguous; written directly when num_splits == 1
+  // num_splits > 1: per (b, query head, split) the running max and sum of exp ([B,Hq,splits,2])
+  // and the unnormalised output ([B,Hq,splits,D]), merged by decode_attention_merge.
+  float* part_ml;
+  float* part_o;
+};
+
+}  // namespace balcony::cpu

@@ -1,0 +1,277 @@
+// Split-KV decode attention (one query token per sequence against its KV cache), CPU kernel
+// (one capability; see csrc/cpu/capability.h). Argument layout: DecodeAttentionArgs.
+#pragma once
+#include "attention_args.h"
+#include "vec.h"
+
+namespace balcony::cpu::BALCONY_CPU_CAPABILITY {
+
+// Positions scored per online-softmax step.
+// NOTE: 32 keeps the K/V block (32 x D x 4 bytes at most 16 KB for D = 128) in L1 while it is
+// re-read once per query head of the group.
+constexpr int64_t kDecodeBlock = 32;
+
+// Floats of scratch one task needs (the caller gives each thread this much): the query group, its
+// accumulators, scores, running max and sum, and a float copy of a bfloat16 K and V block.
+inline int64_t decode_attention_scratch_floats(int64_t G, int64_t D) {
+  return G * (2 * D + kDecodeBlock + 2) + 2 * kDecodeBlock * D;
+}
+
+// Horizontal sum by halving in registers (log2(W) shuffles + adds).
+// NOTE: the same halving through memcpy went through the stack; perf showed it at ~15% of the kernel.
+inline float hsum(vfloat v) {
+#if BALCONY_VEC_WIDTH == 16
+  {
+    auto h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    auto q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+  }
+#elif BALCONY_VEC_WIDTH == 8
+  auto q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+#else
+  return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
+}
+
+// Rows [0, n) of a bfloat16 block (row stride `stride`) to float rows of D.
+inline void block_to_float(const bf16_t* src, int64_t stride, int64_t n, int64_t D, float* dst) {
+  constexpr int W = kVecWidth;
+  for (int64_t r = 0; r < n; ++r) {
+    const bf16_t* s = src + r * stride;
+    float* d = dst + r * D;
+    int64_t i = 0;
+    for (; i + W <= D; i += W) vstore(d + i, vload(s + i));
+    for (; i < D; ++i) d[i] = bf16_to_float(s[i]);
+  }
+}
+
+template <typename T>
+inline float dot_row(const float* q, const T* k, int64_t D) {
+  constexpr int W = kVecWidth;
+  vfloat s0 = vsplat(0.f), s1 = vsplat(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= D; i += 2 * W) {
+    s0 += vload(q + i) * vload(k + i);
+    s1 += vload(q + i + W) * vload(k + i + W);
+  }
+  for (; i + W <= D; i += W) s0 += vload(q + i) * vload(k + i);
+  if (i < D) {
+    const int n = static_cast<int>(D - i);
+    s1 += vload_partial(q + i, n) * vload_partial(k + i, n);
+  }
+  return hsum(s0 + s1);
+}
+
+// acc[0:D] = acc * alpha (alpha != 1 only when the running max moved).
+inline void scale_row(float* acc, float alpha, int64_t D) {
+  constexpr int W = kVecWidth;
+  const vfloat va = vsplat(alpha);
+  int64_t i = 0;
+  for (; i + W <= D; i += W) vstore(acc + i, vload(acc + i) * va);
+  for (; i < D; ++i) acc[i] *= alpha;
+}
+
+// One task: positions [j * chunk, min((j + 1) * chunk, len)) of sequence b against the G query
+// heads sharing kv head h. K and V rows are read from memory once for the whole group.
+template <typename T>
+inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float* scratch) {
+  constexpr int W = kVecWidth;
+  constexpr int64_t NB = kDecodeBlock;
+  const int64_t splits = a.num_splits, G = a.G, D = a.D, Hq = a.Hkv * a.G;
+  const int64_t j = task % splits, bh = task / splits;
+  const int64_t h = bh % a.Hkv, b = bh / a.Hkv;
+  const int64_t len = a.seq_lens[b];
+  const int64_t p_begin = j * a.chunk;
+  const int64_t p_end = p_begin + a.chunk < len ? p_begin + a.chunk : len;
+
+  float* qf = scratch;        // [G, D] query * scale, float
+  float* acc = qf + G * D;    // [G, D] unnormalised output
+  float* sc = acc + G * D;    // [G, NB] scores, then probabilities
+  float* m = sc + G * NB;     // [G] running max
+  float* l = m + G;           // [G] running sum of exp
+  float* kf = l + G;          // [NB, D] float copy of a bfloat16 K block
+  float* vf = kf + NB * D;    // [NB, D] float copy of a bfloat16 V block
+  // NOTE: with bfloat16 caches, converting each block once instead of once per query head took
+  // SmolLM2's group of 3 from 44 to ~30 ns per cache row on one AVX-512 core.
+  constexpr bool kConvert = sizeof(T) != sizeof(float);  // bfloat16
+  const vfloat vscale = vsplat(a.scale);
+  for (int64_t g = 0; g < G; ++g) {
+    const T* q = static_cast<const T*>(a.query) + b * a.q_sb + (h * G + g) * a.q_sh;
+    int64_t i = 0;
+    for (; i + W <= D; i += W) vstore(qf + g * D + i, vload(q + i) * vscale);
+    for (; i < D; ++i) qf[g * D + i] = to_float(q[i]) * a.scale;
+    for (i = 0; i < D; ++i) acc[g * D + i] = 0.f;
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+
+  const T* kbase = static_cast<const T*>(a.key_cache) + b * a.k_sb + h * a.k_sh;
+  const T* vbase = static_cast<const T*>(a.value_cache) + b * a.v_sb + h * a.v_sh;
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += NB) {
+    const int64_t nb = p_end - p0 < NB ? p_end - p0 : NB;
+    const float* kblk;
+    const float* vblk;
+    int64_t ks, vs;
+    if constexpr (kConvert) {
+      block_to_float(kbase + p0 * a.k_ss, a.k_ss, nb, D, kf);
+      block_to_float(vbase + p0 * a.v_ss, a.v_ss, nb, D, vf);
+      kblk = kf, vblk = vf, ks = D, vs = D;
+    } else {
+      kblk = reinterpret_cast<const float*>(kbase + p0 * a.k_ss);
+      vblk = reinterpret_cast<const float*>(vbase + p0 * a.v_ss);
+      ks = a.k_ss, vs = a.v_ss;
+    }
+    // Scores: each K row is loaded once and stays in L1 for the G dot products.
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const float* krow = kblk + jj * ks;
+      for (int64_t g = 0; g < G; ++g) sc[g * NB + jj] = dot_row(qf + g * D, krow, D);
+    }
+    // Online softmax update per query head.
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = sc + g * NB;
+      float bm = s[0];
+      for (int64_t jj = 1; jj < nb; ++jj) bm = s[jj] > bm ? s[jj] : bm;
+      const float m_new = m[g] > bm ? m[g] : bm;
+      if (m_new > m[g]) {
+        const float alpha = std::exp(m[g] - m_new);  // 0 on the first block (m = -inf)
+        scale_row(acc + g * D, alpha, D);
+        l[g] *= alpha;
+        m[g] = m_new;
+      }
+      const vfloat vm = vsplat(m_new);
+      vfloat sum = vsplat(0.f);
+      int64_t jj = 0;
+      for (; jj + W <= nb; jj += W) {
+        const vfloat e = vexp(vload(s + jj) - vm);
+        vstore(s + jj, e);
+        sum += e;
+      }
+      if (jj < nb) {
+        const int n = static_cast<int>(nb - jj);
+        // Lanes past n load -inf and become exp(-inf) = 0.
+        const vfloat e = vexp(vload_partial(s + jj, n, -INFINITY) - vm);
+        vstore_partial(s + jj, e, n);
+        sum += e;
+      }
+      l[g] += vsum(sum);
+    }
+    // acc_g += sum_jj p[g][jj] * V[jj], the V block re-read from L1 once per head.
+    // NOTE: one accumulator per D-chunk made this a chain of dependent FMAs (4 cycles each; half
+    // the kernel's time in perf); four chunks at once (or two interleaved positions) hide it.
+    int64_t i = 0;
+    for (; i + 4 * W <= D; i += 4 * W) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* p = sc + g * NB;
+        float* ag = acc + g * D + i;
+        vfloat a0 = vload(ag), a1 = vload(ag + W), a2 = vload(ag + 2 * W), a3 = vload(ag + 3 * W);
+        for (int64_t jj = 0; jj < nb; ++jj) {
+          const vfloat pv = vsplat(p[jj]);
+          const float* vr = vblk + jj * vs + i;
+          a0 += pv * vload(vr);
+          a1 += pv * vload(vr + W);
+          a2 += pv * vload(vr + 2 * W);
+          a3 += pv * vload(vr + 3 * W);
+        }
+        vstore(ag, a0), vstore(ag + W, a1), vstore(ag + 2 * W, a2), vstore(ag + 3 * W, a3);
+      }
+    }
+    for (; i + W <= D; i += W) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* p = sc + g * NB;
+        vfloat a0 = vload(acc + g * D + i), a1 = vsplat(0.f);
+        int64_t jj = 0;
+        for (; jj + 2 <= nb; jj += 2) {
+          a0 += vsplat(p[jj]) * vload(vblk + jj * vs + i);
+          a1 += vsplat(p[jj + 1]) * vload(vblk + (jj + 1) * vs + i);
+        }
+        if (jj < nb) a0 += vsplat(p[jj]) * vload(vblk + jj * vs + i);
+        vstore(acc + g * D + i, a0 + a1);
+      }
+    }
+    if (i < D) {
+      const int n = static_cast<int>(D - i);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* p = sc + g * NB;
+        vfloat va = vload_partial(acc + g * D + i, n);
+        for (int64_t jj = 0; jj < nb; ++jj) va += vsplat(p[jj]) * vload_partial(vblk + jj * vs + i, n);
+        vstore_partial(acc + g * D + i, va, n);
+      }
+    }
+  }
+
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t row = b * Hq + h * G + g;
+    if (splits == 1) {
+      T* o = static_cast<T*>(a.out) + row * D;
+      const float inv = l[g] > 0.f ? 1.0f / l[g] : 0.f;  // an empty sequence gives zeros
+      const vfloat vinv = vsplat(inv);
+      int64_t i = 0;
+      for (; i + W <= D; i += W) vstore(o + i, vload(acc + g * D + i) * vinv);
+      if (i < D) {
+        const int n = static_cast<int>(D - i);
+        vstore_partial(o + i, vload_partial(acc + g * D + i, n) * vinv, n);
+      }
+    } else {
+      const int64_t part = row * splits + j;
+      a.part_ml[part * 2] = m[g];
+      a.part_ml[part * 2 + 1] = l[g];
+      std::memcpy(a.part_o + part * D, acc + g * D, sizeof(float) * D);
+    }
+  }
+}
+
+// Tasks [begin, end) of the flattened (B, Hkv, num_splits); `scratch` holds
+// decode_attention_scratch_floats(G, D) floats for this thread.
+void decode_attention_split(ScalarKind kind, const DecodeAttentionArgs& args, float* scratch, int64_t begin,
+                            int64_t end) {
+  for (int64_t task = begin; task < end; ++task) {
+    if (kind == ScalarKind::BF16)
+      decode_split_task<bf16_t>(args, task, scratch);
+    else
+      decode_split_task<float>(args, task, scratch);
+  }
+}
+
+// Merge of the split partials for output rows [begin, end) of the flattened (B, Hq):
+// out = sum_j e^(m_j - M) o_j / sum_j e^(m_j - M) l_j with M = max_j m_j (zeros when nothing was attended).
+template <typename T>
+inline void decode_merge_rows(const DecodeAttentionArgs& a, int64_t begin, int64_t end) {
+  constexpr int W = kVecWidth;
+  const int64_t splits = a.num_splits, D = a.D;
+  for (int64_t row = begin; row < end; ++row) {
+    const float* ml = a.part_ml + row * splits * 2;
+    const float* po = a.part_o + row * splits * D;
+    float M = -INFINITY;
+    for (int64_t j = 0; j < splits; ++j) M = ml[2 * j] > M ? ml[2 * j] : M;
+    float L = 0.f;
+    if (M > -INFINITY)
+      for (int64_t j = 0; j < splits; ++j) L += std::exp(ml[2 * j] - M) * ml[2 * j + 1];
+    const float inv = L > 0.f ? 1.0f / L : 0.f;
+    T* o = static_cast<T*>(a.out) + row * D;
+    int64_t i = 0;
+    for (; i < D; i += W) {
+      const int n = D - i < W ? static_cast<int>(D - i) : W;
+      vfloat v = vsplat(0.f);
+      for (int64_t j = 0; j < splits; ++j) {
+        if (!(ml[2 * j] > -INFINITY)) continue;  // an empty split holds no output
+        const vfloat w = vsplat(std::exp(ml[2 * j] - M) * inv);
+        v += w * (n == W ? vload(po + j * D + i) : vload_partial(po + j * D + i, n));
+      }
+      if (n == W)
+        vstore(o + i, v);
+      else
+        vstore_partial(o + i, v, n);
+    }
+  }
+}
+
+void decode_attention_merge(ScalarKind kind, const DecodeAttentionArgs& args, int64_t begin, int64_t end) {
+  if (kind == ScalarKind::BF16)
+    decode_merge_rows<bf16_t>(args, begin, end);
+  else
+    decode_merge_rows<float>(args, begin, end);
+}
+
+}  // namespace balcony::cpu::BALCONY_CPU_CAPABILITY
