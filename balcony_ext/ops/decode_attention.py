@@ -27,7 +27,9 @@ def reference_decode_attention(query, key_cache, value_cache, seq_lens, scale):
 
 def decode_attention(query, key_cache, value_cache, seq_lens, scale=None, num_splits: int = 0):
     """One query token per sequence: query [B,Hq,D], caches [B,Hkv,S,D], seq_lens [B] (int32/int64).
-    scale defaults to 1/sqrt(D); num_splits 0 lets the kernel choose. Returns [B,Hq,D]."""
+    scale defaults to 1/sqrt(D); num_splits 0 lets the kernel choose. Returns [B,Hq,D].
+    A length outside [0, S] raises on CPU; the CUDA kernel clamps it (lengths stay on the GPU).
+    CUDA needs D a multiple of 16 bytes' worth of elements and at most 256."""
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     return torch.ops.balcony.decode_attention(query, key_cache, value_cache, seq_lens, float(scale), int(num_splits))

@@ -35,7 +35,9 @@ def rope_append(query, key, value, key_cache, value_cache, positions, cos, sin) 
     """In place: rotates query [B,T,Hq,D]; writes rotated key and value [B,T,Hkv,D] into
     key_cache/value_cache [B,Hkv,S,D] at positions [B,T] (int64, negative = padding).
     cos/sin: float32 [P, D/2] (the first half of Hugging Face's duplicated tables).
-    query/key/value may be strided views (e.g. of a fused QKV output) with a contiguous last dim."""
+    query/key/value may be strided views (e.g. of a fused QKV output) with a contiguous last dim.
+    A position >= S or >= P raises on CPU (before anything is written); on CUDA, where positions
+    are not copied to the host, the kernel skips such a token like padding."""
     torch.ops.balcony.rope_append(query, key, value, key_cache, value_cache, positions, cos, sin)
 
 
