@@ -9,6 +9,7 @@ from . import ops, reference
 from .model import BalconyModel, attach
 from .loading import load
 from .exits_io import load_exits, save_exits
+from .train import train
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "load",
     "save_exits",
     "load_exits",
+    "train",
 ]
