@@ -10,6 +10,7 @@ from .model import BalconyModel, attach
 from .loading import load
 from .exits_io import load_exits, save_exits
 from .train import train
+from .evaluate import evaluate
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
     "save_exits",
     "load_exits",
     "train",
+    "evaluate",
 ]

@@ -127,10 +127,12 @@ class BalconyModel(nn.Module):
         ctx = self.adapter.context(hidden, attention_mask=attention_mask, position_ids=position_ids)
         return hidden, ctx
 
-    def exit_hidden(self, k: int, hidden_k: torch.Tensor, attention_mask=None, position_ids=None, ctx=None):
+    def exit_hidden(self, k: int, hidden_k: torch.Tensor, attention_mask=None, position_ids=None, ctx=None,
+                    module: BalconyExit | None = None):
         """Balcony layer k + exit norm k applied to the hidden state after k base layers, with
-        autograd through the exit's parameters. Returns the exit-normed hidden state [B,T,H]."""
-        ex = self.exit_module(k)
+        autograd through the exit's parameters. Returns the exit-normed hidden state [B,T,H].
+        module: run this (unattached) exit module instead of the attached one, e.g. a baseline."""
+        ex = module if module is not None else self.exit_module(k)
         if ctx is None:
             ctx = self.adapter.context(hidden_k, attention_mask=attention_mask, position_ids=position_ids)
         a = self.adapter
