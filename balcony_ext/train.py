@@ -30,27 +30,31 @@ STATE_FILE = "train_state.pt"
 EXITS_FILE = "exits.safetensors"
 
 
-def reference_distill_loss(student_hidden, weight, teacher_hidden):
-    """Plain PyTorch: mean over tokens of KL(softmax(teacher @ W^T) || softmax(student @ W^T)),
-    computed in float32 with the full logits."""
+def reference_distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
+    """Plain PyTorch: mean over tokens of KL(softmax(teacher logits) || softmax(student @ W^T)),
+    in float32 with the full logits. teacher: hidden states [.., H] (projected by `weight`) or,
+    with teacher_is_logits, logits [.., V]."""
     s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     log_q = F.log_softmax(F.linear(s, weight).float(), dim=-1)
     with torch.no_grad():
-        log_p = F.log_softmax(F.linear(t, weight).float(), dim=-1)
+        t = teacher.reshape(-1, teacher.shape[-1])
+        log_p = F.log_softmax((t if teacher_is_logits else F.linear(t, weight)).float(), dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="sum") / s.shape[0]
 
 
-def distill_loss(student_hidden, weight, teacher_hidden):
+def distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
     """Forward KL(p_teacher || p_student) through the shared LM head `weight` [V, H], averaged over
-    tokens; gradient only to the student. Uses the fused native op (student logits never exist
-    in full) when this build has it, else the plain-PyTorch reference."""
+    tokens; gradient only to the student. teacher: the teacher's final (normed) hidden states, or
+    its logits with teacher_is_logits=True (cheaper when several exits share one teacher).
+    Uses the fused native op (student logits never exist in full) when this build has it, else
+    the plain-PyTorch reference."""
     fused = getattr(ops, "fused_linear_kl", None)
     if fused is not None:
-        s = student_hidden.reshape(-1, student_hidden.shape[-1])
-        t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-        return fused(s, weight, t, teacher_is_logits=False, reduction="mean")
-    return reference_distill_loss(student_hidden, weight, teacher_hidden)
+        # the op takes one dtype: under autocast the hidden states may be bf16, the head fp32
+        s = student_hidden.reshape(-1, student_hidden.shape[-1]).to(weight.dtype)
+        t = teacher.reshape(-1, teacher.shape[-1]).detach().to(weight.dtype)
+        return fused(s, weight, t, teacher_is_logits=teacher_is_logits, reduction="mean")
+    return reference_distill_loss(student_hidden, weight, teacher, teacher_is_logits)
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
@@ -163,9 +167,13 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                 ids = micro_batch(blocks, step * grad_accum + micro, batch_size, seed).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     hidden, teacher = model.frozen_forward(ids, exits)
+                    # NOTE: the teacher's logits are computed once and shared by the exits; with the
+                    # hidden state instead, every exit would redo the (tokens x vocab) projection.
+                    with torch.no_grad():
+                        teacher_logits = model.adapter.lm_head(teacher).float()
                     for k in exits:
                         student = model.exit_hidden(k, hidden[k])
-                        loss = distill_loss(student, weight, teacher)
+                        loss = distill_loss(student, weight, teacher_logits, teacher_is_logits=True)
                         (loss / (len(exits) * grad_accum)).backward()
                         per_exit[k] += loss.item() / grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None

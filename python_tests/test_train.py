@@ -32,6 +32,37 @@ def test_distill_loss_matches_kl_definition():
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert distill_loss(t, w, t).abs().item() < 1e-5
     torch.testing.assert_close(reference_distill_loss(s, w, t), loss)
+    torch.testing.assert_close(distill_loss(s, w, t @ w.T, teacher_is_logits=True), loss.detach())
+
+
+def test_distill_loss_uses_fused_op_when_present(monkeypatch):
+    from balcony_ext import ops
+
+    calls = []
+
+    def fake(student, weight, teacher, teacher_is_logits=False, reduction="mean", chunk_size=0):
+        calls.append((student.shape, teacher.shape, teacher_is_logits, reduction))
+        return reference_distill_loss(student, weight, teacher, teacher_is_logits)
+
+    monkeypatch.setattr(ops, "fused_linear_kl", fake, raising=False)
+    s, t, w = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(40, 16)
+    torch.testing.assert_close(distill_loss(s, w, t), reference_distill_loss(s, w, t))
+    assert calls == [((10, 16), (10, 16), False, "mean")]
+
+
+@pytest.mark.skipif(not hasattr(__import__("balcony_ext").ops, "fused_linear_kl"), reason="fused op not in this build")
+def test_fused_and_reference_loss_agree():
+    from balcony_ext import ops
+
+    torch.manual_seed(0)
+    s = torch.randn(37, 24, requires_grad=True)
+    t, w = torch.randn(37, 24), torch.randn(111, 24)
+    a = ops.fused_linear_kl(s, w, t)
+    b = reference_distill_loss(s, w, t)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ga, = torch.autograd.grad(a, s)
+    gb, = torch.autograd.grad(b, s)
+    torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
 
 
 def test_lr_schedule():
