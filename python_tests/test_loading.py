@@ -39,3 +39,22 @@ def test_default_model_says_paris():
     with torch.no_grad():
         out = model.base.generate(ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_default_model_trains_an_exit_and_round_trips(tmp_path):
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(6):
+        (text / f"{i}.txt").write_text(
+            f"Chapter {i}. The river ran past the old mill, and the miller counted his sacks of flour. " * 12)
+    model = load()
+    bx.attach(model, [15], init="last")
+    out = bx.train(model, data=text, tokens=2 * 64, batch_size=2, seq_len=64, heldout=0.2, progress=False)
+    assert out["steps"] == 1 and 0 < out["history"][0]["loss"] < 20
+    bx.save_exits(model, tmp_path / "e.safetensors")
+    other = load(exits=tmp_path / "e.safetensors")
+    assert other.exits == [15] and other.tokens_trained == 128
+    ids = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, exits=[15])[15], other(ids, exits=[15])[15], atol=0, rtol=0)
