@@ -96,15 +96,21 @@ def split_sections(name: str, text: str, n: int) -> list:
 
 
 def split_by_document(names: list, heldout: float, seed: int = 0) -> set:
-    """The names that go to held-out: ceil(heldout * n) of them (at least 1 when heldout > 0 and
-    n >= 2), chosen by a seeded hash of the name."""
+    """The names that go to held-out: those whose seeded hash, read as a number in [0, 1), falls
+    below `heldout`. The decision for a name never depends on the other names, so a corpus that
+    grows keeps its held-out documents held out. At least one document is held out (and one
+    kept for training) when heldout > 0 and there are two or more."""
     if not 0 <= heldout < 1:
         raise ValueError(f"heldout must be a fraction in [0, 1), got {heldout}")
     if heldout == 0 or len(names) < 2:
         return set()
-    count = min(len(names) - 1, max(1, math.ceil(heldout * len(names))))
-    ranked = sorted(names, key=lambda n: hashlib.sha256(f"{seed}:{n}".encode()).hexdigest())
-    return set(ranked[:count])
+    score = {n: int(hashlib.sha256(f"{seed}:{n}".encode()).hexdigest()[:15], 16) / 16**15 for n in names}
+    held = {n for n in names if score[n] < heldout}
+    if not held:
+        held = {min(names, key=score.get)}
+    if len(held) == len(names):
+        held.discard(max(names, key=score.get))
+    return held
 
 
 def _encode(tokenizer, text: str) -> list:

@@ -139,6 +139,10 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+        dtype = getattr(torch, dtype)
     if path is None:
         ckpt = ensure_default_checkpoint()
         name = name or DEFAULT_NAME

@@ -27,6 +27,9 @@ from .data import prepare
 from .exits_io import _atomic_write, save_exits
 
 STATE_FILE = "train_state.pt"
+# data="self" samples at most this many tokens (then trains on them for several epochs); sampling
+# is slow on a CPU, so sample once with data.prepare("self", ...) and pass the Corpus to reuse it.
+SELF_SAMPLE_MAX = 200_000
 EXITS_FILE = "exits.safetensors"
 
 
@@ -103,7 +106,8 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     data: a Corpus, "self" (text sampled from the model), "shakespeare", or text files/directories.
     bf16: autocast to bfloat16 (default: on with CUDA, off on CPU). callback(step, info) runs after
     every optimiser step (an exception it raises stops training, as an interruption would).
-    Returns {"history": [...], "steps", "tokens", "seconds", "tokens_per_s", "exits"}.
+    Returns {"history": [...], "steps", "tokens", "seconds", "tokens_per_s", "exits", "corpus" (a
+    description), "data" (the Corpus, to pass on to evaluate())}.
     """
     from tqdm.auto import tqdm
 
@@ -114,7 +118,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     if bf16 is None:
         bf16 = device.type == "cuda"
     corpus = prepare(data, model.tokenizer, heldout=heldout, seed=seed, model=model,
-                     tokens=int(tokens * 1.1) if isinstance(data, str) and data == "self" else None)
+                     tokens=min(tokens, SELF_SAMPLE_MAX) if isinstance(data, str) and data == "self" else None)
     blocks = corpus.train_blocks(seq_len)
     if blocks.shape[0] < batch_size:
         raise ValueError(f"the training text has {blocks.shape[0]} blocks of {seq_len} tokens, fewer than "
@@ -201,4 +205,5 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
         model.train(was_training)
     seconds = time.time() - t0
     return dict(history=history, steps=step, tokens=model.tokens_trained, seconds=seconds,
-                tokens_per_s=tokens_this_run / max(1e-9, seconds), exits=exits, corpus=corpus.describe())
+                tokens_per_s=tokens_this_run / max(1e-9, seconds), exits=exits, corpus=corpus.describe(),
+                data=corpus)

@@ -21,13 +21,15 @@ def test_load_local_checkpoint_and_exits(tmp_path):
         torch.testing.assert_close(model(ids, exits=[4])[4], hf(ids).logits, atol=1e-5, rtol=1e-5)
     bx.attach(model, [2])
     bx.save_exits(model, tmp_path / "e.safetensors")
-    again = load(tmp_path / "ckpt", exits=tmp_path / "e.safetensors", dtype=torch.bfloat16)
+    again = load(tmp_path / "ckpt", exits=tmp_path / "e.safetensors", dtype="bfloat16")
     assert again.exits == [2] and again.dtype == torch.bfloat16
 
 
 def test_load_missing_dir_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load(tmp_path / "nothing", dtype="float33")
 
 
 @pytest.mark.slow
