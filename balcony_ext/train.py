@@ -167,6 +167,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     try:
         while step < total_steps:
             per_exit = {k: 0.0 for k in exits}
+            t_step = time.time()
             for micro in range(grad_accum):
                 ids = micro_batch(blocks, step * grad_accum + micro, batch_size, seed).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -192,7 +193,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
             tps = tokens_this_run / max(1e-9, time.time() - t0)
             info = dict(step=step, loss=mean_loss, loss_per_exit=dict(per_exit), lr=sched.get_last_lr()[0],
                         grad_norm=float(grad_norm) if grad_norm is not None else None,
-                        tokens=model.tokens_trained, tokens_per_s=tps)
+                        tokens=model.tokens_trained, tokens_per_s=tps, step_s=time.time() - t_step)
             history.append(info)
             bar.set_postfix({**{f"kl@{k}": f"{v:.3f}" for k, v in per_exit.items()}, "tok/s": f"{tps:.0f}"})
             bar.update(1)
