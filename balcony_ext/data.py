@@ -174,20 +174,18 @@ def sample_self(model, tokens: int, seq_len: int = 256, batch_size: int = 8, pro
 
     hf, tok = model.base, model.tokenizer
     prompts = list(prompts or GENERIC_PROMPTS)
-    bos = getattr(tok, "bos_token_id", None) if tok is not None else None
     eos = _eos(tok) if tok is not None else int(hf.config.eos_token_id or 0)
-    gen = torch.Generator().manual_seed(seed)
+    special = set(getattr(tok, "all_special_ids", None) or [eos])
     docs, total, i = [], 0, 0
     bar = tqdm(total=tokens, desc="sampling text from the model", unit="tok", disable=not progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         while total < tokens:
             prompt = prompts[i % len(prompts)]
-            ids = _encode(tok, prompt) if (tok is not None and prompt) else []
-            if bos is not None and (not ids or ids[0] != bos):
-                ids = [bos] + ids
-            if not ids:
-                ids = [int(torch.randint(0, model.adapter.vocab_size, (1,), generator=gen))]
+            # The tokenizer's own convention decides a leading BOS; an empty prompt starts right
+            # after a document boundary (EOS), as packed pretraining text does.
+            ids = list(tok.encode(prompt, add_special_tokens=True)) if (tok is not None and prompt) else []
+            ids = ids or [eos]
             inp = torch.tensor([ids] * batch_size, device=model.device)
             out = hf.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True, temperature=temperature,
                               top_p=top_p, max_new_tokens=seq_len, min_new_tokens=1, pad_token_id=eos)
@@ -195,7 +193,7 @@ def sample_self(model, tokens: int, seq_len: int = 256, batch_size: int = 8, pro
                 body = row[len(ids):]
                 if eos in body:
                     body = body[: body.index(eos)]
-                doc = [t for t in row[: len(ids)] if t != bos] + body
+                doc = [t for t in row[: len(ids)] if t not in special] + body
                 if doc:
                     docs.append((f"self-{len(docs):06d}", doc))
                     total += len(doc) + 1
