@@ -111,10 +111,12 @@ class Report:
         raise KeyError((method, exit))
 
     def __str__(self) -> str:
-        head = f"{'method':<11}{'exit':>5}{'perplexity':>12}{'KL':>9}{'top-1':>8}{'rel cost':>10}"
+        head = f"{'method':<11}{'exit':>5}{'perplexity':>13}{'KL':>9}{'top-1':>8}{'rel cost':>10}"
         lines = [f"held-out: {self.info.get('corpus', '')}; {self.info.get('tokens', 0):,} tokens", head, "-" * len(head)]
         for r in self.rows:
-            lines.append(f"{r['method']:<11}{r['exit']:>5}{r['perplexity']:>12.2f}{r['kl']:>9.3f}"
+            ppl = r["perplexity"]
+            ppl = f"{ppl:>13.2f}" if ppl < 1e7 else f"{ppl:>13.3e}"
+            lines.append(f"{r['method']:<11}{r['exit']:>5}{ppl}{r['kl']:>9.3f}"
                          f"{r['top1']:>8.3f}{r['rel_cost']:>10.3f}")
         return "\n".join(lines)
 
