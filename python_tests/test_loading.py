@@ -53,7 +53,7 @@ def test_default_model_trains_an_exit_and_round_trips(tmp_path):
     model = load()
     bx.attach(model, [15], init="last")
     out = bx.train(model, data=text, tokens=2 * 64, batch_size=2, seq_len=64, heldout=0.2, progress=False)
-    assert out["steps"] == 1 and 0 < out["history"][0]["loss"] < 20
+    assert out["steps"] == 1 and 0 < out["history"][0]["loss"] < 100  # KL in nats, finite
     bx.save_exits(model, tmp_path / "e.safetensors")
     other = load(exits=tmp_path / "e.safetensors")
     assert other.exits == [15] and other.tokens_trained == 128
