@@ -6,6 +6,11 @@
 from . import _native
 from ._native import built_with_cuda, cpu_capability, max_cpu_capability, set_cpu_capability
 from . import ops, reference
+from .model import BalconyModel, attach
+from .loading import load
+from .exits_io import load_exits, save_exits
+from .train import train
+from .evaluate import evaluate
 
 __version__ = "0.1.0"
 
@@ -16,4 +21,11 @@ __all__ = [
     "cpu_capability",
     "max_cpu_capability",
     "set_cpu_capability",
+    "BalconyModel",
+    "attach",
+    "load",
+    "save_exits",
+    "load_exits",
+    "train",
+    "evaluate",
 ]

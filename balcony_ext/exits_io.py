@@ -1,0 +1,202 @@
+"""Saving and loading exits: a safetensors file holding only the balcony parameters, with JSON
+metadata that says which base model they belong to.
+
+Metadata (safetensors string metadata):
+  format = "balcony_exits", format_version = "1"
+  base   = JSON {name, model_type, config_hash, weights_hash, weights_hash_method}
+  exits  = JSON [k, ...];  inits = JSON {k: {"init": ..., "norm_init": ...}}
+  tokens_trained, loss = JSON numbers (loss may be null)
+
+The weights hash is a sha256 over every base tensor's name, shape and a fixed sample of its values
+(the first and last WEIGHT_SAMPLE values, and WEIGHT_SAMPLE evenly strided ones, each rounded to
+bfloat16 so that the same model loaded in float32 or bfloat16 hashes the same). It reads about
+100 KB per tensor, so it takes milliseconds even for large models, and changes if any tensor is
+swapped, reshaped, retrained or re-quantised in any but the most contrived way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .model import BalconyModel
+
+FORMAT = "balcony_exits"
+FORMAT_VERSION = "1"
+WEIGHT_SAMPLE = 4096
+WEIGHTS_HASH_METHOD = f"sha256(name, shape, bf16(first/last/strided {WEIGHT_SAMPLE} values)) v1"
+
+
+class ExitsFileError(ValueError):
+    """The exits file is damaged, of an unknown format, or belongs to another base model."""
+
+
+def config_hash(model: BalconyModel) -> str:
+    fields = model.adapter.architecture_fields()
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@torch.no_grad()
+def weights_hash(model: BalconyModel) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.base.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        if n == 0:
+            continue
+        stride = max(1, n // WEIGHT_SAMPLE)
+        parts = [flat[:WEIGHT_SAMPLE], flat[-WEIGHT_SAMPLE:], flat[::stride][:WEIGHT_SAMPLE]]
+        sample = torch.cat([p.to("cpu", torch.float32) for p in parts])
+        if sample.is_floating_point():
+            sample = sample.to(torch.bfloat16).to(torch.float32)
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_identity(model: BalconyModel) -> dict:
+    return dict(
+        name=model.name,
+        model_type=model.adapter.model_type,
+        config_hash=config_hash(model),
+        weights_hash=weights_hash(model),
+        weights_hash_method=WEIGHTS_HASH_METHOD,
+    )
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_exits(model: BalconyModel, path, extra: dict | None = None) -> Path:
+    """Writes the exits (only the balcony parameters) and their metadata to `path`, atomically."""
+    from safetensors.torch import save_file
+
+    if not model.exits:
+        raise ValueError("the model has no exits to save; attach() some first")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.balconies.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base": json.dumps(base_identity(model), sort_keys=True),
+        "exits": json.dumps(model.exits),
+        "inits": json.dumps({str(k): dict(init=model.exit_module(k).init, norm_init=model.exit_module(k).norm_init)
+                             for k in model.exits}),
+        "tokens_trained": json.dumps(int(model.tokens_trained)),
+        "loss": json.dumps(model.last_loss),
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
+    if extra:
+        meta["extra"] = json.dumps(extra, default=str)
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return Path(path)
+
+
+def read_exits(path) -> tuple:
+    """Reads and checks an exits file: (tensors, metadata with JSON fields decoded). Raises
+    ExitsFileError naming the problem for a missing, damaged or foreign file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"exits file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ExitsFileError(f"{path} is not a readable safetensors file (damaged or truncated?): {exc}") from exc
+    if raw.get("format") != FORMAT:
+        raise ExitsFileError(f"{path} is not a balcony exits file (format={raw.get('format')!r})")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ExitsFileError(
+            f"{path} has exits format version {raw.get('format_version')!r}; this balcony_ext reads {FORMAT_VERSION}"
+        )
+    meta = dict(raw)
+    try:
+        for key in ("base", "exits", "inits", "tokens_trained", "loss"):
+            meta[key] = json.loads(raw[key])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ExitsFileError(f"{path} has damaged metadata ({exc})") from exc
+    return tensors, meta
+
+
+def load_exits(model: BalconyModel, path, check_weights: bool = True) -> BalconyModel:
+    """Replaces the model's exits with those saved in `path`.
+
+    Everything is checked before the model is touched: the file's integrity, that it was saved
+    from the same base model (architecture config hash and weights hash; check_weights=False skips
+    the latter, e.g. for a deliberately fine-tuned base), and that every tensor has the expected
+    name and shape. On any failure the model is unchanged."""
+    tensors, meta = read_exits(path)
+    base = meta["base"]
+    mine_cfg = config_hash(model)
+    if base.get("config_hash") != mine_cfg:
+        raise ExitsFileError(
+            f"{path} was saved for base model {base.get('name')!r} ({base.get('model_type')}), whose architecture "
+            f"differs from this model {model.name!r} ({model.adapter.model_type}); config hash "
+            f"{str(base.get('config_hash'))[:12]} != {mine_cfg[:12]}"
+        )
+    if check_weights:
+        if base.get("weights_hash_method") != WEIGHTS_HASH_METHOD:
+            raise ExitsFileError(f"{path} uses an unknown weights hash method {base.get('weights_hash_method')!r}")
+        mine_w = weights_hash(model)
+        if base.get("weights_hash") != mine_w:
+            raise ExitsFileError(
+                f"{path} was trained on base model {base.get('name')!r}, whose weights differ from this model's "
+                f"({model.name!r}); weights hash {str(base.get('weights_hash'))[:12]} != {mine_w[:12]}"
+            )
+    exits = meta["exits"]
+    try:
+        exits = model.validate_exits(exits)
+    except ValueError as exc:
+        raise ExitsFileError(f"{path}: {exc}") from exc
+    inits = meta["inits"]
+    built = {}
+    for k in exits:
+        info = inits.get(str(k), {})
+        with torch.random.fork_rng(devices=[]):
+            ex = model.build_exit(k, info.get("init", "last"), info.get("norm_init", "final"))
+        expected = ex.state_dict()
+        prefix = f"{k}."
+        mine = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        if set(mine) != set(expected):
+            raise ExitsFileError(
+                f"{path}: exit {k} has tensors {sorted(set(mine) ^ set(expected))[:6]} missing or unexpected"
+            )
+        for name, t in mine.items():
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise ExitsFileError(
+                    f"{path}: exit {k} tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}"
+                )
+            if not torch.isfinite(t.float()).all():
+                raise ExitsFileError(f"{path}: exit {k} tensor {name} holds NaN or infinite values")
+        ex.load_state_dict({n: t.to(expected[n].dtype) for n, t in mine.items()})
+        built[k] = ex
+    stray = [n for n in tensors if n.split(".", 1)[0] not in {str(k) for k in exits}]
+    if stray:
+        raise ExitsFileError(f"{path}: tensors for exits not listed in the metadata: {stray[:4]}")
+    # All checks passed: swap the exits in.
+    from torch import nn
+
+    model.balconies = nn.ModuleDict({str(k): built[k] for k in exits})
+    model.tokens_trained = int(meta.get("tokens_trained") or 0)
+    model.last_loss = meta.get("loss")
+    return model

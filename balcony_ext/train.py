@@ -1,0 +1,210 @@
+"""Self-distillation of the exits: the frozen full model is the teacher, every exit a student.
+
+    stats = bx.train(model, data="shakespeare", tokens=500_000, checkpoint_dir="run1")
+
+Per micro-batch: one frozen forward without grad gives the hidden state at every exit depth and
+the teacher's final hidden state; each balcony layer then runs with autograd, and the loss is the
+forward KL(p_full || p_exit) (temperature 1, teacher detached) averaged over the exits. The exits
+back-propagate one after another, so only one exit's logits are alive at a time.
+AdamW, linear warm-up then cosine decay to zero, gradient clipping, gradient accumulation,
+optional bf16 autocast. With checkpoint_dir, the whole training state (exits, optimiser,
+schedule, data position, RNG states) is written atomically every `checkpoint_every` steps and a
+later call with resume=True continues exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .data import prepare
+from .exits_io import _atomic_write, save_exits
+
+STATE_FILE = "train_state.pt"
+# data="self" samples at most this many tokens (then trains on them for several epochs); sampling
+# is slow on a CPU, so sample once with data.prepare("self", ...) and pass the Corpus to reuse it.
+SELF_SAMPLE_MAX = 200_000
+EXITS_FILE = "exits.safetensors"
+
+
+def reference_distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
+    """Plain PyTorch: mean over tokens of KL(softmax(teacher logits) || softmax(student @ W^T)),
+    in float32 with the full logits. teacher: hidden states [.., H] (projected by `weight`) or,
+    with teacher_is_logits, logits [.., V]."""
+    s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    log_q = F.log_softmax(F.linear(s, weight).float(), dim=-1)
+    with torch.no_grad():
+        t = teacher.reshape(-1, teacher.shape[-1])
+        log_p = F.log_softmax((t if teacher_is_logits else F.linear(t, weight)).float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum") / s.shape[0]
+
+
+def distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
+    """Forward KL(p_teacher || p_student) through the shared LM head `weight` [V, H], averaged over
+    tokens; gradient only to the student. teacher: the teacher's final (normed) hidden states, or
+    its logits with teacher_is_logits=True (cheaper when several exits share one teacher).
+    Uses the fused native op (student logits never exist in full) when this build has it, else
+    the plain-PyTorch reference."""
+    fused = getattr(ops, "fused_linear_kl", None)
+    if fused is not None:
+        # the op takes one dtype: under autocast the hidden states may be bf16, the head fp32
+        s = student_hidden.reshape(-1, student_hidden.shape[-1]).to(weight.dtype)
+        t = teacher.reshape(-1, teacher.shape[-1]).detach().to(weight.dtype)
+        return fused(s, weight, t, teacher_is_logits=teacher_is_logits, reduction="mean")
+    return reference_distill_loss(student_hidden, weight, teacher, teacher_is_logits)
+
+
+def lr_factor(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then cosine decay to zero at `total`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def micro_batch(blocks: torch.Tensor, index: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The index-th micro-batch of the training stream: blocks shuffled per epoch by (seed, epoch),
+    so the data position is just a counter."""
+    per_epoch = blocks.shape[0] // batch_size
+    epoch, pos = divmod(index, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(blocks.shape[0], generator=gen)
+    return blocks[perm[pos * batch_size:(pos + 1) * batch_size]]
+
+
+def _rng_state():
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# The settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("exits", "tokens", "lr", "batch_size", "seq_len", "grad_accum", "warmup", "clip", "weight_decay",
+               "seed", "total_steps")
+
+
+def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_size: int = 4, seq_len: int = 512,
+          grad_accum: int = 1, warmup: float = 0.01, clip: float = 1.0, bf16: bool | None = None,
+          weight_decay: float = 0.0, checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = True,
+          seed: int = 0, heldout: float = 0.05, progress: bool = True, callback=None) -> dict:
+    """Trains the model's exits by self-distillation on `tokens` training tokens.
+
+    data: a Corpus, "self" (text sampled from the model), "shakespeare", or text files/directories.
+    bf16: autocast to bfloat16 (default: on with CUDA, off on CPU). callback(step, info) runs after
+    every optimiser step (an exception it raises stops training, as an interruption would).
+    Returns {"history": [...], "steps", "tokens", "seconds", "tokens_per_s", "exits", "corpus" (a
+    description), "data" (the Corpus, to pass on to evaluate())}.
+    """
+    from tqdm.auto import tqdm
+
+    if not model.exits:
+        raise ValueError("the model has no exits to train; call attach(model, exits=[...]) first")
+    exits = model.exits
+    device = model.device
+    if bf16 is None:
+        bf16 = device.type == "cuda"
+    corpus = prepare(data, model.tokenizer, heldout=heldout, seed=seed, model=model,
+                     tokens=min(tokens, SELF_SAMPLE_MAX) if isinstance(data, str) and data == "self" else None)
+    blocks = corpus.train_blocks(seq_len)
+    if blocks.shape[0] < batch_size:
+        raise ValueError(f"the training text has {blocks.shape[0]} blocks of {seq_len} tokens, fewer than "
+                         f"batch_size={batch_size}; use more text or a shorter seq_len")
+    tokens_per_step = batch_size * seq_len * grad_accum
+    total_steps = max(1, math.ceil(tokens / tokens_per_step))
+    warmup_steps = max(1, math.ceil(warmup * total_steps))
+    settings = dict(exits=exits, tokens=tokens, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                    warmup=warmup, clip=clip, weight_decay=weight_decay, seed=seed, total_steps=total_steps)
+
+    params = model.balcony_parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup_steps))
+    step, history = 0, []
+    torch.manual_seed(seed)
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is not None and resume and (ckpt_dir / STATE_FILE).exists():
+        state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+        if diff:
+            raise ValueError(f"cannot resume from {ckpt_dir}: the settings differ (checkpoint, now): {diff}; "
+                             "pass resume=False or another checkpoint_dir to start over")
+        model.balconies.load_state_dict(state["exits"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history = state["step"], state["history"]
+        model.tokens_trained = state["tokens_trained"]
+        _set_rng_state(state["rng"])
+        if progress:
+            print(f"balcony_ext: resuming from {ckpt_dir} at step {step}/{total_steps}")
+
+    def save_checkpoint():
+        state = dict(settings=settings, exits=model.balconies.state_dict(), optimizer=opt.state_dict(),
+                     scheduler=sched.state_dict(), step=step, data_position=step * grad_accum,
+                     history=history, tokens_trained=model.tokens_trained, rng=_rng_state())
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(ckpt_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        save_exits(model, ckpt_dir / EXITS_FILE)
+
+    weight = model.adapter.lm_head.weight
+    was_training = model.training
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="training exits", unit="step", disable=not progress)
+    t0, tokens_this_run = time.time(), 0
+    try:
+        while step < total_steps:
+            per_exit = {k: 0.0 for k in exits}
+            t_step = time.time()
+            for micro in range(grad_accum):
+                ids = micro_batch(blocks, step * grad_accum + micro, batch_size, seed).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    hidden, teacher = model.frozen_forward(ids, exits)
+                    # NOTE: the teacher's logits are computed once and shared by the exits; with the
+                    # hidden state instead, every exit would redo the (tokens x vocab) projection.
+                    with torch.no_grad():
+                        teacher_logits = model.adapter.lm_head(teacher).float()
+                    for k in exits:
+                        student = model.exit_hidden(k, hidden[k])
+                        loss = distill_loss(student, weight, teacher_logits, teacher_is_logits=True)
+                        (loss / (len(exits) * grad_accum)).backward()
+                        per_exit[k] += loss.item() / grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_this_run += tokens_per_step
+            model.tokens_trained += tokens_per_step
+            mean_loss = sum(per_exit.values()) / len(exits)
+            model.last_loss = mean_loss
+            tps = tokens_this_run / max(1e-9, time.time() - t0)
+            info = dict(step=step, loss=mean_loss, loss_per_exit=dict(per_exit), lr=sched.get_last_lr()[0],
+                        grad_norm=float(grad_norm) if grad_norm is not None else None,
+                        tokens=model.tokens_trained, tokens_per_s=tps, step_s=time.time() - t_step)
+            history.append(info)
+            bar.set_postfix({**{f"kl@{k}": f"{v:.3f}" for k, v in per_exit.items()}, "tok/s": f"{tps:.0f}"})
+            bar.update(1)
+            if ckpt_dir is not None and (step % checkpoint_every == 0 or step == total_steps):
+                save_checkpoint()
+            if callback is not None:
+                callback(step, info)
+    finally:
+        bar.close()
+        model.train(was_training)
+    seconds = time.time() - t0
+    return dict(history=history, steps=step, tokens=model.tokens_trained, seconds=seconds,
+                tokens_per_s=tokens_this_run / max(1e-9, seconds), exits=exits, corpus=corpus.describe(),
+                data=corpus)

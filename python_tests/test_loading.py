@@ -1,0 +1,62 @@
+"""bx.load: local checkpoints (tiny, fast) and the bundled default (slow: fetch/convert once, then cached)."""
+
+import os
+
+import pytest
+import torch
+
+import balcony_ext as bx
+from balcony_ext.loading import load
+from tiny_models import tiny_hf
+
+
+def test_load_local_checkpoint_and_exits(tmp_path):
+    hf = tiny_hf()
+    hf.save_pretrained(tmp_path / "ckpt")
+    model = load(tmp_path / "ckpt", exits=None)
+    assert model.num_layers == 4 and model.exits == []
+    assert all(not p.requires_grad for p in model.base.parameters())
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, exits=[4])[4], hf(ids).logits, atol=1e-5, rtol=1e-5)
+    bx.attach(model, [2])
+    bx.save_exits(model, tmp_path / "e.safetensors")
+    again = load(tmp_path / "ckpt", exits=tmp_path / "e.safetensors", dtype="bfloat16")
+    assert again.exits == [2] and again.dtype == torch.bfloat16
+
+
+def test_load_missing_dir_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load(tmp_path / "nothing", dtype="float33")
+
+
+@pytest.mark.slow
+def test_default_model_says_paris():
+    model = load()
+    assert model.num_layers == 30
+    tok = model.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.base.generate(ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_default_model_trains_an_exit_and_round_trips(tmp_path):
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(6):
+        (text / f"{i}.txt").write_text(
+            f"Chapter {i}. The river ran past the old mill, and the miller counted his sacks of flour. " * 12)
+    model = load()
+    bx.attach(model, [15], init="last")
+    out = bx.train(model, data=text, tokens=2 * 64, batch_size=2, seq_len=64, heldout=0.2, progress=False)
+    assert out["steps"] == 1 and 0 < out["history"][0]["loss"] < 100  # KL in nats, finite
+    bx.save_exits(model, tmp_path / "e.safetensors")
+    other = load(exits=tmp_path / "e.safetensors")
+    assert other.exits == [15] and other.tokens_trained == 128
+    ids = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, exits=[15])[15], other(ids, exits=[15])[15], atol=0, rtol=0)

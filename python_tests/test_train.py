@@ -1,0 +1,129 @@
+"""Training the exits: loss, schedule, learning, and exact interrupt-and-resume."""
+
+import math
+
+import pytest
+import torch
+
+from balcony_ext.data import Corpus
+from balcony_ext.model import attach
+from balcony_ext.train import distill_loss, lr_factor, reference_distill_loss, train
+from tiny_models import tiny_balcony
+
+
+def _corpus(n=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a learnable stream: repeated random phrases
+    phrases = torch.randint(0, 256, (20, 8), generator=g)
+    picks = torch.randint(0, 20, (n // 8,), generator=g)
+    ids = phrases[picks].reshape(-1)
+    return Corpus(ids, ids[:256].clone(), ["train"], ["held"], "synthetic")
+
+
+def test_distill_loss_matches_kl_definition():
+    torch.manual_seed(0)
+    s, t, w = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16), torch.randn(40, 16)
+    loss = distill_loss(s, w, t)
+    p = torch.softmax(t @ w.T, -1)
+    q = torch.softmax(s @ w.T, -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert distill_loss(t, w, t).abs().item() < 1e-5
+    torch.testing.assert_close(reference_distill_loss(s, w, t), loss)
+    torch.testing.assert_close(distill_loss(s, w, t @ w.T, teacher_is_logits=True), loss.detach())
+
+
+def test_distill_loss_uses_fused_op_when_present(monkeypatch):
+    from balcony_ext import ops
+
+    calls = []
+
+    def fake(student, weight, teacher, teacher_is_logits=False, reduction="mean", chunk_size=0):
+        calls.append((student.shape, teacher.shape, teacher_is_logits, reduction))
+        return reference_distill_loss(student, weight, teacher, teacher_is_logits)
+
+    monkeypatch.setattr(ops, "fused_linear_kl", fake, raising=False)
+    s, t, w = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(40, 16)
+    torch.testing.assert_close(distill_loss(s, w, t), reference_distill_loss(s, w, t))
+    assert calls == [((10, 16), (10, 16), False, "mean")]
+
+
+@pytest.mark.skipif(not hasattr(__import__("balcony_ext").ops, "fused_linear_kl"), reason="fused op not in this build")
+def test_fused_and_reference_loss_agree():
+    from balcony_ext import ops
+
+    torch.manual_seed(0)
+    s = torch.randn(37, 24, requires_grad=True)
+    t, w = torch.randn(37, 24), torch.randn(111, 24)
+    a = ops.fused_linear_kl(s, w, t)
+    b = reference_distill_loss(s, w, t)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ga, = torch.autograd.grad(a, s)
+    gb, = torch.autograd.grad(b, s)
+    torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
+
+
+def test_lr_schedule():
+    total, warm = 100, 5
+    f = [lr_factor(s, total, warm) for s in range(total)]
+    assert f[0] == pytest.approx(0.2) and f[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert f[-1] < 0.01 and f[52] == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+
+
+def test_training_reduces_kl_and_keeps_base():
+    model = tiny_balcony()
+    attach(model, [1, 2], init="random", seed=0)
+    base = {k: v.clone() for k, v in model.base.state_dict().items()}
+    out = train(model, data=_corpus(), tokens=40 * 4 * 32, lr=3e-3, batch_size=4, seq_len=32, progress=False)
+    h = out["history"]
+    assert len(h) == 40 and set(h[0]["loss_per_exit"]) == {1, 2}
+    first = sum(x["loss"] for x in h[:5]) / 5
+    last = sum(x["loss"] for x in h[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert model.tokens_trained == 40 * 4 * 32 and model.last_loss == h[-1]["loss"]
+    assert all(torch.equal(v, base[k]) for k, v in model.base.state_dict().items())
+
+
+def test_interrupt_and_resume_is_exact(tmp_path):
+    kw = dict(data=_corpus(), tokens=6 * 2 * 16 * 2, lr=1e-3, batch_size=2, seq_len=16, grad_accum=2,
+              warmup=0.2, progress=False, seed=3)
+
+    ref = tiny_balcony()
+    attach(ref, [1, 3], init="random", seed=0)
+    ref_out = train(ref, **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, info):
+        if step == 3:
+            raise Stop
+
+    run = tiny_balcony()
+    attach(run, [1, 3], init="random", seed=0)
+    with pytest.raises(Stop):
+        train(run, checkpoint_dir=tmp_path, checkpoint_every=2, callback=stop_at_3, **kw)
+    # a fresh process: new model, exits initialised differently, state comes from the checkpoint
+    fresh = tiny_balcony()
+    attach(fresh, [1, 3], init="random", seed=99)
+    out = train(fresh, checkpoint_dir=tmp_path, checkpoint_every=2, **kw)
+    assert out["steps"] == 6 and len(out["history"]) == 6
+    for k, v in ref.balconies.state_dict().items():
+        assert torch.equal(fresh.balconies.state_dict()[k], v), k
+    assert [h["loss"] for h in out["history"]] == [h["loss"] for h in ref_out["history"]]
+    assert (tmp_path / "exits.safetensors").exists()
+
+    with pytest.raises(ValueError, match="settings differ"):
+        train(fresh, checkpoint_dir=tmp_path, **{**kw, "lr": 2e-3})
+
+
+def test_train_without_exits_or_data_errors():
+    model = tiny_balcony()
+    with pytest.raises(ValueError, match="no exits"):
+        train(model, data=_corpus(), tokens=10, progress=False)
+    attach(model, [2])
+    with pytest.raises(ValueError, match="fewer than"):
+        train(model, data=_corpus(n=64), tokens=10, seq_len=32, batch_size=4, progress=False)
