@@ -49,15 +49,11 @@ def distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
     """Forward KL(p_teacher || p_student) through the shared LM head `weight` [V, H], averaged over
     tokens; gradient only to the student. teacher: the teacher's final (normed) hidden states, or
     its logits with teacher_is_logits=True (cheaper when several exits share one teacher).
-    Uses the fused native op (student logits never exist in full) when this build has it, else
-    the plain-PyTorch reference."""
-    fused = getattr(ops, "fused_linear_kl", None)
-    if fused is not None:
-        # the op takes one dtype: under autocast the hidden states may be bf16, the head fp32
-        s = student_hidden.reshape(-1, student_hidden.shape[-1]).to(weight.dtype)
-        t = teacher.reshape(-1, teacher.shape[-1]).detach().to(weight.dtype)
-        return fused(s, weight, t, teacher_is_logits=teacher_is_logits, reduction="mean")
-    return reference_distill_loss(student_hidden, weight, teacher, teacher_is_logits)
+    Uses the fused native op: the student logits never exist in full."""
+    # the op takes one dtype: under autocast the hidden states may be bf16, the head fp32
+    s = student_hidden.reshape(-1, student_hidden.shape[-1]).to(weight.dtype)
+    t = teacher.reshape(-1, teacher.shape[-1]).detach().to(weight.dtype)
+    return ops.fused_linear_kl(s, weight, t, teacher_is_logits=teacher_is_logits, reduction="mean")
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
