@@ -1,0 +1,39 @@
+"""The `balcony` command line: info (fast) and a train -> eval round trip on the real model (slow)."""
+
+import json
+
+import pytest
+
+from balcony_ext.cli import main
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA kernels built:" in out and "CPU kernels:" in out
+
+
+def test_bad_choice_is_rejected():
+    with pytest.raises(SystemExit):
+        main(["train", "--init", "sideways"])  # argparse rejects an unknown choice
+
+
+@pytest.mark.slow
+def test_train_then_eval(tmp_path, capsys):
+    text = tmp_path / "corpus"
+    text.mkdir()
+    for i in range(6):
+        (text / f"doc{i}.txt").write_text(" ".join(f"Line {j} of document {i} tells a short story." for j in range(60)))
+    exits = tmp_path / "exits.safetensors"
+    assert main(["train", "--exits", "15", "--data", str(text), "--tokens", "512", "--seq-len", "64",
+                 "--batch-size", "2", "--out", str(exits)]) == 0
+    assert exits.exists()
+    assert "trained exits [15]" in capsys.readouterr().out
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--exits-file", str(exits), "--data", str(text), "--seq-len", "64", "--max-tokens", "128",
+                 "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    methods = {(r["method"], r["exit"]) for r in rows}
+    assert any(m[1] == 15 for m in methods), methods
+    assert all(r["perplexity"] > 1 for r in rows)
