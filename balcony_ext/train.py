@@ -56,6 +56,28 @@ def distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
     return ops.fused_linear_kl(s, weight, t, teacher_is_logits=teacher_is_logits, reduction="mean")
 
 
+def _distributed() -> tuple:
+    """(world size, rank) of the torch.distributed process group, (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _average_across_processes(params, per_exit: dict, world: int) -> dict:
+    """Data parallelism: every process holds the gradient of the mean loss over its own rows;
+    the mean over processes is the gradient of the mean over the global batch (equal row counts)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor(list(per_exit.values()), dtype=grads[0].dtype,
+                                                                    device=grads[0].device)])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return {k: float(v) for k, v in zip(per_exit, flat[offset:].tolist())}
+
+
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
     """Linear warm-up over warmup_steps, then cosine decay to zero at `total`."""
     if step < warmup_steps:
@@ -102,6 +124,9 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     data: a Corpus, "self" (text sampled from the model), "shakespeare", or text files/directories.
     bf16: autocast to bfloat16 (default: on with CUDA, off on CPU). callback(step, info) runs after
     every optimiser step (an exception it raises stops training, as an interruption would).
+    Data parallel: under torchrun (a torch.distributed process group, e.g. NCCL on GPUs or gloo on
+    CPUs) every process trains on its share of the global batch_size and gradients are averaged, so
+    the result matches one process with the same global batch; only rank 0 writes checkpoints.
     Returns {"history": [...], "steps", "tokens", "seconds", "tokens_per_s", "exits", "corpus" (a
     description), "data" (the Corpus, to pass on to evaluate())}.
     """
@@ -119,6 +144,12 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     if blocks.shape[0] < batch_size:
         raise ValueError(f"the training text has {blocks.shape[0]} blocks of {seq_len} tokens, fewer than "
                          f"batch_size={batch_size}; use more text or a shorter seq_len")
+    world, rank = _distributed()
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} is the global batch and must be divisible by the "
+                         f"{world} data-parallel processes")
+    local_rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
+    progress = progress and rank == 0
     tokens_per_step = batch_size * seq_len * grad_accum
     total_steps = max(1, math.ceil(tokens / tokens_per_step))
     warmup_steps = max(1, math.ceil(warmup * total_steps))
@@ -165,7 +196,8 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
             per_exit = {k: 0.0 for k in exits}
             t_step = time.time()
             for micro in range(grad_accum):
-                ids = micro_batch(blocks, step * grad_accum + micro, batch_size, seed).to(device)
+                # every process draws the same global micro-batch and trains on its own rows of it
+                ids = micro_batch(blocks, step * grad_accum + micro, batch_size, seed)[local_rows].to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     hidden, teacher = model.frozen_forward(ids, exits)
                     # NOTE: the teacher's logits are computed once and shared by the exits; with the
@@ -177,6 +209,8 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                         loss = distill_loss(student, weight, teacher_logits, teacher_is_logits=True)
                         (loss / (len(exits) * grad_accum)).backward()
                         per_exit[k] += loss.item() / grad_accum
+            if world > 1:
+                per_exit = _average_across_processes(params, per_exit, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
             opt.step()
             sched.step()
@@ -194,7 +228,10 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
             bar.set_postfix({**{f"kl@{k}": f"{v:.3f}" for k, v in per_exit.items()}, "tok/s": f"{tps:.0f}"})
             bar.update(1)
             if ckpt_dir is not None and (step % checkpoint_every == 0 or step == total_steps):
-                save_checkpoint()
+                if rank == 0:
+                    save_checkpoint()
+                if world > 1:
+                    torch.distributed.barrier()
             if callback is not None:
                 callback(step, info)
     finally:
