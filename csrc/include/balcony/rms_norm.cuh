@@ -315,7 +315,12 @@ cudaError_t launch_rms_norm_backward(const T* g, int64_t g_stride, const T* x, i
   if (shape.k == 0) return cudaErrorInvalidValue;
   if (hidden == 0) return cudaSuccess;
   const bool vec = rms_norm_backward_vectorized(g, g_stride, x, x_stride, w, grad_x, gx_stride, hidden);
-  if (!vec && shape.threads > rms_norm_backward_max_threads<4, false>()) return cudaErrorInvalidValue;
+  // The block may not exceed the __launch_bounds__ of the instance launched (K = 1: 1024 threads,
+  // vectorised or not; K = 4: 512 vectorised, 256 element-wise).
+  const int max_threads = shape.k == 1 ? rms_norm_backward_max_threads<1, false>()
+                          : vec        ? rms_norm_backward_max_threads<4, true>()
+                                       : rms_norm_backward_max_threads<4, false>();
+  if (shape.threads > max_threads) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(shape.parts)), block(static_cast<unsigned>(shape.threads));
 #define BALCONY_RMS_BWD(VEC, K)                                                                                   \
   BALCONY_LAUNCH((rms_norm_backward_kernel<T, VEC, K>), grid, block, 0, stream, g, g_stride, x, x_stride, w, grad_x, \

@@ -1,0 +1,95 @@
+"""balcony/decode_attention.cuh (split-KV decode attention: split kernel + merge kernel) run on the CPU
+under the CUDA execution harness, against the plain-PyTorch reference, for every scheduling seed.
+
+    pytest -m cuda_harness python_tests/test_cuda_harness_decode_attention.py
+"""
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import cuda_harness as ch
+from balcony_ext.reference import reference_decode_attention
+from tolerances import assert_close
+
+pytestmark = pytest.mark.cuda_harness
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PACK = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # elements per 16-byte pack
+
+
+def _case(B, Hkv, G, D, S, lens, splits, lens64=False, pos_pad=0, head_pad=0, q_pad=0):
+    return dict(B=B, Hkv=Hkv, G=G, D=D, S=S, lens=lens, splits=splits, lens64=lens64, pos_pad=pos_pad,
+                head_pad=head_pad, q_pad=q_pad)
+
+
+# One split: the split kernel writes the output directly. Several splits: partials + merge kernel,
+# with splits past a sequence's length empty. Query heads per block: 1, 2, 4 or 8 (G > 8: several
+# blocks per kv head, the last one partial). Lengths: 0 (zeros out), 1, odd, S, > S (clamped to S).
+# Cache entries past each length are NaN; so is every gap of a strided layout. Padding (pos_pad,
+# head_pad, q_pad) is in units of the dtype's 16-byte pack, as the kernel needs.
+CASES = {
+    "one_split_g1": _case(3, 2, 1, 64, 37, [0, 1, 37], 1),
+    "one_split_g3_d128": _case(2, 1, 3, 128, 21, [21, 9], 1),
+    "splits_g1_empty_tail": _case(2, 2, 1, 64, 40, [7, 40], 4),  # len 7: splits 1..3 empty
+    "splits_g3": _case(2, 2, 3, 64, 40, [17, 0], 3),
+    "splits_g4_d128": _case(2, 1, 4, 128, 50, [23, 50], 4),
+    "splits_g8": _case(1, 1, 8, 64, 33, [33], 2),
+    "g12_one_split": _case(2, 1, 12, 64, 20, [19, 5], 1),  # 2 blocks per kv head: 8 + 4 heads
+    "g12_splits": _case(1, 1, 12, 64, 24, [24], 3),
+    "clamped_len64": _case(2, 2, 2, 64, 16, [16 + 5, 3], 2, lens64=True),  # len > S reads S entries
+    "strided": _case(2, 2, 4, 64, 19, [11, 19], 2, lens64=True, pos_pad=1, head_pad=2, q_pad=1),
+    "d96_npack_not_pow2": _case(1, 2, 2, 96, 15, [15], 1),  # lanes own packs < npack only
+    "d256_two_packs_per_lane": _case(1, 1, 2, 256, 10, [9], 2),  # float32: 64 packs, 2 per lane
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ch.dtype_name)
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_attention_under_harness(case, dtype):
+    c = CASES[case]
+    B, Hkv, G, D, S, splits = c["B"], c["Hkv"], c["G"], c["D"], c["S"], c["splits"]
+    Hq, n = Hkv * G, PACK[dtype]
+    torch.manual_seed(zlib.crc32(case.encode()))
+    # Strided layouts: query [B, Hq, D] and caches [B, Hkv, S, D] with gaps after each row / head.
+    q_sh = D + c["q_pad"] * n
+    q_sb = Hq * q_sh
+    k_ss = D + c["pos_pad"] * n
+    k_sh = S * k_ss + c["head_pad"] * n
+    k_sb = Hkv * k_sh
+    query = torch.full((B * q_sb,), float("nan"), dtype=dtype)
+    qv = query.as_strided((B, Hq, D), (q_sb, q_sh, 1))
+    qv.copy_(torch.randn(B, Hq, D))
+    caches = []
+    lens = torch.tensor(c["lens"], dtype=torch.int64 if c["lens64"] else torch.int32)
+    for _ in range(2):
+        cache = torch.full((B * k_sb,), float("nan"), dtype=dtype)
+        cv = cache.as_strided((B, Hkv, S, D), (k_sb, k_sh, k_ss, 1))
+        for b in range(B):
+            m = min(int(lens[b]), S)
+            cv[b, :, :m] = torch.randn(Hkv, m, D) * 2  # NaN garbage beyond the length
+        caches.append((cache, cv))
+    (kc, kv), (vc, vv) = caches
+    scale = 1.0 / math.sqrt(D)
+
+    splits = max(1, min(splits, S))
+    chunk = (S + splits - 1) // splits
+    params = dict(dtype=ch.dtype_name(dtype), B=B, Hkv=Hkv, G=G, D=D, S=S, q_sb=q_sb, q_sh=q_sh, k_sb=k_sb, k_sh=k_sh,
+                  k_ss=k_ss, v_sb=k_sb, v_sh=k_sh, v_ss=k_ss, seq_lens_64=int(c["lens64"]), num_splits=splits,
+                  chunk=chunk, scale=repr(scale))
+    inputs = dict(query=query, key_cache=kc, value_cache=vc, seq_lens=lens)
+    outputs = dict(out=torch.full((B, Hq, D), float("nan"), dtype=dtype))
+    if splits > 1:  # scratch the kernel must fully write before the merge reads it
+        outputs["part_ml"] = torch.full((B, Hq, splits, 2), float("nan"))
+        outputs["part_o"] = torch.full((B, Hq, splits, D), float("nan"))
+
+    want = reference_decode_attention(qv, kv, vv, lens.clamp(max=S), scale)
+    result = ch.run("decode_attention", params, inputs, outputs)
+    for seed in ch.SEEDS:
+        assert_close(result[seed]["out"], want, msg=lambda m: f"seed {seed}: {m}")
+        for b in range(B):
+            if int(lens[b]) == 0:
+                assert torch.equal(result[seed]["out"][b].float(), torch.zeros(Hq, D)), "empty sequence: zeros"
+    ch.assert_same_across_seeds(result)

@@ -1,0 +1,86 @@
+"""balcony/rms_norm.cuh's backward (launch_rms_norm_backward: per-block grad_x and grad_w partials, then
+the fixed-order reduction of the partials) run on the CPU under the CUDA execution harness, against
+the plain-PyTorch reference, for every scheduling seed.
+
+    pytest -m cuda_harness python_tests/test_cuda_harness_rms_norm_backward.py
+"""
+
+import zlib
+
+import pytest
+import torch
+
+import cuda_harness as ch
+from balcony_ext.reference import reference_rms_norm_backward
+from tolerances import assert_close
+
+pytestmark = pytest.mark.cuda_harness
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PACK = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # elements per 16-byte pack
+
+
+def _shape(rows, hidden, vec, n):
+    """(k, threads, most blocks) as rms_norm_backward_shape gives them for one SM."""
+    chunks = -(-hidden // n)
+    k = 1 if chunks <= 1024 else 4
+    threads = max(32, -(-(-(-chunks // k)) // 32) * 32)
+    return k, threads, max(1, min(rows, 2048 // threads))
+
+
+# (rows, hidden (float32, 16-bit), row padding in packs, element offset, blocks): fewer blocks than
+# rows give each block several rows (its grad_w partial then sums them).
+CASES = {
+    "vec_k1": (6, (256, 256), 0, 0, 4),  # blocks of 2 and 1 rows
+    "vec_k1_one_block": (5, (64, 64), 0, 0, 1),  # one block takes every row; reduction of one partial
+    "vec_k1_strided": (3, (128, 256), 2, 0, 3),  # padded rows (must stay untouched)
+    "vec_k4": (3, (4160, 8320), 0, 0, 2),  # more than 1024 packs: 4 chunks per thread, last threads partial
+    "scalar_odd": (5, (77, 77), 0, 0, 3),  # element-wise: hidden not a multiple of the pack
+    "scalar_misaligned": (4, (128, 128), 0, 1, 2),  # element-wise: rows not 16-byte aligned
+    "scalar_one": (3, (1, 1), 0, 0, 2),  # hidden 1
+    "scalar_k1_wide": (2, (1030, 2061), 0, 0, 2),  # element-wise, more than 256 threads (k = 1)
+    "vec_k1_many_cols": (2, (1000, 4096), 0, 0, 2),  # reduction over several 32-column blocks, last partial
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ch.dtype_name)
+@pytest.mark.parametrize("case", list(CASES))
+def test_rms_norm_backward_under_harness(case, dtype):
+    rows, hiddens, pad, offset, parts = CASES[case]
+    n = PACK[dtype]
+    hidden = hiddens[0] if dtype == torch.float32 else hiddens[1]
+    stride = hidden + pad * n
+    vec = case.startswith("vec")
+    assert vec == (hidden % n == 0 and stride % n == 0 and offset % n == 0)
+    k, threads, most = _shape(rows, hidden, vec, n)
+    parts = min(parts, most)
+    torch.manual_seed(zlib.crc32(case.encode()))
+    length = offset + (rows - 1) * stride + hidden
+
+    def rows_of(t):
+        return t[offset:offset + rows * stride].as_strided((rows, hidden), (stride, 1)) if rows else t
+
+    x = torch.full((length,), float("nan"), dtype=dtype)
+    g = torch.full((length,), float("nan"), dtype=dtype)
+    rows_of(x).copy_(torch.randn(rows, hidden) * 2)
+    rows_of(g).copy_(torch.randn(rows, hidden))
+    w = torch.full((offset + hidden,), float("nan"), dtype=dtype)
+    w[offset:] = torch.randn(hidden)
+    grad_x = torch.full((length,), float("nan"), dtype=dtype)
+    eps = 1e-5
+    params = dict(dtype=ch.dtype_name(dtype), rows=rows, hidden=hidden, stride=stride, offset=offset, eps=eps,
+                  sm_count=1, vec=int(vec), k=k, threads=threads, parts=parts)
+    outputs = dict(grad_x=grad_x, grad_w=torch.full((hidden,), float("nan"), dtype=dtype),
+                   partial=torch.full((parts, hidden), float("nan")))
+    want_gx, want_gw = reference_rms_norm_backward(rows_of(g), rows_of(x), w[offset:], eps)
+    inside = torch.zeros(length, dtype=torch.bool)
+    rows_of(inside).fill_(True)
+
+    result = ch.run("rms_norm_backward", params, inputs=dict(g=g, x=x, w=w), outputs=outputs)
+    for seed in ch.SEEDS:
+        got = result[seed]
+        assert_close(rows_of(got["grad_x"]), want_gx, msg=lambda m: f"seed {seed}: grad_x: {m}")
+        # grad_w sums `rows` float32 products before its one rounding
+        assert_close(got["grad_w"], want_gw, scale=2, msg=lambda m: f"seed {seed}: grad_w: {m}")
+        assert torch.isnan(got["grad_x"][~inside].float()).all(), "wrote outside the rows"
+    ch.assert_same_across_seeds(result)
