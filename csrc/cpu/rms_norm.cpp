@@ -2,7 +2,7 @@
 // (csrc/cpu/rms_norm_kernel.h) over rows in parallel.
 #include <torch/library.h>
 
-#include "../torch_utils.h"
+#include "../rms_norm_args.h"
 #include "capability.h"
 
 BALCONY_CPU_KERNEL(void, rms_norm,
@@ -20,12 +20,7 @@ namespace balcony {
 namespace {
 
 void check_norm_args(const at::Tensor& input, const at::Tensor& weight) {
-  BALCONY_CHECK_DEVICE(input, at::kCPU);
-  BALCONY_CHECK_DEVICE(weight, at::kCPU);
-  BALCONY_CHECK_DIM(weight, 1);
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(0), "rms_norm: input's last dimension (",
-              input.dim() ? input.size(-1) : 0, ") must equal weight's size (", weight.size(0), ")");
-  BALCONY_CHECK_SAME_DTYPE(input, weight);
+  check_rms_norm_args(input, weight, at::kCPU);
   cpu_scalar_kind(input, "input");
 }
 
@@ -34,8 +29,7 @@ void check_norm_args(const at::Tensor& input, const at::Tensor& weight) {
 at::Tensor rms_norm_cpu(const at::Tensor& input, const at::Tensor& weight, double eps) {
   check_norm_args(input, weight);
   const int64_t hidden = weight.size(0);
-  at::Tensor x = input.reshape({-1, hidden});
-  if (x.stride(-1) != 1) x = x.contiguous();
+  const at::Tensor x = rows_of(input, hidden);
   at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty({x.size(0), hidden}, input.options());
   const int64_t rows = x.size(0);
@@ -51,12 +45,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& input, const at::Tensor& weight, doubl
 
 void fused_add_rms_norm_cpu(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
   check_norm_args(input, weight);
-  BALCONY_CHECK_DEVICE(residual, at::kCPU);
-  TORCH_CHECK(input.sizes() == residual.sizes(), "fused_add_rms_norm: input ", input.sizes(), " and residual ",
-              residual.sizes(), " must have the same shape");
-  BALCONY_CHECK_SAME_DTYPE(input, residual);
-  TORCH_CHECK(input.is_contiguous() && residual.is_contiguous(),
-              "fused_add_rms_norm: input and residual are updated in place and must be contiguous");
+  check_fused_add_rms_norm_args(input, residual);
   const int64_t hidden = weight.size(0);
   const int64_t rows = input.numel() / std::max<int64_t>(1, hidden);
   at::Tensor w = weight.contiguous();
@@ -72,15 +61,10 @@ void fused_add_rms_norm_cpu(at::Tensor& input, at::Tensor& residual, const at::T
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                                                          const at::Tensor& weight, double eps) {
   check_norm_args(input, weight);
-  BALCONY_CHECK_DEVICE(grad_out, at::kCPU);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "rms_norm_backward: grad_out ", grad_out.sizes(), " and input ",
-              input.sizes(), " must have the same shape");
-  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
+  check_rms_norm_backward_args(grad_out, input);
   const int64_t hidden = weight.size(0);
-  at::Tensor x = input.reshape({-1, hidden});
-  if (x.stride(-1) != 1) x = x.contiguous();
-  at::Tensor g = grad_out.reshape({-1, hidden});
-  if (g.stride(-1) != 1) g = g.contiguous();
+  const at::Tensor x = rows_of(input, hidden);
+  const at::Tensor g = rows_of(grad_out, hidden);
   at::Tensor w = weight.contiguous();
   const int64_t rows = x.size(0);
   at::Tensor grad_x = at::empty({rows, hidden}, input.options());

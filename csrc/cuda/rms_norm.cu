@@ -2,28 +2,15 @@
 #include <torch/library.h>
 
 #include "balcony/rms_norm.cuh"
+#include "../rms_norm_args.h"
 #include "cuda_utils.h"
 
 namespace balcony {
-namespace {
-
-void check_norm_args_cuda(const at::Tensor& input, const at::Tensor& weight) {
-  BALCONY_CHECK_DEVICE(input, at::kCUDA);
-  BALCONY_CHECK_SAME_DEVICE(input, weight);
-  BALCONY_CHECK_DIM(weight, 1);
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(0), "rms_norm: input's last dimension (",
-              input.dim() ? input.size(-1) : 0, ") must equal weight's size (", weight.size(0), ")");
-  BALCONY_CHECK_SAME_DTYPE(input, weight);
-}
-
-}  // namespace
-
 at::Tensor rms_norm_cuda(const at::Tensor& input, const at::Tensor& weight, double eps) {
-  check_norm_args_cuda(input, weight);
+  check_rms_norm_args(input, weight, at::kCUDA);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t hidden = weight.size(0);
-  at::Tensor x = input.reshape({-1, hidden});
-  if (x.stride(-1) != 1) x = x.contiguous();
+  const at::Tensor x = rows_of(input, hidden);
   at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty({x.size(0), hidden}, input.options());
   BALCONY_DISPATCH_CUDA_FLOATING(input.scalar_type(), "rms_norm", [&] {
@@ -36,13 +23,8 @@ at::Tensor rms_norm_cuda(const at::Tensor& input, const at::Tensor& weight, doub
 }
 
 void fused_add_rms_norm_cuda(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_norm_args_cuda(input, weight);
-  BALCONY_CHECK_SAME_DEVICE(input, residual);
-  TORCH_CHECK(input.sizes() == residual.sizes(), "fused_add_rms_norm: input ", input.sizes(), " and residual ",
-              residual.sizes(), " must have the same shape");
-  BALCONY_CHECK_SAME_DTYPE(input, residual);
-  TORCH_CHECK(input.is_contiguous() && residual.is_contiguous(),
-              "fused_add_rms_norm: input and residual are updated in place and must be contiguous");
+  check_rms_norm_args(input, weight, at::kCUDA);
+  check_fused_add_rms_norm_args(input, residual);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t hidden = weight.size(0);
   at::Tensor w = weight.contiguous();
@@ -57,17 +39,12 @@ void fused_add_rms_norm_cuda(at::Tensor& input, at::Tensor& residual, const at::
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
                                                           const at::Tensor& weight, double eps) {
-  check_norm_args_cuda(input, weight);
-  BALCONY_CHECK_SAME_DEVICE(grad_out, input);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "rms_norm_backward: grad_out ", grad_out.sizes(), " and input ",
-              input.sizes(), " must have the same shape");
-  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
+  check_rms_norm_args(input, weight, at::kCUDA);
+  check_rms_norm_backward_args(grad_out, input);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t hidden = weight.size(0);
-  at::Tensor x = input.reshape({-1, hidden});
-  if (x.stride(-1) != 1) x = x.contiguous();
-  at::Tensor g = grad_out.reshape({-1, hidden});
-  if (g.stride(-1) != 1) g = g.contiguous();
+  const at::Tensor x = rows_of(input, hidden);
+  const at::Tensor g = rows_of(grad_out, hidden);
   at::Tensor w = weight.contiguous();
   const int64_t rows = x.size(0);
   at::Tensor grad_x = at::empty({rows, hidden}, input.options());
