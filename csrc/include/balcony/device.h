@@ -57,15 +57,16 @@ BALCONY_DEVICE T warp_reduce_max(T v) {
   return v;
 }
 
-// Sum over the block; every thread gets the result. `scratch` holds at least 32 floats.
-// blockDim.x must be a multiple of 32.
-BALCONY_DEVICE float block_reduce_sum(float v, float* scratch) {
+// Sum over the block (float or double); every thread gets the result. `scratch` holds at least
+// 32 values of T. blockDim.x must be a multiple of 32.
+template <typename T>
+BALCONY_DEVICE T block_reduce_sum(T v, T* scratch) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
   v = warp_reduce_sum(v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float total = lane < num_warps ? scratch[lane] : 0.f;
+  T total = lane < num_warps ? scratch[lane] : T(0);
   total = warp_reduce_sum(total);
   __syncthreads();  // scratch may be reused right after
   return total;

@@ -9,19 +9,6 @@
 
 namespace balcony::cuda {
 
-// Sum of doubles over the block; every thread gets it. scratch: 32 doubles.
-BALCONY_DEVICE double block_reduce_sum_double(double v, double* scratch) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int num_warps = blockDim.x / kWarpSize;
-  v = warp_reduce_sum(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  double total = lane < num_warps ? scratch[lane] : 0.0;
-  total = warp_reduce_sum(total);
-  __syncthreads();
-  return total;
-}
-
 BALCONY_DEVICE float bits_as_float(unsigned b) { return __uint_as_float(b); }
 
 // Count (exact: float integers below 2^24) and mass of e >= tau over the row.
@@ -36,7 +23,7 @@ BALCONY_DEVICE void block_count_mass(const float* e, int vocab, float tau, float
     }
   }
   *count = block_reduce_sum(c, fs);
-  *mass = block_reduce_sum_double(static_cast<double>(m), ds);
+  *mass = block_reduce_sum(static_cast<double>(m), ds);
 }
 
 // scratch: rows * vocab floats (the e values of each row). Parameters as in the op: temperature
