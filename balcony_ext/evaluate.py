@@ -69,16 +69,25 @@ def costs(model) -> dict:
     return out
 
 
+def new_affine_exits(model, depths) -> dict:
+    """{depth: AffineExit} at identity, each with a trainable copy of the final norm."""
+    a = model.adapter
+    lenses = {k: AffineExit(a.hidden_size, copy.deepcopy(a.final_norm)).to(model.device, model.dtype) for k in depths}
+    for lens in lenses.values():
+        for p in lens.parameters():
+            p.requires_grad_(True)
+    return lenses
+
+
 def train_affine(model, corpus, depths, tokens: int, seq_len: int, batch_size: int, lr: float = 1e-3,
                  seed: int = 0, progress: bool = True) -> dict:
-    """Fits one AffineExit per depth with the same self-distillation loss as the balcony layers."""
+    """Fits one AffineExit per depth with the same self-distillation loss as the balcony layers.
+    (train(..., affine_baseline=True) instead trains them beside the exits on the same batches.)"""
     from tqdm.auto import tqdm
 
     a = model.adapter
-    lenses = {k: AffineExit(a.hidden_size, copy.deepcopy(a.final_norm)).to(model.device, model.dtype) for k in depths}
+    lenses = new_affine_exits(model, depths)
     params = [p for l in lenses.values() for p in l.parameters()]
-    for p in params:
-        p.requires_grad_(True)
     blocks = corpus.train_blocks(seq_len)
     steps = max(1, math.ceil(tokens / (batch_size * seq_len)))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -153,10 +162,12 @@ class Report:
 
 @torch.no_grad()
 def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2, max_tokens: int | None = None,
-             baselines=("truncation", "untrained"), affine_tokens: int = 0, heldout: float = 0.05, seed: int = 0,
-             json_path=None, plot_path=None, progress: bool = True) -> Report:
+             baselines=("truncation", "untrained"), affine_tokens: int = 0, affine: dict | None = None,
+             heldout: float = 0.05, seed: int = 0, json_path=None, plot_path=None, progress: bool = True) -> Report:
     """Evaluates every attached exit (and baselines at the same depths) against the full model on
-    the held-out split of `data` (the same split train() uses for the same data, heldout and seed)."""
+    the held-out split of `data` (the same split train() uses for the same data, heldout and seed).
+    affine: trained affine exits {depth: AffineExit} (train(..., affine_baseline=True) returns
+    them); otherwise affine_tokens > 0 trains them here first."""
     from tqdm.auto import tqdm
 
     if not model.exits:
@@ -184,7 +195,15 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
                 fresh[k] = model.build_exit(k, ex.init, ex.norm_init).eval()
         heads.update({("untrained", k): (lambda h, k=k: a.lm_head(model.exit_hidden(k, h, module=fresh[k])))
                       for k in exits})
-    if affine_tokens:
+    if affine is not None:
+        missing = [k for k in exits if k not in affine]
+        if missing:
+            raise ValueError(f"affine exits given for depths {sorted(affine)}, missing {missing}")
+        lenses = affine
+        for l in lenses.values():
+            l.eval()
+        heads.update({("affine", k): (lambda h, k=k: a.lm_head(lenses[k](h))) for k in exits})
+    elif affine_tokens:
         with torch.enable_grad():
             lenses = train_affine(model, corpus, exits, affine_tokens, seq_len, batch_size, seed=seed, progress=progress)
         for l in lenses.values():

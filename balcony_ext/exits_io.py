@@ -85,13 +85,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_exits(model: BalconyModel, path, extra: dict | None = None) -> Path:
-    """Writes the exits (only the balcony parameters) and their metadata to `path`, atomically."""
+def save_exits(model: BalconyModel, path, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Writes the exits (only the balcony parameters) and their metadata to `path`, atomically.
+    dtype: store the tensors in this dtype (e.g. torch.bfloat16 to halve the file); loading
+    converts them back to the model's dtype."""
     from safetensors.torch import save_file
 
     if not model.exits:
         raise ValueError("the model has no exits to save; attach() some first")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.balconies.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous().clone()
+               for k, v in model.balconies.state_dict().items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -126,3 +126,54 @@ def test_train_without_exits_or_data_errors():
     attach(model, [2])
     with pytest.raises(ValueError, match="fewer than"):
         train(model, data=_corpus(n=64), tokens=10, seq_len=32, batch_size=4, progress=False)
+
+
+def test_affine_baseline_trains_on_the_same_batches_and_resumes(tmp_path):
+    from balcony_ext.evaluate import evaluate
+
+    corpus = _corpus()
+    kw = dict(data=corpus, tokens=4 * 2 * 16, lr=1e-3, clip=1e-3, batch_size=2, seq_len=16, warmup=0.25, progress=False,
+              seed=1, affine_baseline=True)
+    ref = tiny_balcony()
+    attach(ref, [1, 3], init="random", seed=0)
+    ref_out = train(ref, **kw)
+    lenses = ref_out["affine"]
+    assert sorted(lenses) == [1, 3]
+    # the lenses learned: on held-out text they are closer to the full model than at initialisation
+    from balcony_ext.evaluate import new_affine_exits
+
+    trained = evaluate(ref, data=corpus, seq_len=16, batch_size=2, baselines=(), affine=lenses, progress=False)
+    initial = evaluate(ref, data=corpus, seq_len=16, batch_size=2, baselines=(),
+                       affine=new_affine_exits(ref, [1, 3]), progress=False)
+    for k in (1, 3):
+        assert trained.row("affine", k)["kl"] < initial.row("affine", k)["kl"]
+        assert all(f"affine@{k}" in h["loss_per_exit"] for h in ref_out["history"])
+    # the exits' own trajectory is unchanged by training the baseline beside them
+    plain = tiny_balcony()
+    attach(plain, [1, 3], init="random", seed=0)
+    train(plain, **{**kw, "affine_baseline": False})
+    for k, v in plain.balconies.state_dict().items():
+        torch.testing.assert_close(ref.balconies.state_dict()[k], v)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(step, info):
+        if step == 2:
+            raise Stop
+
+    run = tiny_balcony()
+    attach(run, [1, 3], init="random", seed=0)
+    with pytest.raises(Stop):
+        train(run, checkpoint_dir=tmp_path, checkpoint_every=1, callback=stop_at_2, **kw)
+    fresh = tiny_balcony()
+    attach(fresh, [1, 3], init="random", seed=5)
+    out = train(fresh, checkpoint_dir=tmp_path, checkpoint_every=1, **kw)
+    for k in (1, 3):
+        for name, v in lenses[k].state_dict().items():
+            assert torch.equal(out["affine"][k].state_dict()[name], v), (k, name)
+
+    rep = evaluate(fresh, data=corpus, seq_len=16, batch_size=2, affine=out["affine"], progress=False)
+    assert {r["exit"] for r in rep.rows if r["method"] == "affine"} == {1, 3}
+    with pytest.raises(ValueError, match="missing"):
+        evaluate(fresh, data=corpus, seq_len=16, affine={1: lenses[1]}, progress=False)
