@@ -11,6 +11,7 @@ from .loading import load
 from .exits_io import load_exits, save_exits
 from .train import train
 from .evaluate import evaluate
+from .generate import GenerationOutput, calibrate, generate
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,7 @@ __all__ = [
     "load_exits",
     "train",
     "evaluate",
+    "generate",
+    "calibrate",
+    "GenerationOutput",
 ]

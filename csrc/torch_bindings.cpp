@@ -75,6 +75,24 @@ TORCH_LIBRARY(balcony, m) {
   m.def(
       "sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform) -> Tensor");
 
+  // out[M,N] (+)= x[M,K] @ weight[N,K]^T (+ bias[N]) for the few rows of a decode step: x, bias and
+  // out float32, weight float32 or bfloat16 (read once, at memory bandwidth). accumulate adds to out.
+  m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool accumulate) -> ()");
+
+  // One decode step of a Balcony model for one new token per sequence, in one native call: embedding,
+  // base layers up to the deepest exit in use, each row's balcony layer + exit norm (or the final
+  // norm at exit_of_row == L; 0 = an idle row, no layer runs), the LM head into logits [B,V], and the next token (as sample_tokens).
+  // Weight lists: 14 tensors per decoder layer (input norm, q, q bias, k, k bias, v, v bias, q norm,
+  // k norm, o, post-attention norm, gate, up, down; empty tensors for absent ones), exits add their
+  // norm (15). Caches: float32 [B,Hkv,S,D] per slot (L base layers, then one per exit); kept:
+  // float32 [B,S,H] per exit, receives the hidden state after that depth at each row's position.
+  m.def(
+      "decode_step(Tensor tokens, Tensor positions, Tensor exit_of_row, int[] exit_depths, Tensor embed, "
+      "Tensor[] base_weights, Tensor[] exit_weights, Tensor final_norm, Tensor head, Tensor(a!)[] key_caches, "
+      "Tensor(b!)[] value_caches, Tensor(c!)[] kept, Tensor cos, Tensor sin, float eps, float scale, "
+      "Tensor(d!) workspace, Tensor(e!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform) "
+      "-> Tensor");
+
   // The CPU instruction set the kernels use: "default", "avx2" or "avx512".
   m.def("get_cpu_capability() -> str", &get_cpu_capability);
   m.def("max_cpu_capability() -> str", &max_cpu_capability);

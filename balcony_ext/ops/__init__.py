@@ -3,6 +3,7 @@ torch.compile and autograd for the ops used in training. Each op lives in its ow
 beside its plain-PyTorch reference (`reference_<op>`), which is the op's specification."""
 
 from .decode_attention import decode_attention, reference_decode_attention
+from .linear_rows import linear_rows, reference_linear_rows
 from .fused_linear_kl import fused_linear_kl, reference_fused_linear_kl
 from .rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
 from .rope_append import reference_rope_append, rope_append, rope_tables
@@ -24,5 +25,7 @@ __all__ = [
     "fused_linear_kl",
     "reference_fused_linear_kl",
     "sample_tokens",
+    "linear_rows",
+    "reference_linear_rows",
     "reference_sample_tokens",
 ]

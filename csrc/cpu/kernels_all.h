@@ -7,3 +7,4 @@
 #include "sample_tokens_kernel.h"
 #include "rope_append_kernel.h"
 #include "decode_attention_kernel.h"
+#include "linear_rows_kernel.h"

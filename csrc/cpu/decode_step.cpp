@@ -1,0 +1,325 @@
+// One decode step of a (sub-)model on CPU in a single native call, and the small-batch linear
+// map it is built on.
+//
+// balcony::decode_step runs, for a batch of one new token per sequence: the embedding, the base
+// decoder layers up to the deepest exit any sequence asks for, the balcony layer and exit norm of
+// every exit in use (or the final norm for the full model), the shared LM head and the next-token
+// choice. Activations are float32 (weights float32 or bfloat16, widened on load); the KV caches are
+// float32 [B, Hkv, S, D], one per layer slot (base layers 0..L-1, then one per exit).
+//
+// Sequences leave at their own exits: every layer runs over all rows (the weights are read once
+// per step whatever the row count), but a row past its exit has its cache position masked (-1:
+// nothing is written) and its attention length set to 0, so its caches and outputs are exactly
+// those of running it alone. The hidden state after each exit depth is written to `kept` for every
+// row that reached that depth (the input of a later KV catch-up).
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../torch_utils.h"
+#include "capability.h"
+
+BALCONY_CPU_KERNEL(void, linear_rows,
+                   (balcony::ScalarKind wkind, const float* x, int64_t x_stride, int64_t M, const void* w, int64_t K,
+                    const float* bias, float* out, int64_t out_stride, bool accumulate, int64_t n_begin,
+                    int64_t n_end))
+BALCONY_CPU_KERNEL(void, rms_norm,
+                   (balcony::ScalarKind kind, const void* x, int64_t x_stride, const void* w, void* out,
+                    int64_t out_stride, void* residual, int64_t res_stride, int64_t hidden, float eps, int64_t begin,
+                    int64_t end))
+BALCONY_CPU_KERNEL(void, silu_and_mul,
+                   (balcony::ScalarKind kind, const void* in, int64_t in_stride, void* out, int64_t out_stride,
+                    int64_t inter, int64_t begin, int64_t end))
+
+namespace balcony {
+namespace {
+
+constexpr int64_t kPerLayer = 14;  // tensors per decoder layer in the weight lists
+enum Slot : int64_t { IN_NORM, Q_W, Q_B, K_W, K_B, V_W, V_B, Q_NORM, K_NORM, O_W, POST_NORM, GATE_W, UP_W, DOWN_W };
+
+const float* opt_f32(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& out,
+                  const char* what) {
+  BALCONY_CHECK_DEVICE(x, at::kCPU);
+  BALCONY_CHECK_DEVICE(w, at::kCPU);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, what, ": x [M,K], weight [N,K] and out [M,N] must be "
+              "2-D, got ", x.sizes(), ", ", w.sizes(), ", ", out.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, what,
+              ": x and out must be float32, got ", x.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, what,
+              ": weight must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), what, ": weight must be contiguous");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, what, ": x and out need unit stride in the last dimension");
+  TORCH_CHECK(x.size(1) == w.size(1), what, ": x has K = ", x.size(1), " columns but weight has ", w.size(1));
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == w.size(0), what, ": out must be [", x.size(0), ", ",
+              w.size(0), "], got ", out.sizes());
+  if (bias.numel()) {
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == w.size(0) &&
+                    bias.is_contiguous(),
+                what, ": bias must be a contiguous float32 [", w.size(0), "], got ", bias.scalar_type(), " ",
+                bias.sizes());
+  }
+}
+
+// out[:, :] (+)= x @ w^T (+ bias), split over the weight's rows.
+void linear_into(const float* x, int64_t x_stride, int64_t M, const at::Tensor& w, const float* bias, float* out,
+                 int64_t out_stride, bool accumulate) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const auto kind = cpu_scalar_kind(w, "weight");
+  auto kernel = BALCONY_CPU_DISPATCH(linear_rows);
+  const void* wp = w.data_ptr();
+  // blocks of 16 rows; enough blocks per task to amortise the hand-off
+  const int64_t blocks = (N + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, blocks / (4 * at::get_num_threads())));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    kernel(kind, x, x_stride, M, wp, K, bias, out, out_stride, accumulate, b0 * 16, std::min(N, b1 * 16));
+  });
+}
+
+void norm_rows(const float* x, int64_t x_stride, const at::Tensor& w, float* out, int64_t out_stride, int64_t rows,
+               int64_t hidden, float eps) {
+  auto kernel = BALCONY_CPU_DISPATCH(rms_norm);
+  kernel(ScalarKind::F32, x, x_stride, w.data_ptr<float>(), out, out_stride, nullptr, 0, hidden, eps, 0, rows);
+}
+
+struct Dims {
+  int64_t B, H, Hq, Hkv, D, I, V, S;
+};
+
+struct Work {  // float32 views into the caller's workspace
+  float *x, *xn, *xe, *q, *k, *v, *gu, *act, *fin;
+  static int64_t floats(const Dims& d) {
+    return d.B * (4 * d.H + d.Hq * d.D + 2 * d.Hkv * d.D + 3 * d.I);
+  }
+};
+
+using RopeAppendFn = void(at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                          const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using DecodeAttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     double, int64_t);
+using SampleFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&);
+
+// One decoder layer over all B rows, the residual stream in w.x (updated in place).
+void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& key_cache, at::Tensor& value_cache,
+               const at::Tensor& pos, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin, float eps,
+               double scale) {
+  static auto rope = c10::Dispatcher::singleton().findSchemaOrThrow("balcony::rope_append", "").typed<RopeAppendFn>();
+  static auto attn =
+      c10::Dispatcher::singleton().findSchemaOrThrow("balcony::decode_attention", "").typed<DecodeAttentionFn>();
+  const int64_t B = d.B, H = d.H, QD = d.Hq * d.D, KD = d.Hkv * d.D, I = d.I;
+  norm_rows(w.x, H, lw[IN_NORM], w.xn, H, B, H, eps);
+  linear_into(w.xn, H, B, lw[Q_W], opt_f32(lw[Q_B]), w.q, QD, false);
+  linear_into(w.xn, H, B, lw[K_W], opt_f32(lw[K_B]), w.k, KD, false);
+  linear_into(w.xn, H, B, lw[V_W], opt_f32(lw[V_B]), w.v, KD, false);
+  if (lw[Q_NORM].numel()) norm_rows(w.q, d.D, lw[Q_NORM], w.q, d.D, B * d.Hq, d.D, eps);
+  if (lw[K_NORM].numel()) norm_rows(w.k, d.D, lw[K_NORM], w.k, d.D, B * d.Hkv, d.D, eps);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor q = at::from_blob(w.q, {B, 1, d.Hq, d.D}, f32);
+  at::Tensor k = at::from_blob(w.k, {B, 1, d.Hkv, d.D}, f32);
+  at::Tensor v = at::from_blob(w.v, {B, 1, d.Hkv, d.D}, f32);
+  rope.call(q, k, v, key_cache, value_cache, pos.view({B, 1}), cos, sin);
+  at::Tensor o = attn.call(q.view({B, d.Hq, d.D}), key_cache, value_cache, lens, scale, 0);
+  linear_into(o.data_ptr<float>(), QD, B, lw[O_W], nullptr, w.x, H, true);
+  norm_rows(w.x, H, lw[POST_NORM], w.xn, H, B, H, eps);
+  linear_into(w.xn, H, B, lw[GATE_W], nullptr, w.gu, 2 * I, false);
+  linear_into(w.xn, H, B, lw[UP_W], nullptr, w.gu + I, 2 * I, false);
+  BALCONY_CPU_DISPATCH(silu_and_mul)(ScalarKind::F32, w.gu, 2 * I, w.act, I, I, 0, B);
+  linear_into(w.act, I, B, lw[DOWN_W], nullptr, w.x, H, true);
+}
+
+void check_layer(const std::vector<at::Tensor>& lw, int64_t at, const Dims& d, const char* what, int64_t index) {
+  auto mat = [&](int64_t s, int64_t n, int64_t k, const char* name) {
+    const at::Tensor& t = lw[at + s];
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == k && t.is_contiguous() &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+                "decode_step: ", what, " ", index, " ", name, " must be a contiguous float32/bfloat16 [", n, ", ", k,
+                "] matrix, got ", t.scalar_type(), " ", t.sizes());
+  };
+  auto vec = [&](int64_t s, int64_t n, const char* name, bool optional) {
+    const at::Tensor& t = lw[at + s];
+    if (optional && t.numel() == 0) return;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.is_contiguous() && t.scalar_type() == at::kFloat, "decode_step: ",
+                what, " ", index, " ", name, " must be a contiguous float32 [", n, "], got ", t.scalar_type(), " ",
+                t.sizes());
+  };
+  vec(IN_NORM, d.H, "input norm", false);
+  mat(Q_W, d.Hq * d.D, d.H, "q_proj");
+  vec(Q_B, d.Hq * d.D, "q bias", true);
+  mat(K_W, d.Hkv * d.D, d.H, "k_proj");
+  vec(K_B, d.Hkv * d.D, "k bias", true);
+  mat(V_W, d.Hkv * d.D, d.H, "v_proj");
+  vec(V_B, d.Hkv * d.D, "v bias", true);
+  vec(Q_NORM, d.D, "q norm", true);
+  vec(K_NORM, d.D, "k norm", true);
+  mat(O_W, d.H, d.Hq * d.D, "o_proj");
+  vec(POST_NORM, d.H, "post-attention norm", false);
+  mat(GATE_W, d.I, d.H, "gate_proj");
+  mat(UP_W, d.I, d.H, "up_proj");
+  mat(DOWN_W, d.H, d.I, "down_proj");
+}
+
+}  // namespace
+
+void linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     at::Tensor& out, bool accumulate) {
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  check_linear(x, weight, b.defined() ? b : at::empty({0}, x.options()), out, "linear_rows");
+  if (x.size(0) == 0 || weight.size(0) == 0) return;
+  linear_into(x.data_ptr<float>(), x.stride(0), x.size(0), weight, b.defined() && b.numel() ? b.data_ptr<float>() : nullptr,
+              out.data_ptr<float>(), out.stride(0), accumulate);
+}
+
+at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& exit_of_row,
+                           c10::IntArrayRef exit_depths, const at::Tensor& embed, at::TensorList base_weights,
+                           at::TensorList exit_weights, const at::Tensor& final_norm, const at::Tensor& head,
+                           at::TensorList key_caches, at::TensorList value_caches, at::TensorList kept,
+                           const at::Tensor& cos, const at::Tensor& sin, double eps, double scale,
+                           at::Tensor& workspace, at::Tensor& logits, const at::Tensor& temperature,
+                           const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& uniform) {
+  static auto sample =
+      c10::Dispatcher::singleton().findSchemaOrThrow("balcony::sample_tokens", "").typed<SampleFn>();
+  BALCONY_CHECK_DEVICE(tokens, at::kCPU);
+  const int64_t L = static_cast<int64_t>(base_weights.size()) / kPerLayer;
+  const int64_t E = static_cast<int64_t>(exit_depths.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(base_weights.size()) == L * kPerLayer, "decode_step: base_weights must "
+              "hold ", kPerLayer, " tensors per layer, got ", base_weights.size());
+  TORCH_CHECK(static_cast<int64_t>(exit_weights.size()) == E * (kPerLayer + 1), "decode_step: exit_weights must hold ",
+              kPerLayer + 1, " tensors per exit (layer + exit norm), got ", exit_weights.size(), " for ", E, " exits");
+  TORCH_CHECK(static_cast<int64_t>(key_caches.size()) == L + E && value_caches.size() == key_caches.size(),
+              "decode_step: expected ", L + E, " key and value caches (one per layer, then one per exit), got ",
+              key_caches.size(), " and ", value_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(kept.size()) == E, "decode_step: expected ", E, " kept-hidden buffers, got ",
+              kept.size());
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "decode_step: tokens must be int64 [B], got ",
+              tokens.scalar_type(), " ", tokens.sizes());
+  const int64_t B = tokens.size(0);
+  for (const at::Tensor* t : {&positions, &exit_of_row})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "decode_step: positions and exit_of_row must be contiguous int64 [", B, "], got ", t->scalar_type(),
+                " ", t->sizes());
+  TORCH_CHECK(embed.dim() == 2 && head.dim() == 2, "decode_step: embed and head must be 2-D");
+  Dims d{};
+  d.B = B, d.H = embed.size(1), d.V = head.size(0);
+  d.Hkv = key_caches[0].size(1), d.S = key_caches[0].size(2), d.D = key_caches[0].size(3);
+  d.Hq = base_weights[Q_W].size(0) / d.D;
+  d.I = base_weights[GATE_W].size(0);
+  TORCH_CHECK(head.size(1) == d.H && head.is_contiguous(), "decode_step: head must be contiguous [V, ", d.H, "], got ",
+              head.sizes());
+  TORCH_CHECK(final_norm.numel() == d.H && final_norm.scalar_type() == at::kFloat, "decode_step: final_norm must be "
+              "float32 [", d.H, "]");
+  for (int64_t i = 0; i < L; ++i) check_layer(base_weights.vec(), i * kPerLayer, d, "layer", i);
+  std::vector<at::Tensor> ew = exit_weights.vec();
+  for (int64_t e = 0; e < E; ++e) {
+    check_layer(ew, e * (kPerLayer + 1), d, "exit", exit_depths[e]);
+    TORCH_CHECK(ew[e * (kPerLayer + 1) + kPerLayer].numel() == d.H, "decode_step: exit ", exit_depths[e],
+                " norm must have ", d.H, " entries");
+    TORCH_CHECK(exit_depths[e] >= 1 && exit_depths[e] < L, "decode_step: exit depth ", exit_depths[e],
+                " out of range 1..", L - 1);
+    TORCH_CHECK(kept[e].dim() == 3 && kept[e].size(0) == B && kept[e].size(1) == d.S && kept[e].size(2) == d.H &&
+                    kept[e].scalar_type() == at::kFloat && kept[e].is_contiguous(),
+                "decode_step: kept[", e, "] must be contiguous float32 [", B, ", ", d.S, ", ", d.H, "], got ",
+                kept[e].sizes());
+  }
+  for (int64_t s = 0; s < L + E; ++s)
+    for (const at::Tensor* c : {&key_caches[s], &value_caches[s]})
+      TORCH_CHECK(c->dim() == 4 && c->size(0) == B && c->size(1) == d.Hkv && c->size(2) == d.S &&
+                      c->size(3) == d.D && c->scalar_type() == at::kFloat,
+                  "decode_step: cache ", s, " must be float32 [", B, ", ", d.Hkv, ", ", d.S, ", ", d.D, "], got ",
+                  c->scalar_type(), " ", c->sizes());
+  TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() &&
+                  workspace.numel() >= Work::floats(d),
+              "decode_step: workspace must be contiguous float32 with at least ", Work::floats(d), " elements, got ",
+              workspace.numel());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.size(0) == B &&
+                  logits.size(1) == d.V && logits.is_contiguous(),
+              "decode_step: logits must be contiguous float32 [", B, ", ", d.V, "], got ", logits.sizes());
+
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* ex = exit_of_row.data_ptr<int64_t>();
+  int64_t deepest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(tok[b] >= 0 && tok[b] < embed.size(0), "decode_step: token ", tok[b], " of row ", b,
+                " is outside the vocabulary of ", embed.size(0));
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < d.S, "decode_step: position ", pos[b], " of row ", b,
+                " is past the cache (", d.S, " slots)");
+    const bool known = ex[b] == 0 || ex[b] == L || std::find(exit_depths.begin(), exit_depths.end(), ex[b]) != exit_depths.end();
+    TORCH_CHECK(known, "decode_step: row ", b, " asks for exit ", ex[b], ", which is neither attached (",
+                exit_depths, "), the full depth ", L, ", nor 0 (an idle row)");
+    deepest = std::max(deepest, ex[b]);
+  }
+
+  float* ws = workspace.data_ptr<float>();
+  Work w{};
+  w.x = ws, w.xn = w.x + B * d.H, w.xe = w.xn + B * d.H, w.fin = w.xe + B * d.H;
+  w.q = w.fin + B * d.H, w.k = w.q + B * d.Hq * d.D, w.v = w.k + B * d.Hkv * d.D;
+  w.gu = w.v + B * d.Hkv * d.D, w.act = w.gu + 2 * B * d.I;
+
+  // embedding, widened to float32
+  const auto ekind = cpu_scalar_kind(embed, "embed");
+  for (int64_t b = 0; b < B; ++b) {
+    if (ekind == ScalarKind::BF16) {
+      const auto* row = reinterpret_cast<const bf16_t*>(embed.data_ptr()) + tok[b] * embed.stride(0);
+      for (int64_t h = 0; h < d.H; ++h) w.x[b * d.H + h] = to_float(row[h]);
+    } else {
+      const float* row = embed.data_ptr<float>() + tok[b] * embed.stride(0);
+      std::copy(row, row + d.H, w.x + b * d.H);
+    }
+  }
+
+  at::Tensor lpos = at::empty({B}, tokens.options());  // per-layer masked positions and lengths
+  at::Tensor llen = at::empty({B}, tokens.options());
+  int64_t* lp = lpos.data_ptr<int64_t>();
+  int64_t* ll = llen.data_ptr<int64_t>();
+  auto mask_rows = [&](auto active) {
+    for (int64_t b = 0; b < B; ++b) {
+      const bool on = active(b);
+      lp[b] = on ? pos[b] : -1;
+      ll[b] = on ? pos[b] + 1 : 0;
+    }
+  };
+  std::vector<at::Tensor> kc = key_caches.vec(), vc = value_caches.vec();
+  const float feps = static_cast<float>(eps);
+  const at::Tensor* bw = base_weights.data();
+  for (int64_t i = 0; i < deepest && i < L; ++i) {
+    mask_rows([&](int64_t b) { return ex[b] > i; });
+    run_layer(d, w, bw + i * kPerLayer, kc[i], vc[i], lpos, llen, cos, sin, feps, scale);
+    const int64_t depth = i + 1;
+    for (int64_t e = 0; e < E; ++e) {
+      if (exit_depths[e] != depth) continue;
+      float* kp = kept[e].data_ptr<float>();
+      bool any = false;
+      for (int64_t b = 0; b < B; ++b) {
+        if (ex[b] < depth) continue;
+        std::copy(w.x + b * d.H, w.x + (b + 1) * d.H, kp + (b * d.S + pos[b]) * d.H);
+        any = any || ex[b] == depth;
+      }
+      if (!any) continue;
+      // the rows leaving here: balcony layer + exit norm on a copy of the residual stream
+      Work we = w;
+      we.x = w.xe;
+      std::copy(w.x, w.x + B * d.H, w.xe);
+      mask_rows([&](int64_t b) { return ex[b] == depth; });
+      const at::Tensor* xw = ew.data() + e * (kPerLayer + 1);
+      run_layer(d, we, xw, kc[L + e], vc[L + e], lpos, llen, cos, sin, feps, scale);
+      for (int64_t b = 0; b < B; ++b)
+        if (ex[b] == depth) norm_rows(w.xe + b * d.H, d.H, xw[kPerLayer], w.fin + b * d.H, d.H, 1, d.H, feps);
+    }
+  }
+  for (int64_t b = 0; b < B; ++b)
+    if (ex[b] == L) norm_rows(w.x + b * d.H, d.H, final_norm, w.fin + b * d.H, d.H, 1, d.H, feps);
+  linear_into(w.fin, d.H, B, head, nullptr, logits.data_ptr<float>(), d.V, false);
+  return sample.call(logits, temperature, top_k, top_p, uniform);
+}
+
+TORCH_LIBRARY_IMPL(balcony, CPU, m) {
+  m.impl("linear_rows", &linear_rows_cpu);
+  m.impl("decode_step", &decode_step_cpu);
+}
+
+}  // namespace balcony
