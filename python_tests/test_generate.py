@@ -1,0 +1,198 @@
+"""generate(): the early-exit KV cache engine, its native decode step, budgets and errors."""
+
+import pytest
+import torch
+
+import balcony_ext as bx
+from balcony_ext.generate import Engine, choose_exit, exit_costs
+from balcony_ext.model import attach
+from tiny_models import tiny_balcony
+
+L = 6
+EXITS = [2, 4]
+
+
+def _model(model_type="llama", dtype=torch.float32, seed=0):
+    # a larger initialiser range gives peaked distributions, so greedy choices are well separated
+    m = tiny_balcony(model_type, seed=seed, layers=L, initializer_range=0.2)
+    attach(m, EXITS, init="random", seed=1)
+    return m.to(dtype)
+
+
+def _prompts(n, lengths=(5, 9, 3, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+def _fresh_logits(model, ids, k):
+    """Logits of the last token at exit k from a plain full forward of the whole sequence."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]), exits=[k])[k][0, -1].float()
+
+
+@pytest.mark.parametrize("model_type,dtype", [("llama", torch.float32), ("qwen2", torch.float32),
+                                              ("qwen3", torch.float32), ("llama", torch.bfloat16)],
+                         ids=["llama-fp32", "qwen2-bias-fp32", "qwen3-qknorm-fp32", "llama-bf16"])
+def test_native_step_matches_python_step(model_type, dtype):
+    m = _model(model_type, dtype)
+    prompts = _prompts(4)
+    B = len(prompts)
+    exits = [2, 4, L, 2]
+    engines = [Engine(m, B, 32, native=True), Engine(m, B, 32, native=False)]
+    zeros = torch.zeros(B)
+    for e in engines:
+        e.add_prompts(prompts)
+    for step in range(5):
+        nxt = []
+        for e in engines:
+            e.catch_up(exits)
+            nxt.append(e.step(exits, zeros, torch.zeros(B, dtype=torch.long), torch.ones(B), torch.rand(B)))
+        tol = 2e-4 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=tol, rtol=tol)
+        for e in engines:
+            for b in range(B):
+                e.append(b, int(nxt[1][b]))
+    for a, b in zip(engines[0].k_cache, engines[1].k_cache):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(engines[0].kept, engines[1].kept):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 4, L])
+def test_logits_match_a_full_forward_at_every_exit(k):
+    m = _model()
+    ids = _prompts(1)[0]
+    out = bx.generate(m, ids, exit_layer=k, max_new_tokens=6, stop_tokens=[])
+    seq = ids + out.tokens
+    # each generated token is the argmax of the plain forward at exit k over the sequence so far
+    with torch.no_grad():
+        logits = m(torch.tensor([seq]), exits=[k])[k][0]
+    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
+    assert out.exit_layers == [k] * 6
+
+
+def test_full_depth_equals_hugging_face_generate():
+    m = _model()
+    ids = _prompts(1)[0]
+    ref = m.adapter.hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    out = bx.generate(m, ids, budget=1.0, max_new_tokens=8, stop_tokens=[])
+    assert out.tokens == ref
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_budget_switch_catch_up_matches_fresh_prefill(native):
+    m = _model()
+    ids = _prompts(1, lengths=(7,))[0]
+    # shallow, deeper, full, back to an exit, deeper again
+    schedule = {0: 2, 3: 4, 5: L, 7: 2, 9: 4}
+    g = bx.generate(m, ids, exit_layer=schedule, max_new_tokens=12, stop_tokens=[], stream=True, native=native)
+    seen = []
+    for _ in g:
+        e = g.engine
+        k = g.exit_layers[0][-1]
+        seq = ids + g.generated[0][:-1]
+        fresh = _fresh_logits(m, seq, k)
+        torch.testing.assert_close(e.logits[0], fresh, atol=3e-4, rtol=3e-4)
+        seen.append(k)
+    assert seen == [2, 2, 2, 4, 4, L, L, 2, 2, 4, 4, 4]
+    assert g.engine.catch_up_tokens > 0
+
+
+def test_mixed_budgets_in_one_batch_equal_each_sequence_alone():
+    m = _model()
+    prompts = _prompts(4)
+    exits = [2, L, 4, 2]
+    together = bx.generate(m, prompts, exit_layer=exits, max_new_tokens=8, stop_tokens=[])
+    for p, k, out in zip(prompts, exits, together):
+        alone = bx.generate(m, p, exit_layer=k, max_new_tokens=8, stop_tokens=[])
+        assert out.tokens == alone.tokens
+        assert out.exit_layers == [k] * 8
+
+
+def test_budgets_choose_the_deepest_exit_that_fits():
+    m = _model()
+    costs = exit_costs(m)
+    assert costs[L] == 1.0 and costs[2] < costs[4] < 1.0
+    assert choose_exit(m, 1.0) == (L, None)
+    assert choose_exit(m, costs[4]) == (4, None)
+    assert choose_exit(m, (costs[2] + costs[4]) / 2) == (2, None)
+    k, note = choose_exit(m, costs[2] / 2)
+    assert k == 2 and "below the cheapest" in note
+    out = bx.generate(m, _prompts(1)[0], budget=costs[2] / 2, max_new_tokens=2, stop_tokens=[])
+    assert out.exit_layers == [2, 2] and out.notes and "cheapest" in out.notes[0]
+    out = bx.generate(m, _prompts(3), budget=[costs[2], 1.0, costs[4]], max_new_tokens=2, stop_tokens=[])
+    assert [o.exit_layers[0] for o in out] == [2, L, 4]
+
+
+def test_budget_callable_and_streaming_setter():
+    m = _model()
+    ids = _prompts(1)[0]
+    out = bx.generate(m, ids, budget=lambda step: 1.0 if step % 2 else 0.01, max_new_tokens=4, stop_tokens=[])
+    assert out.exit_layers == [2, L, 2, L]
+    g = bx.generate(m, ids, budget=1.0, max_new_tokens=4, stop_tokens=[], stream=True)
+    for i, _ in enumerate(g):
+        if i == 1:
+            g.set_budget(0.01)
+    assert g.result().exit_layers == [L, L, 2, 2]
+
+
+def test_sampling_is_seeded_and_stops():
+    m = _model()
+    ids = _prompts(1)[0]
+    a = bx.generate(m, ids, temperature=1.0, top_k=20, top_p=0.9, seed=3, max_new_tokens=8, stop_tokens=[])
+    b = bx.generate(m, ids, temperature=1.0, top_k=20, top_p=0.9, seed=3, max_new_tokens=8, stop_tokens=[])
+    assert a.tokens == b.tokens
+    greedy = bx.generate(m, ids, max_new_tokens=8, stop_tokens=[])
+    stop_at = greedy.tokens[2]
+    out = bx.generate(m, ids, max_new_tokens=8, stop_tokens=[stop_at])
+    assert out.tokens == greedy.tokens[:greedy.tokens.index(stop_at) + 1] and out.finish_reason == "stop"
+    assert greedy.finish_reason == "length"
+
+
+def test_clear_errors():
+    m = _model()
+    ids = _prompts(1)[0]
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
+        bx.generate(m, ids, budget=1.5)
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
+        bx.generate(m, ids, budget=0.0)
+    with pytest.raises(TypeError, match="budget must be a number"):
+        bx.generate(m, ids, budget="fast")
+    with pytest.raises(ValueError, match="exit 3 is not attached"):
+        bx.generate(m, ids, exit_layer=3)
+    with pytest.raises(ValueError, match="empty"):
+        bx.generate(m, [[]])
+    with pytest.raises(ValueError, match="past the model's 256"):
+        bx.generate(m, ids, max_new_tokens=300)
+    with pytest.raises(ValueError, match="past max_len=8"):
+        bx.generate(m, ids, max_new_tokens=4, max_len=8)
+    with pytest.raises(ValueError, match="one of budget, exit_layer"):
+        bx.generate(m, ids, budget=0.5, exit_layer=2)
+    with pytest.raises(ValueError, match="calibration"):
+        bx.generate(m, ids, ms_per_token=5.0, calibration=None)
+    with pytest.raises(ValueError, match="2 per-sequence values for 3 prompts"):
+        bx.generate(m, _prompts(3), budget=[0.5, 1.0])
+
+
+def test_native_step_rejects_bad_arguments():
+    m = _model()
+    e = Engine(m, 1, 16, native=True)
+    e.add_prompts([[5, 6, 7]])
+    e.catch_up([2])
+    args = lambda: (torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1), torch.rand(1))  # noqa: E731
+    with pytest.raises(RuntimeError, match="lacks cache entries"):
+        e.step([4], *args())
+    w = e.w
+    with pytest.raises(RuntimeError, match="neither attached"):
+        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([3]), e.exits, w.embed,
+                                      w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
+                                      e.sin, w.eps, w.scale, e.workspace, e.logits, *args())
+    with pytest.raises(RuntimeError, match="past the cache"):
+        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([16]), torch.tensor([2]), e.exits, w.embed,
+                                      w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
+                                      e.sin, w.eps, w.scale, e.workspace, e.logits, *args())
+    with pytest.raises(RuntimeError, match="workspace"):
+        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
+                                      w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
+                                      e.sin, w.eps, w.scale, e.workspace[:10], e.logits, *args())

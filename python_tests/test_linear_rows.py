@@ -1,0 +1,60 @@
+"""torch.ops.balcony.linear_rows (the decode step's small-batch linear map) against its reference."""
+
+import pytest
+import torch
+
+from balcony_ext import ops
+
+# (M, N, K): rows of x, rows of the weight, shared dimension; odd sizes and vector-width tails
+SHAPES = [(1, 1, 1), (1, 17, 3), (3, 769, 127), (4, 5, 16), (5, 33, 64), (8, 576, 1536), (13, 127, 769)]
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w_fp32", "w_bf16"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_rows_matches_reference(cpu_capability, wdtype, shape, bias):
+    M, N, K = shape
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(wdtype)
+    b = torch.randn(N, generator=g) if bias else None
+    ref = ops.reference_linear_rows(x, w, b)
+    out = ops.linear_rows(x, w, b)
+    torch.testing.assert_close(out, ref, atol=1e-4 * K ** 0.5, rtol=1e-5)
+    # accumulate adds into out; strided x rows (a view of a wider buffer)
+    wide = torch.randn(M, K + 7, generator=g)
+    acc = torch.randn(M, N, generator=g)
+    expected = acc + ops.reference_linear_rows(wide[:, :K], w, b)
+    ops.linear_rows(wide[:, :K], w, b, out=acc, accumulate=True)
+    torch.testing.assert_close(acc, expected, atol=1e-4 * K ** 0.5, rtol=1e-5)
+
+
+def test_linear_rows_rows_are_independent():
+    # a row's result does not depend on the other rows in the batch (bitwise): the property that
+    # makes mixed-budget batches give each sequence exactly its solo tokens
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 96, generator=g)
+    w = torch.randn(50, 96, generator=g)
+    full = ops.linear_rows(x, w)
+    for i in range(7):
+        assert torch.equal(ops.linear_rows(x[i:i + 1].contiguous(), w)[0], full[i])
+
+
+def test_linear_rows_errors():
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="K = 8 columns but weight has 9"):
+        ops.linear_rows(x, torch.randn(3, 9))
+    with pytest.raises(RuntimeError, match="x and out must be float32"):
+        ops.linear_rows(x.double(), w.double())
+    with pytest.raises(RuntimeError, match="weight must be float32 or bfloat16"):
+        ops.linear_rows(x, w.half())
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.linear_rows(x, w, out=torch.empty(2, 4))
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.linear_rows(x, w, torch.randn(4))
+
+
+def test_linear_rows_opcheck():
+    x, w, b = torch.randn(3, 40), torch.randn(9, 40), torch.randn(9)
+    torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w, b, torch.empty(3, 9), False))
+    torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w.bfloat16(), None, torch.empty(3, 9), True))
