@@ -3,6 +3,10 @@
     balcony info                                   build and machine: CUDA kernels, CPU instruction set
     balcony train --exits 8 15 22 --data shakespeare --tokens 1000000 --out exits.safetensors
     balcony eval  --exits-file exits.safetensors --data shakespeare --json eval.json --plot eval.png
+    balcony generate --budget 0.5 "Why is the sky blue?"
+    balcony calibrate                              measure each exit's ms/token on this machine
+    balcony bench                                  decode tokens/s per exit beside Hugging Face
+    balcony demo                                   one prompt at several budgets, with the shipped exits
 
 --model is a local Hugging Face checkpoint directory; without it the bundled default
 (SmolLM2-135M-Instruct) is used.
@@ -65,6 +69,107 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _budget_arg(text):
+    return float(text)
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    model = _load(args, exits=args.exits_file)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed, stop=args.stop or None)
+    if args.exit is not None:
+        kw["exit_layer"] = args.exit
+    elif args.ms_per_token is not None:
+        kw["ms_per_token"] = args.ms_per_token
+    else:
+        kw["budget"] = args.budget
+    if args.calibration:
+        from .generate import load_calibration
+
+        kw["calibration"] = load_calibration(model, args.calibration)
+        if kw["calibration"] is None:
+            raise ValueError(f"{args.calibration} is not a calibration of {model.name}")
+    g = generate(model, args.prompt, stream=True, **kw)
+    for piece in g:
+        print(piece, end="", flush=True)
+    out = g.result()
+    exits = sorted(set(out.exit_layers))
+    print(f"\n\n[{len(out.tokens)} tokens at exit {'/'.join(map(str, exits))} of {model.num_layers}; "
+          f"{out.tokens_per_second:.1f} tokens/s; first token after {out.time_to_first_token * 1000:.0f} ms]")
+    for note in out.notes:
+        print(f"[note: {note}]")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .generate import calibrate, calibration_path
+
+    model = _load(args, exits=args.exits_file)
+    if not model.exits:
+        print("balcony calibrate: the model has no exits", file=sys.stderr)
+        return 2
+    cal = calibrate(model, tokens=args.tokens, path=args.out)
+    full = cal["ms_per_token"][str(model.num_layers)]
+    print(f"{'exit':>5}{'ms/token':>10}{'rel cost':>10}")
+    for k, ms in cal["ms_per_token"].items():
+        print(f"{k:>5}{ms:>10.2f}{ms / full:>10.3f}")
+    print(f"saved {args.out or calibration_path(model)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import decode_table, format_table, memory_bandwidth
+
+    model = _load(args, exits=args.exits_file)
+    bw = memory_bandwidth()
+    rows = decode_table(model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.tokens, hf=not args.no_hf)
+    print(f"# decode, {model.name}, batch {args.batch}, prompt {args.prompt_len}, {args.tokens} new tokens; "
+          f"read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s; {torch.get_num_threads()} threads")
+    print(format_table(rows, bw))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import json
+
+    from .generate import generate
+    from .loading import bundled_exits_path
+
+    model = _load(args, exits="bundled")
+    if not model.exits:
+        print("balcony demo: no shipped exits found for the default model; train some with `balcony train`",
+              file=sys.stderr)
+        return 2
+    ppl = {}
+    report = bundled_exits_path().with_suffix(".eval.json")
+    if report.exists():
+        for r in json.loads(report.read_text())["rows"]:
+            if r["method"] in ("balcony", "full"):
+                ppl[r["exit"]] = r["perplexity"]
+    print(f"{model.name}: {model.num_layers} layers, exits at {model.exits} "
+          f"(trained on {model.tokens_trained:,} tokens); prompt: {args.prompt!r}\n")
+    runs = []
+    for budget in sorted(args.budgets, reverse=True):
+        out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens)
+        runs.append((budget, out))
+        k = out.exit_layers[0]
+        print(f"--- budget {budget:g}: exit {k}" + (" (full model)" if k == model.num_layers else "")
+              + f", {out.tokens_per_second:.1f} tokens/s")
+        print(out.text.strip() + "\n")
+    full = next((o for b, o in runs if o.exit_layers[0] == model.num_layers), None)
+    print(f"{'budget':>7}{'exit':>6}{'tokens/s':>10}{'speed-up':>10}{'held-out ppl':>14}")
+    for budget, out in runs:
+        k = out.exit_layers[0]
+        speed = out.tokens_per_second / full.tokens_per_second if full else float("nan")
+        p = f"{ppl[k]:.1f}" if k in ppl else "-"
+        print(f"{budget:>7g}{k:>6}{out.tokens_per_second:>10.1f}{speed:>9.2f}x{p:>14}")
+    if ppl:
+        print("\nheld-out perplexity: Shakespeare plays never seen in training (the exits' evaluation report)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="balcony", description="Balcony: one causal LM served at many speeds.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,12 +208,59 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None)
     e.add_argument("--plot", default=None)
     e.set_defaults(func=cmd_eval)
+
+    def serve_args(q):
+        q.add_argument("--model", default=None, help="local Hugging Face checkpoint directory (default: bundled SmolLM2)")
+        q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        q.add_argument("--exits-file", default="bundled", help="saved exits (default: the shipped ones)")
+
+    g = sub.add_parser("generate", help="generate at the exit a budget buys")
+    serve_args(g)
+    g.add_argument("prompt")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--budget", type=_budget_arg, default=1.0, help="fraction of the full model's cost, in (0, 1]")
+    how.add_argument("--exit", type=int, default=None, help="an attached exit depth (or the layer count: full)")
+    how.add_argument("--ms-per-token", type=float, default=None, help="latency target (needs `balcony calibrate`)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="a string that ends the answer (repeatable)")
+    g.add_argument("--calibration", default=None, help="a calibration file (default: the one `balcony calibrate` saved)")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("calibrate", help="measure each exit's decode ms/token on this machine")
+    serve_args(c)
+    c.add_argument("--tokens", type=int, default=32)
+    c.add_argument("--out", default=None, help="where to save it (default: the cache directory, where generate looks)")
+    c.set_defaults(func=cmd_calibrate)
+
+    b = sub.add_parser("bench", help="decode tokens/s at every exit beside Hugging Face generate")
+    serve_args(b)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=64)
+    b.add_argument("--tokens", type=int, default=32)
+    b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="the default model with its shipped exits, one prompt at several budgets")
+    d.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    d.add_argument("--prompt", default="Why is the sky blue?")
+    d.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.65, 0.85, 1.0])
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as exc:  # bad input: a clear message, not a traceback
+        print(f"balcony {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -37,3 +37,20 @@ def test_train_then_eval(tmp_path, capsys):
     methods = {(r["method"], r["exit"]) for r in rows}
     assert any(m[1] == 15 for m in methods), methods
     assert all(r["perplexity"] > 1 for r in rows)
+
+    # serve the trained exit: generate at it, calibrate, use the calibration, bench
+    assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--max-new-tokens", "5", "Hello"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens at exit 15 of 30" in out
+    cal = tmp_path / "cal.json"
+    assert main(["calibrate", "--exits-file", str(exits), "--tokens", "4", "--out", str(cal)]) == 0
+    ms = json.loads(cal.read_text())["ms_per_token"]
+    assert set(ms) == {"15", "30"} and all(v > 0 for v in ms.values())
+    assert main(["generate", "--exits-file", str(exits), "--calibration", str(cal), "--ms-per-token",
+                 str(ms["30"] * 2), "--max-new-tokens", "3", "Hi"]) == 0
+    assert "at exit 30 of 30" in capsys.readouterr().out
+    assert main(["bench", "--exits-file", str(exits), "--tokens", "4", "--prompt-len", "8", "--no-hf"]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "x full" in out
+    assert main(["generate", "--exits-file", str(exits), "--budget", "1.5", "Hi"]) == 2
+    assert "budget must be in (0, 1]" in capsys.readouterr().err

@@ -12,6 +12,7 @@ The run checkpoints every few steps into --run-dir; run the same command again a
 interruption and it resumes where it stopped. When training is complete it evaluates every exit
 and the baselines on the held-out plays and writes
   balcony_ext/exits/smollm2-135m-instruct.safetensors  (bf16, the exits `bx.load()` attaches)
+  balcony_ext/exits/smollm2-135m-instruct.eval.json (the held-out report `balcony demo` shows)
   docs/results/default_exits.json, docs/results/default_exits.png
 """
 
@@ -68,6 +69,7 @@ def main():
     report.info["training"] = dict(tokens=model.tokens_trained, step_seconds=seconds, batch=args.batch, seq_len=args.seq,
                                    final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None)
     report.to_json(results.with_suffix(".json"))
+    report.to_json(out.with_suffix(".eval.json"))
     print(report)
     print(json.dumps(dict(exits=str(out), results=str(results.with_suffix(".json")))))
 

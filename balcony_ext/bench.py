@@ -1,0 +1,142 @@
+"""Decode-speed measurements: ours at every exit beside Hugging Face `generate` at the same depth.
+
+Used by `balcony bench` and benchmarks/bench_generate.py. All figures of one call are measured in
+one process, so their ratios hold even where absolute timings drift.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from .evaluate import costs
+from .generate import generate
+
+
+def memory_bandwidth(mb: int = 256, repeats: int = 7) -> dict:
+    """Read bandwidth (sum over a buffer) and copy bandwidth (read + write), GB/s, median of repeats."""
+    src = torch.ones(mb * 1024 * 1024 // 4)
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * 4
+
+    def median(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    return dict(read_gbs=nbytes / median(lambda: src.sum()) / 1e9,
+                copy_gbs=2 * nbytes / median(lambda: dst.copy_(src)) / 1e9)
+
+
+def bytes_per_token(model, k: int) -> int:
+    """Bytes of weights a decode step at exit k reads per step (layers, exit, LM head; the
+    embedding row lookup is negligible)."""
+    c = costs(model)
+    params = c["full"] if k == model.num_layers else c[("balcony", k)]
+    return params * model.dtype.itemsize
+
+
+def hf_at_depth(model, k: int):
+    """A Hugging Face causal LM that computes exit k: the first k base layers, the balcony layer and
+    its norm, the shared head (modules shared with `model`, no copies but the exit layer's)."""
+    hf = model.adapter.hf
+    if k == model.num_layers:
+        return hf
+    ex = model.exit_module(k)
+    layer = copy.deepcopy(ex.layer)
+    layer.self_attn.layer_idx = k
+    inner = copy.copy(hf.model)
+    inner._modules = dict(hf.model._modules)
+    inner.layers = nn.ModuleList(list(hf.model.layers[:k]) + [layer])
+    inner.norm = ex.norm
+    config = copy.deepcopy(hf.config)
+    config.num_hidden_layers = k + 1
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types[:k]) + [config.layer_types[-1]]
+    inner.config = config
+    out = copy.copy(hf)
+    out._modules = dict(hf._modules)
+    out.model = inner
+    out.config = config
+    return out
+
+
+def _hf_speed(hf, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple:
+    """(decode tokens/s per sequence, time to first token s) of HF greedy generate, best of repeats:
+    decode time is that of new_tokens tokens minus that of one (the prefill and first token)."""
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(n):
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        timed(2)  # warm-up
+        ttft = min(timed(1) for _ in range(repeats))
+        total = min(timed(new_tokens) for _ in range(repeats))
+    return (new_tokens - 1) / max(total - ttft, 1e-9), ttft
+
+
+def _our_speed(model, prompts: list, k: int, new_tokens: int, repeats: int) -> tuple:
+    kw = dict(exit_layer=k, stop_tokens=[], calibration=None)
+    generate(model, prompts, max_new_tokens=2, **kw)  # warm-up
+    outs = [generate(model, prompts, max_new_tokens=new_tokens, **kw)[0] for _ in range(repeats)]
+    return max(o.tokens_per_second for o in outs), min(o.time_to_first_token for o in outs)
+
+
+def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_tokens: int = 32, hf: bool = True,
+                 repeats: int = 3, progress: bool = True) -> list:
+    """One row per depth: our decode tokens/s (per sequence) and time to first token beside HF's,
+    the weights' bytes per step, achieved GB/s, and the speed-up over our full model against the
+    ideal ratio of bytes read."""
+    from tqdm.auto import tqdm
+
+    L = model.num_layers
+    depths = list(depths) if depths is not None else list(model.exits) + [L]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 10_000, (batch, prompt_len), generator=g)
+    prompts = ids.tolist()
+    rows = []
+    for k in tqdm(depths, desc=f"decode speed, batch {batch}", disable=not progress):
+        ours, ttft = _our_speed(model, prompts, k, new_tokens, repeats)
+        row = dict(exit=k, batch=batch, dtype=str(model.dtype).replace("torch.", ""), tokens_per_s=ours,
+                   ttft_s=ttft, bytes_per_step=bytes_per_token(model, k))
+        row["gbs"] = row["bytes_per_step"] * ours / 1e9
+        if hf:
+            hf_tps, hf_ttft = _hf_speed(hf_at_depth(model, k), ids, new_tokens, repeats)
+            row.update(hf_tokens_per_s=hf_tps, hf_ttft_s=hf_ttft, vs_hf=ours / hf_tps)
+        rows.append(row)
+    full = next((r for r in rows if r["exit"] == L), None)
+    for r in rows:
+        if full is not None:
+            r["speedup_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
+            r["ideal_speedup"] = full["bytes_per_step"] / r["bytes_per_step"]
+            r["of_ideal"] = r["speedup_vs_full"] / r["ideal_speedup"]
+    return rows
+
+
+def format_table(rows: list, bandwidth: dict | None = None) -> str:
+    cols = [("dtype", "dtype", ""), ("batch", "batch", ""), ("exit", "exit", ""), ("tokens_per_s", "tok/s", ".1f"),
+            ("hf_tokens_per_s", "HF tok/s", ".1f"), ("vs_hf", "x HF", ".2f"), ("ttft_s", "TTFT s", ".3f"),
+            ("hf_ttft_s", "HF TTFT s", ".3f"), ("gbs", "GB/s", ".1f"), ("of_read_bw", "of read BW", ".2f"),
+            ("speedup_vs_full", "x full", ".2f"), ("ideal_speedup", "ideal", ".2f"), ("of_ideal", "of ideal", ".2f")]
+    if bandwidth:
+        for r in rows:
+            r["of_read_bw"] = r["gbs"] / bandwidth["read_gbs"]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    cells = [[h for _, h, _ in cols]]
+    for r in rows:
+        cells.append([format(r[k], f) if k in r else "-" for k, _, f in cols])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

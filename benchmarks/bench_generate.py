@@ -1,0 +1,69 @@
+"""Decode speed of generate() at every exit and the full model, beside Hugging Face generate.
+
+    PYTHONPATH=. python benchmarks/bench_generate.py [--exits-file F] [--batches 1 8]
+        [--dtypes float32 bfloat16] [--prompt-len 64] [--tokens 32]
+
+For each dtype and batch size: decode tokens/s per sequence and time to first token for every
+exit and the full model, Hugging Face `generate` at the same depth and dtype (the first k base
+layers + the balcony layer: the same weights), the weights' bytes read per step, the achieved
+GB/s against the read bandwidth measured in the same run, and each exit's speed-up over our full
+model against the ideal ratio of bytes read. Best of --repeats runs each. Table, then a JSON line.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import balcony_ext as bx  # noqa: E402
+from balcony_ext.bench import decode_table, format_table, memory_bandwidth  # noqa: E402
+from common import emit_json, machine  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--exits-file", default="bundled")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+
+    bw = memory_bandwidth()
+    rows = []
+    for dt in args.dtypes:
+        model = bx.load(dtype=getattr(torch, dt), exits=args.exits_file)
+        for batch in args.batches:
+            rows += decode_table(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.tokens,
+                                 hf=not args.no_hf, repeats=args.repeats)
+    print(f"# generate decode speed, {model.name}, prompt {args.prompt_len} tokens, {args.tokens} new tokens, "
+          f"{machine()}; read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s (same run)")
+    print(format_table(rows, bw))
+    L = model.num_layers
+    full = {(r["dtype"], r["batch"]): r for r in rows if r["exit"] == L}
+    targets = {}
+    f32 = full.get(("float32", 1))
+    if f32 and "vs_hf" in f32:
+        targets["full_fp32_b1_vs_hf (>=3)"] = f32["vs_hf"]
+        targets["full_fp32_b1_of_read_bw (>=0.9)"] = f32["of_read_bw"]
+    bf = full.get(("bfloat16", 1))
+    if bf and "vs_hf" in bf:
+        targets["full_bf16_b1_vs_hf (>=2)"] = bf["vs_hf"]
+    exits = [r for r in rows if r["exit"] != L and r["batch"] == 1]
+    if exits:
+        targets["min_exit_of_ideal_b1 (>=0.9)"] = min(r["of_ideal"] for r in exits)
+    with_hf = [r for r in rows if "hf_ttft_s" in r]
+    if with_hf:
+        targets["max_ttft_vs_hf (<=1)"] = max(r["ttft_s"] / r["hf_ttft_s"] for r in with_hf)
+    for k, v in targets.items():
+        print(f"{k}: {v:.2f}")
+    emit_json(dict(bench="generate", model=model.name, machine=machine(), bandwidth=bw, rows=rows, targets=targets))
+
+
+if __name__ == "__main__":
+    main()
