@@ -238,6 +238,7 @@ class Engine:
         self.workspace = torch.empty(batch * (4 * w.H + w.Hq * w.D + 2 * w.Hkv * w.D + 3 * w.I), **f32)
         self.logits = torch.empty(batch, w.V, **f32)
         self.catch_up_tokens = 0  # positions x layers filled by catch-up (for tests and stats)
+        self._masks = {}
 
     # -- slots
     def exit_slot(self, k: int) -> int | None:
@@ -248,6 +249,17 @@ class Engine:
         if k == 0:
             return []
         return list(range(k)) + ([self.exit_slot(k)] if k != self.L else [])
+
+    def slot_mask(self, exits: list) -> torch.Tensor:
+        """bool [slots, B]: the cache slots each row reads at its exit (cached per exit tuple)."""
+        key = tuple(exits)
+        m = self._masks.get(key)
+        if m is None:
+            m = torch.zeros(self.kv_len.shape, dtype=torch.bool)
+            for b, k in enumerate(exits):
+                m[self.slots_for(k), b] = True
+            self._masks[key] = m
+        return m
 
     def check_exit(self, k: int):
         if k != self.L and k not in self.exits:
@@ -304,6 +316,8 @@ class Engine:
         if upto is None:
             upto = (self.length - 1).clamp(min=0)
         upto = upto.clone()
+        if not bool(((self.kv_len < upto) & self.slot_mask(targets)).any()):
+            return  # every slot the rows read is complete (the common case: no exit change)
         dev = self.model.device
         B, L = self.B, self.L
         deepest = max(targets)
@@ -373,11 +387,12 @@ class Engine:
         pos = (self.length - 1).clamp(min=0)
         last = self.tokens[torch.arange(B), pos]
         ex = torch.tensor(exits, dtype=torch.long)
-        for b in range(B):
-            slots = self.slots_for(exits[b])
-            if slots and bool((self.kv_len[slots, b] != pos[b]).any()):
-                raise RuntimeError(f"KV cache bookkeeping: row {b} at exit {exits[b]} lacks cache entries "
-                                   f"before position {int(pos[b])}; call catch_up first")
+        mask = self.slot_mask(exits)
+        bad = (mask & (self.kv_len != pos)).any(0)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise RuntimeError(f"KV cache bookkeeping: row {b} at exit {exits[b]} lacks cache entries "
+                               f"before position {int(pos[b])}; call catch_up first")
         dev = self.model.device
         if self.native:
             w = self.w
@@ -387,10 +402,7 @@ class Engine:
                 temperature, top_k, top_p, uniform)
         else:
             nxt = self._python_step(last.to(dev), pos.to(dev), exits, temperature, top_k, top_p, uniform)
-        for b in range(B):
-            slots = self.slots_for(exits[b])
-            if slots:
-                self.kv_len[slots, b] = pos[b] + 1
+        self.kv_len = torch.where(mask, pos + 1, self.kv_len)
         return nxt.cpu()
 
     def _python_step(self, last, pos, exits, temperature, top_k, top_p, uniform):
