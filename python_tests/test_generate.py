@@ -196,3 +196,29 @@ def test_native_step_rejects_bad_arguments():
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
                                       w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
                                       e.sin, w.eps, w.scale, e.workspace[:10], e.logits, *args())
+
+
+@pytest.mark.slow
+def test_real_model_chat_template_stop_strings_and_batches():
+    m = bx.load(exits=None)
+    attach(m, [15], seed=0)
+    prompt = "List three colours."
+    ids = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    a = bx.generate(m, prompt, max_new_tokens=12)  # chat template applied by default for a chat model
+    b = bx.generate(m, ids, max_new_tokens=12)
+    assert a.tokens == b.tokens and a.prompt_tokens == len(ids)
+    assert a.text == m.tokenizer.decode(a.tokens, skip_special_tokens=True)
+    # a stop string cuts the text before it
+    word = a.text.split()[1]
+    cut = bx.generate(m, prompt, max_new_tokens=12, stop=word)
+    assert cut.finish_reason == "stop" and word not in cut.text and a.text.startswith(cut.text)
+    # streaming pieces add up to the text
+    pieces = list(bx.generate(m, prompt, max_new_tokens=12, stream=True))
+    assert "".join(pieces) == a.text
+    # prompts of different lengths in one batch, each as it is alone
+    prompts = [prompt, "Why is the sky blue? Answer in one sentence."]
+    outs = bx.generate(m, prompts, budget=[1.0, 0.5], max_new_tokens=8)
+    for p, out, budget in zip(prompts, outs, [1.0, 0.5]):
+        assert out.tokens == bx.generate(m, p, budget=budget, max_new_tokens=8).tokens
