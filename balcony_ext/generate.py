@@ -235,8 +235,12 @@ class Engine:
         self.tokens = torch.zeros(batch, max_len, dtype=torch.long)
         self.length = torch.zeros(batch, dtype=torch.long)  # tokens in each sequence
         self.cos, self.sin = w.rope(max_len)
-        self.workspace = torch.empty(batch * (4 * w.H + w.Hq * w.D + 2 * w.Hkv * w.D + 3 * w.I), **f32)
         self.logits = torch.empty(batch, w.V, **f32)
+        self.next_tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.workspace = None
+        if native:
+            size = torch.ops.balcony.decode_step_workspace(batch, w.H, w.Hq, w.Hkv, w.D, w.I, w.V)
+            self.workspace = torch.empty(size, **f32)
         self.catch_up_tokens = 0  # positions x layers filled by catch-up (for tests and stats)
         self._masks = {}
 
@@ -396,10 +400,11 @@ class Engine:
         dev = self.model.device
         if self.native:
             w = self.w
-            nxt = torch.ops.balcony.decode_step(
+            torch.ops.balcony.decode_step(
                 last, pos, ex, self.exits, w.embed, w.base, w.exit, w.final_norm, w.head, self.k_cache,
                 self.v_cache, self.kept, self.cos, self.sin, w.eps, w.scale, self.workspace, self.logits,
-                temperature, top_k, top_p, uniform)
+                temperature, top_k, top_p, uniform, self.next_tokens)
+            nxt = self.next_tokens
         else:
             nxt = self._python_step(last.to(dev), pos.to(dev), exits, temperature, top_k, top_p, uniform)
         self.kv_len = torch.where(mask, pos + 1, self.kv_len)

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/capability.h"
+#include "cpu/cpu_ops.h"
 
 namespace {
 
@@ -81,7 +82,7 @@ TORCH_LIBRARY(balcony, m) {
 
   // One decode step of a Balcony model for one new token per sequence, in one native call: embedding,
   // base layers up to the deepest exit in use, each row's balcony layer + exit norm (or the final
-  // norm at exit_of_row == L; 0 = an idle row, no layer runs), the LM head into logits [B,V], and the next token (as sample_tokens).
+  // norm at exit_of_row == L; 0 = an idle row, no layer runs), the LM head into logits [B,V], and the next tokens into next_tokens [B] (as sample_tokens).
   // Weight lists: 14 tensors per decoder layer (input norm, q, q bias, k, k bias, v, v bias, q norm,
   // k norm, o, post-attention norm, gate, up, down; empty tensors for absent ones), exits add their
   // norm (15). Caches: float32 [B,Hkv,S,D] per slot (L base layers, then one per exit); kept:
@@ -90,8 +91,11 @@ TORCH_LIBRARY(balcony, m) {
       "decode_step(Tensor tokens, Tensor positions, Tensor exit_of_row, int[] exit_depths, Tensor embed, "
       "Tensor[] base_weights, Tensor[] exit_weights, Tensor final_norm, Tensor head, Tensor(a!)[] key_caches, "
       "Tensor(b!)[] value_caches, Tensor(c!)[] kept, Tensor cos, Tensor sin, float eps, float scale, "
-      "Tensor(d!) workspace, Tensor(e!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform) "
-      "-> Tensor");
+      "Tensor(d!) workspace, Tensor(e!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform, "
+      "Tensor(f!) next_tokens) -> ()");
+  // Float32 elements of decode_step's workspace for these sizes (and the current thread count).
+  m.def("decode_step_workspace(int batch, int hidden, int heads, int kv_heads, int head_dim, int inter, int vocab) -> int",
+        &balcony::decode_step_workspace);
 
   // The CPU instruction set the kernels use: "default", "avx2" or "avx512".
   m.def("get_cpu_capability() -> str", &get_cpu_capability);

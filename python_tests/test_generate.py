@@ -187,15 +187,15 @@ def test_native_step_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="neither attached"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([3]), e.exits, w.embed,
                                       w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
-                                      e.sin, w.eps, w.scale, e.workspace, e.logits, *args())
+                                      e.sin, w.eps, w.scale, e.workspace, e.logits, *args(), e.next_tokens)
     with pytest.raises(RuntimeError, match="past the cache"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([16]), torch.tensor([2]), e.exits, w.embed,
                                       w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
-                                      e.sin, w.eps, w.scale, e.workspace, e.logits, *args())
+                                      e.sin, w.eps, w.scale, e.workspace, e.logits, *args(), e.next_tokens)
     with pytest.raises(RuntimeError, match="workspace"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
                                       w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
-                                      e.sin, w.eps, w.scale, e.workspace[:10], e.logits, *args())
+                                      e.sin, w.eps, w.scale, e.workspace[:10], e.logits, *args(), e.next_tokens)
 
 
 @pytest.mark.slow

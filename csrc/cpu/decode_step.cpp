@@ -21,6 +21,7 @@
 
 #include "../torch_utils.h"
 #include "capability.h"
+#include "cpu_ops.h"
 
 BALCONY_CPU_KERNEL(void, linear_rows,
                    (balcony::ScalarKind wkind, const float* x, int64_t x_stride, int64_t M, const void* w, int64_t K,
@@ -90,10 +91,18 @@ struct Dims {
   int64_t B, H, Hq, Hkv, D, I, V, S;
 };
 
-struct Work {  // float32 views into the caller's workspace
-  float *x, *xn, *xe, *q, *k, *v, *gu, *act, *fin;
-  static int64_t floats(const Dims& d) {
-    return d.B * (4 * d.H + d.Hq * d.D + 2 * d.Hkv * d.D + 3 * d.I);
+struct Work {  // views into the caller's float32 workspace
+  float *x, *xn, *xe, *q, *k, *v, *gu, *act, *fin, *sample_scratch;
+  int64_t *lpos, *llen;  // per-layer masked positions and attention lengths [B] each
+  static int64_t floats(const Dims& d, int64_t threads) {
+    return d.B * (4 * d.H + d.Hq * d.D + 2 * d.Hkv * d.D + 3 * d.I) + 4 * d.B + threads * d.V;
+  }
+  Work(float* ws, const Dims& d) {
+    lpos = reinterpret_cast<int64_t*>(ws);  // first, so the int64 views are 8-byte aligned
+    llen = lpos + d.B;
+    x = ws + 4 * d.B, xn = x + d.B * d.H, xe = xn + d.B * d.H, fin = xe + d.B * d.H;
+    q = fin + d.B * d.H, k = q + d.B * d.Hq * d.D, v = k + d.B * d.Hkv * d.D;
+    gu = v + d.B * d.Hkv * d.D, act = gu + 2 * d.B * d.I, sample_scratch = act + d.B * d.I;
   }
 };
 
@@ -101,8 +110,6 @@ using RopeAppendFn = void(at::Tensor&, const at::Tensor&, const at::Tensor&, at:
                           const at::Tensor&, const at::Tensor&, const at::Tensor&);
 using DecodeAttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      double, int64_t);
-using SampleFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&);
 
 // One decoder layer over all B rows, the residual stream in w.x (updated in place).
 void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& key_cache, at::Tensor& value_cache,
@@ -174,15 +181,14 @@ void linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const std::o
               out.data_ptr<float>(), out.stride(0), accumulate);
 }
 
-at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& exit_of_row,
+void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& exit_of_row,
                            c10::IntArrayRef exit_depths, const at::Tensor& embed, at::TensorList base_weights,
                            at::TensorList exit_weights, const at::Tensor& final_norm, const at::Tensor& head,
                            at::TensorList key_caches, at::TensorList value_caches, at::TensorList kept,
                            const at::Tensor& cos, const at::Tensor& sin, double eps, double scale,
                            at::Tensor& workspace, at::Tensor& logits, const at::Tensor& temperature,
-                           const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& uniform) {
-  static auto sample =
-      c10::Dispatcher::singleton().findSchemaOrThrow("balcony::sample_tokens", "").typed<SampleFn>();
+                           const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& uniform,
+                           at::Tensor& next_tokens) {
   BALCONY_CHECK_DEVICE(tokens, at::kCPU);
   const int64_t L = static_cast<int64_t>(base_weights.size()) / kPerLayer;
   const int64_t E = static_cast<int64_t>(exit_depths.size());
@@ -231,10 +237,14 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
                       c->size(3) == d.D && c->scalar_type() == at::kFloat,
                   "decode_step: cache ", s, " must be float32 [", B, ", ", d.Hkv, ", ", d.S, ", ", d.D, "], got ",
                   c->scalar_type(), " ", c->sizes());
-  TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() &&
-                  workspace.numel() >= Work::floats(d),
-              "decode_step: workspace must be contiguous float32 with at least ", Work::floats(d), " elements, got ",
-              workspace.numel());
+  const int64_t need = Work::floats(d, at::get_num_threads());
+  TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() && workspace.numel() >= need,
+              "decode_step: workspace must be contiguous float32 with at least ", need,
+              " elements (decode_step_workspace), got ", workspace.numel());
+  TORCH_CHECK(next_tokens.scalar_type() == at::kLong && next_tokens.dim() == 1 && next_tokens.size(0) == B &&
+                  next_tokens.is_contiguous(),
+              "decode_step: next_tokens must be contiguous int64 [", B, "], got ", next_tokens.sizes());
+  const SampleArgs sample_args = check_sample_tokens_args(logits, temperature, top_k, top_p, uniform);
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.size(0) == B &&
                   logits.size(1) == d.V && logits.is_contiguous(),
               "decode_step: logits must be contiguous float32 [", B, ", ", d.V, "], got ", logits.sizes());
@@ -254,11 +264,7 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
     deepest = std::max(deepest, ex[b]);
   }
 
-  float* ws = workspace.data_ptr<float>();
-  Work w{};
-  w.x = ws, w.xn = w.x + B * d.H, w.xe = w.xn + B * d.H, w.fin = w.xe + B * d.H;
-  w.q = w.fin + B * d.H, w.k = w.q + B * d.Hq * d.D, w.v = w.k + B * d.Hkv * d.D;
-  w.gu = w.v + B * d.Hkv * d.D, w.act = w.gu + 2 * B * d.I;
+  Work w(workspace.data_ptr<float>(), d);
 
   // embedding, widened to float32
   const auto ekind = cpu_scalar_kind(embed, "embed");
@@ -272,10 +278,10 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
     }
   }
 
-  at::Tensor lpos = at::empty({B}, tokens.options());  // per-layer masked positions and lengths
-  at::Tensor llen = at::empty({B}, tokens.options());
-  int64_t* lp = lpos.data_ptr<int64_t>();
-  int64_t* ll = llen.data_ptr<int64_t>();
+  const at::Tensor lpos = at::from_blob(w.lpos, {B}, tokens.options());
+  const at::Tensor llen = at::from_blob(w.llen, {B}, tokens.options());
+  int64_t* lp = w.lpos;
+  int64_t* ll = w.llen;
   auto mask_rows = [&](auto active) {
     for (int64_t b = 0; b < B; ++b) {
       const bool on = active(b);
@@ -314,7 +320,14 @@ at::Tensor decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions
   for (int64_t b = 0; b < B; ++b)
     if (ex[b] == L) norm_rows(w.x + b * d.H, d.H, final_norm, w.fin + b * d.H, d.H, 1, d.H, feps);
   linear_into(w.fin, d.H, B, head, nullptr, logits.data_ptr<float>(), d.V, false);
-  return sample.call(logits, temperature, top_k, top_p, uniform);
+  sample_tokens_cpu_into(sample_args, next_tokens.data_ptr<int64_t>(), w.sample_scratch);
+}
+
+int64_t decode_step_workspace(int64_t batch, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                              int64_t inter, int64_t vocab) {
+  Dims d{};
+  d.B = batch, d.H = hidden, d.Hq = heads, d.Hkv = kv_heads, d.D = head_dim, d.I = inter, d.V = vocab;
+  return Work::floats(d, at::get_num_threads());
 }
 
 TORCH_LIBRARY_IMPL(balcony, CPU, m) {
