@@ -5,8 +5,11 @@
 
 namespace balcony::cpu::BALCONY_CPU_CAPABILITY {
 
-// sigmoid(x) = 1 / (1 + exp(-x)); exact limits at both ends (vexp saturates and underflows cleanly).
-inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp(-x)); }
+// sigmoid(x) = 1 / (1 + exp(-x)); -x clamped to exp's normal range keeps both limits exact
+// (1 / (1 + tiny) = 1, 1 / (1 + huge) = 0 after rounding to any output type).
+inline vfloat vsigmoid(vfloat x) {
+  return 1.0f / (1.0f + vexp_clamped(vmin(vmax(-x, vsplat(kExpLo)), vsplat(kExpHi))));
+}
 
 // out = silu(gate) * up for rows [begin, end).
 template <typename T>
@@ -18,7 +21,16 @@ inline void silu_and_mul_rows(const T* in, int64_t in_stride, T* out, int64_t ou
     const T* up = gate + inter;
     T* o = out + row * out_stride;
     int64_t i = 0;
-    for (; i + W <= inter; i += W) vstore(o + i, vsilu(vload(gate + i)) * vload(up + i));
+    // Two vectors per step: two independent exp/divide chains in flight.
+    for (; i + 2 * W <= inter; i += 2 * W) {
+      const vfloat a = vsilu(vload(gate + i)), b = vsilu(vload(gate + i + W));
+      vstore(o + i, a * vload(up + i));
+      vstore(o + i + W, b * vload(up + i + W));
+    }
+    if (i + W <= inter) {
+      vstore(o + i, vsilu(vload(gate + i)) * vload(up + i));
+      i += W;
+    }
     if (i < inter) {
       const int n = static_cast<int>(inter - i);
       vstore_partial(o + i, vsilu(vload_partial(gate + i, n)) * vload_partial(up + i, n), n);
