@@ -12,10 +12,8 @@ namespace balcony::cpu::BALCONY_CPU_CAPABILITY {
 constexpr int64_t kDecodeBlock = 32;
 
 // Floats of scratch one task needs (the caller gives each thread this much): the query group, its
-// accumulators, scores, running max and sum, and a float copy of a bfloat16 K and V block.
-inline int64_t decode_attention_scratch_floats(int64_t G, int64_t D) {
-  return G * (2 * D + kDecodeBlock + 2) + 2 * kDecodeBlock * D;
-}
+// accumulators, scores, and running max and sum.
+inline int64_t decode_attention_scratch_floats(int64_t G, int64_t D) { return G * (2 * D + kDecodeBlock + 2); }
 
 // Horizontal sum by halving in registers (log2(W) shuffles + adds).
 // NOTE: the same halving through memcpy went through the stack; perf showed it at ~15% of the kernel.
@@ -33,18 +31,6 @@ inline float hsum(vfloat v) {
 #else
   return (v[0] + v[2]) + (v[1] + v[3]);
 #endif
-}
-
-// Rows [0, n) of a bfloat16 block (row stride `stride`) to float rows of D.
-inline void block_to_float(const bf16_t* src, int64_t stride, int64_t n, int64_t D, float* dst) {
-  constexpr int W = kVecWidth;
-  for (int64_t r = 0; r < n; ++r) {
-    const bf16_t* s = src + r * stride;
-    float* d = dst + r * D;
-    int64_t i = 0;
-    for (; i + W <= D; i += W) vstore(d + i, vload(s + i));
-    for (; i < D; ++i) d[i] = bf16_to_float(s[i]);
-  }
 }
 
 template <typename T>
@@ -91,11 +77,9 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
   float* sc = acc + G * D;    // [G, NB] scores, then probabilities
   float* m = sc + G * NB;     // [G] running max
   float* l = m + G;           // [G] running sum of exp
-  float* kf = l + G;          // [NB, D] float copy of a bfloat16 K block
-  float* vf = kf + NB * D;    // [NB, D] float copy of a bfloat16 V block
-  // NOTE: with bfloat16 caches, converting each block once instead of once per query head took
-  // SmolLM2's group of 3 from 44 to ~30 ns per cache row on one AVX-512 core.
-  constexpr bool kConvert = sizeof(T) != sizeof(float);  // bfloat16
+  // NOTE: bfloat16 K and V rows are widened in registers as they are used (two instructions per
+  // vector, re-done per query head of the group) rather than converted into a float copy of the
+  // block first: the copy's extra store and reload cost more than the repeated widening.
   const vfloat vscale = vsplat(a.scale);
   for (int64_t g = 0; g < G; ++g) {
     const T* q = static_cast<const T*>(a.query) + b * a.q_sb + (h * G + g) * a.q_sh;
@@ -111,21 +95,12 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
   const T* vbase = static_cast<const T*>(a.value_cache) + b * a.v_sb + h * a.v_sh;
   for (int64_t p0 = p_begin; p0 < p_end; p0 += NB) {
     const int64_t nb = p_end - p0 < NB ? p_end - p0 : NB;
-    const float* kblk;
-    const float* vblk;
-    int64_t ks, vs;
-    if constexpr (kConvert) {
-      block_to_float(kbase + p0 * a.k_ss, a.k_ss, nb, D, kf);
-      block_to_float(vbase + p0 * a.v_ss, a.v_ss, nb, D, vf);
-      kblk = kf, vblk = vf, ks = D, vs = D;
-    } else {
-      kblk = reinterpret_cast<const float*>(kbase + p0 * a.k_ss);
-      vblk = reinterpret_cast<const float*>(vbase + p0 * a.v_ss);
-      ks = a.k_ss, vs = a.v_ss;
-    }
+    const T* kblk = kbase + p0 * a.k_ss;
+    const T* vblk = vbase + p0 * a.v_ss;
+    const int64_t ks = a.k_ss, vs = a.v_ss;
     // Scores: each K row is loaded once and stays in L1 for the G dot products.
     for (int64_t jj = 0; jj < nb; ++jj) {
-      const float* krow = kblk + jj * ks;
+      const T* krow = kblk + jj * ks;
       for (int64_t g = 0; g < G; ++g) sc[g * NB + jj] = dot_row(qf + g * D, krow, D);
     }
     // Online softmax update per query head.
@@ -168,7 +143,7 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
         vfloat a0 = vload(ag), a1 = vload(ag + W), a2 = vload(ag + 2 * W), a3 = vload(ag + 3 * W);
         for (int64_t jj = 0; jj < nb; ++jj) {
           const vfloat pv = vsplat(p[jj]);
-          const float* vr = vblk + jj * vs + i;
+          const T* vr = vblk + jj * vs + i;
           a0 += pv * vload(vr);
           a1 += pv * vload(vr + W);
           a2 += pv * vload(vr + 2 * W);
