@@ -17,7 +17,7 @@ std::string max_cpu_capability() { return balcony::cpu::capability_name(balcony:
 void set_cpu_capability(const std::string& name) {
   balcony::cpu::Capability c;
   TORCH_CHECK(balcony::cpu::parse_capability(name.c_str(), &c), "unknown CPU capability '", name,
-              "'; expected 'default', 'avx2' or 'avx512'");
+              "'; expected 'default', 'avx2', 'avx512' or 'avx512bf16'");
   TORCH_CHECK(balcony::cpu::set_capability(c), "this CPU does not support '", name, "' (the most it supports is '",
               max_cpu_capability(), "')");
 }
@@ -93,7 +93,7 @@ TORCH_LIBRARY(balcony, m) {
       "Tensor(d!) workspace, Tensor(e!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform) "
       "-> Tensor");
 
-  // The CPU instruction set the kernels use: "default", "avx2" or "avx512".
+  // The CPU instruction set the kernels use: "default", "avx2", "avx512" or "avx512bf16".
   m.def("get_cpu_capability() -> str", &get_cpu_capability);
   m.def("max_cpu_capability() -> str", &max_cpu_capability);
   m.def("set_cpu_capability(str name) -> ()", &set_cpu_capability);

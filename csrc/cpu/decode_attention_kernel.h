@@ -50,6 +50,37 @@ inline float dot_row(const float* q, const T* k, int64_t D) {
   return hsum(s0 + s1);
 }
 
+#ifdef BALCONY_CPU_BF16_INSN
+// scale * q.k for bfloat16 q and k with vdpbf16ps (32 products per instruction, float sums; the
+// products of two bfloat16 values are exact in float). Positions past the last multiple of 32 come
+// from qf (q * scale in float).
+inline float dot_row_bf16_insn(const bf16_t* q, const float* qf, const bf16_t* k, int64_t D, float scale) {
+  typedef short v32bh __attribute__((vector_size(64)));
+  constexpr int W = kVecWidth;
+  vfloat s0 = vsplat(0.f), s1 = vsplat(0.f);
+  int64_t i = 0;
+  v32bh qa, ka, qb, kb;
+  for (; i + 4 * W <= D; i += 4 * W) {
+    std::memcpy(&qa, q + i, sizeof qa), std::memcpy(&ka, k + i, sizeof ka);
+    std::memcpy(&qb, q + i + 2 * W, sizeof qb), std::memcpy(&kb, k + i + 2 * W, sizeof kb);
+    s0 = __builtin_ia32_dpbf16ps_v16sf(s0, qa, ka);
+    s1 = __builtin_ia32_dpbf16ps_v16sf(s1, qb, kb);
+  }
+  if (i + 2 * W <= D) {
+    std::memcpy(&qa, q + i, sizeof qa), std::memcpy(&ka, k + i, sizeof ka);
+    s0 = __builtin_ia32_dpbf16ps_v16sf(s0, qa, ka);
+    i += 2 * W;
+  }
+  vfloat t = vsplat(0.f);
+  for (; i + W <= D; i += W) t += vload(qf + i) * vload(k + i);
+  if (i < D) {
+    const int n = static_cast<int>(D - i);
+    t += vload_partial(qf + i, n) * vload_partial(k + i, n);
+  }
+  return hsum((s0 + s1) * scale + t);
+}
+#endif
+
 // acc[0:D] = acc * alpha (alpha != 1 only when the running max moved).
 inline void scale_row(float* acc, float alpha, int64_t D) {
   constexpr int W = kVecWidth;
@@ -61,7 +92,8 @@ inline void scale_row(float* acc, float alpha, int64_t D) {
 
 // One task: positions [j * chunk, min((j + 1) * chunk, len)) of sequence b against the G query
 // heads sharing kv head h. K and V rows are read from memory once for the whole group.
-template <typename T>
+// kInsn (bfloat16 caches under Capability::AVX512_BF16): the scores with vdpbf16ps.
+template <typename T, bool kInsn>
 inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float* scratch) {
   constexpr int W = kVecWidth;
   constexpr int64_t NB = kDecodeBlock;
@@ -101,6 +133,14 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     // Scores: each K row is loaded once and stays in L1 for the G dot products.
     for (int64_t jj = 0; jj < nb; ++jj) {
       const T* krow = kblk + jj * ks;
+#ifdef BALCONY_CPU_BF16_INSN
+      if constexpr (kInsn) {
+        const bf16_t* q = static_cast<const bf16_t*>(a.query) + b * a.q_sb + h * G * a.q_sh;
+        for (int64_t g = 0; g < G; ++g)
+          sc[g * NB + jj] = dot_row_bf16_insn(q + g * a.q_sh, qf + g * D, krow, D, a.scale);
+        continue;
+      }
+#endif
       for (int64_t g = 0; g < G; ++g) sc[g * NB + jj] = dot_row(qf + g * D, krow, D);
     }
     // Online softmax update per query head.
@@ -202,10 +242,12 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
 void decode_attention_split(ScalarKind kind, const DecodeAttentionArgs& args, float* scratch, int64_t begin,
                             int64_t end) {
   for (int64_t task = begin; task < end; ++task) {
-    if (kind == ScalarKind::BF16)
-      decode_split_task<bf16_t>(args, task, scratch);
+    if (kind == ScalarKind::BF16 && bf16_insn())
+      decode_split_task<bf16_t, true>(args, task, scratch);
+    else if (kind == ScalarKind::BF16)
+      decode_split_task<bf16_t, false>(args, task, scratch);
     else
-      decode_split_task<float>(args, task, scratch);
+      decode_split_task<float, false>(args, task, scratch);
   }
 }
 

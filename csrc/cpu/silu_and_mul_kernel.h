@@ -11,8 +11,20 @@ inline vfloat vsigmoid(vfloat x) {
   return 1.0f / (1.0f + vexp_clamped(vmin(vmax(-x, vsplat(kExpLo)), vsplat(kExpHi))));
 }
 
+// Output store: with kInsn (bfloat16 output under Capability::AVX512_BF16) one conversion instruction.
+template <bool kInsn, typename T>
+inline void store_out(T* p, vfloat v) {
+#ifdef BALCONY_CPU_BF16_INSN
+  if constexpr (kInsn) {
+    vstore_bf16_insn(p, v);
+    return;
+  }
+#endif
+  vstore(p, v);
+}
+
 // out = silu(gate) * up for rows [begin, end).
-template <typename T>
+template <typename T, bool kInsn>
 inline void silu_and_mul_rows(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t inter,
                               int64_t begin, int64_t end) {
   constexpr int W = kVecWidth;
@@ -24,11 +36,11 @@ inline void silu_and_mul_rows(const T* in, int64_t in_stride, T* out, int64_t ou
     // Two vectors per step: two independent exp/divide chains in flight.
     for (; i + 2 * W <= inter; i += 2 * W) {
       const vfloat a = vsilu(vload(gate + i)), b = vsilu(vload(gate + i + W));
-      vstore(o + i, a * vload(up + i));
-      vstore(o + i + W, b * vload(up + i + W));
+      store_out<kInsn>(o + i, a * vload(up + i));
+      store_out<kInsn>(o + i + W, b * vload(up + i + W));
     }
     if (i + W <= inter) {
-      vstore(o + i, vsilu(vload(gate + i)) * vload(up + i));
+      store_out<kInsn>(o + i, vsilu(vload(gate + i)) * vload(up + i));
       i += W;
     }
     if (i < inter) {
@@ -45,7 +57,7 @@ inline vfloat silu_mul_grads(vfloat g, vfloat gate, vfloat up, vfloat* grad_up) 
   return g * up * s * (1.0f + gate * (1.0f - s));
 }
 
-template <typename T>
+template <typename T, bool kInsn>
 inline void silu_and_mul_backward_rows(const T* grad, int64_t grad_stride, const T* in, int64_t in_stride,
                                        T* grad_in, int64_t gi_stride, int64_t inter, int64_t begin, int64_t end) {
   constexpr int W = kVecWidth;
@@ -58,8 +70,8 @@ inline void silu_and_mul_backward_rows(const T* grad, int64_t grad_stride, const
     int64_t i = 0;
     vfloat gu;
     for (; i + W <= inter; i += W) {
-      vstore(dgate + i, silu_mul_grads(vload(gr + i), vload(gate + i), vload(up + i), &gu));
-      vstore(dup + i, gu);
+      store_out<kInsn>(dgate + i, silu_mul_grads(vload(gr + i), vload(gate + i), vload(up + i), &gu));
+      store_out<kInsn>(dup + i, gu);
     }
     if (i < inter) {
       const int n = static_cast<int>(inter - i);
@@ -72,22 +84,31 @@ inline void silu_and_mul_backward_rows(const T* grad, int64_t grad_stride, const
 
 void silu_and_mul(ScalarKind kind, const void* in, int64_t in_stride, void* out, int64_t out_stride, int64_t inter,
                   int64_t begin, int64_t end) {
-  if (kind == ScalarKind::BF16)
-    silu_and_mul_rows(static_cast<const bf16_t*>(in), in_stride, static_cast<bf16_t*>(out), out_stride, inter, begin,
-                      end);
+  if (kind == ScalarKind::BF16 && bf16_insn())
+    silu_and_mul_rows<bf16_t, true>(static_cast<const bf16_t*>(in), in_stride, static_cast<bf16_t*>(out), out_stride,
+                                    inter, begin, end);
+  else if (kind == ScalarKind::BF16)
+    silu_and_mul_rows<bf16_t, false>(static_cast<const bf16_t*>(in), in_stride, static_cast<bf16_t*>(out),
+                                     out_stride, inter, begin, end);
   else
-    silu_and_mul_rows(static_cast<const float*>(in), in_stride, static_cast<float*>(out), out_stride, inter, begin,
-                      end);
+    silu_and_mul_rows<float, false>(static_cast<const float*>(in), in_stride, static_cast<float*>(out), out_stride,
+                                    inter, begin, end);
 }
 
 void silu_and_mul_backward(ScalarKind kind, const void* grad, int64_t grad_stride, const void* in, int64_t in_stride,
                            void* grad_in, int64_t gi_stride, int64_t inter, int64_t begin, int64_t end) {
-  if (kind == ScalarKind::BF16)
-    silu_and_mul_backward_rows(static_cast<const bf16_t*>(grad), grad_stride, static_cast<const bf16_t*>(in),
-                               in_stride, static_cast<bf16_t*>(grad_in), gi_stride, inter, begin, end);
+  if (kind == ScalarKind::BF16 && bf16_insn())
+    silu_and_mul_backward_rows<bf16_t, true>(static_cast<const bf16_t*>(grad), grad_stride,
+                                             static_cast<const bf16_t*>(in), in_stride, static_cast<bf16_t*>(grad_in),
+                                             gi_stride, inter, begin, end);
+  else if (kind == ScalarKind::BF16)
+    silu_and_mul_backward_rows<bf16_t, false>(static_cast<const bf16_t*>(grad), grad_stride,
+                                              static_cast<const bf16_t*>(in), in_stride,
+                                              static_cast<bf16_t*>(grad_in), gi_stride, inter, begin, end);
   else
-    silu_and_mul_backward_rows(static_cast<const float*>(grad), grad_stride, static_cast<const float*>(in), in_stride,
-                               static_cast<float*>(grad_in), gi_stride, inter, begin, end);
+    silu_and_mul_backward_rows<float, false>(static_cast<const float*>(grad), grad_stride,
+                                             static_cast<const float*>(in), in_stride, static_cast<float*>(grad_in),
+                                             gi_stride, inter, begin, end);
 }
 
 }  // namespace balcony::cpu::BALCONY_CPU_CAPABILITY

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "balcony/dtypes.h"
+#include "capability.h"
 
 #ifndef BALCONY_CPU_CAPABILITY
 #error "csrc/cpu/vec.h is included from a capability translation unit only"
@@ -69,6 +70,20 @@ inline void vstore(bf16_t* p, vfloat v) {
 #endif
   std::memcpy(p, &h, sizeof h);
 }
+
+// AVX512-BF16 (compiled into the AVX-512 build only; see csrc/cpu/capability.h). bf16_insn() says
+// whether the capability in force lets a kernel use the instructions; kernels keep a plain path.
+#ifdef BALCONY_CPU_BF16_INSN
+inline bool bf16_insn() { return capability() == Capability::AVX512_BF16; }
+// float -> bfloat16 in one instruction (vcvtneps2bf16): round to nearest even and NaN kept quiet
+// like vstore, except that inputs below the smallest normal float (|x| < 2^-126) become +-0.
+inline void vstore_bf16_insn(bf16_t* p, vfloat v) {
+  const auto h = __builtin_ia32_cvtneps2bf16_v16sf(v);
+  std::memcpy(p, &h, sizeof h);
+}
+#else
+inline bool bf16_insn() { return false; }
+#endif
 
 // Partial loads/stores for tails: n < kVecWidth elements, the rest filled with `fill`.
 template <typename T>
