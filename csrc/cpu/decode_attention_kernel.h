@@ -81,6 +81,11 @@ inline float dot_row_bf16_insn(const bf16_t* q, const float* qf, const bf16_t* k
 }
 #endif
 
+// Prefetches the n bytes at p (one request per cache line).
+inline void prefetch_bytes(const void* p, int64_t n) {
+  for (int64_t b = 0; b < n; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}
+
 // acc[0:D] = acc * alpha (alpha != 1 only when the running max moved).
 inline void scale_row(float* acc, float alpha, int64_t D) {
   constexpr int W = kVecWidth;
@@ -130,9 +135,18 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     const T* kblk = kbase + p0 * a.k_ss;
     const T* vblk = vbase + p0 * a.v_ss;
     const int64_t ks = a.k_ss, vs = a.v_ss;
-    // Scores: each K row is loaded once and stays in L1 for the G dot products.
+    // Scores: each K row is loaded once and stays in L1 for the G dot products. With float32 caches
+    // the K and V rows of the next block are prefetched meanwhile.
+    // NOTE: on one Zen 5 core (a busy machine; best of three runs) that took Llama-8B-like heads at
+    // 8192 positions from 6.7 to 5.9 ms and SmolLM2-like batch 8 from 10.7 to 7.0 ms; with bfloat16
+    // caches (half the bytes per row, more arithmetic per byte) it was slightly slower, so it is off.
+    const bool more = sizeof(T) == sizeof(float) && p0 + NB < p_end;
     for (int64_t jj = 0; jj < nb; ++jj) {
       const T* krow = kblk + jj * ks;
+      if (more) {
+        prefetch_bytes(krow + NB * ks, D * static_cast<int64_t>(sizeof(T)));
+        prefetch_bytes(vblk + (jj + NB) * vs, D * static_cast<int64_t>(sizeof(T)));
+      }
 #ifdef BALCONY_CPU_BF16_INSN
       if constexpr (kInsn) {
         const bf16_t* q = static_cast<const bf16_t*>(a.query) + b * a.q_sb + h * G * a.q_sh;
