@@ -39,7 +39,7 @@ def built_with_cuda() -> bool:
 
 
 def cpu_capability() -> str:
-    """The instruction set the CPU kernels use now: 'default', 'avx2' or 'avx512'."""
+    """The instruction set the CPU kernels use now: 'default', 'avx2', 'avx512' or 'avx512bf16'."""
     require()
     return torch.ops.balcony.get_cpu_capability()
 
@@ -56,5 +56,5 @@ def set_cpu_capability(name: str) -> None:
 
 
 def supported_cpu_capabilities() -> list:
-    order = ["default", "avx2", "avx512"]
+    order = ["default", "avx2", "avx512", "avx512bf16"]
     return order[: order.index(max_cpu_capability()) + 1]

@@ -38,14 +38,16 @@ void test_capability_selection() {
   const Capability before = balcony::cpu::capability();
   CHECK(balcony::cpu::set_capability(Capability::DEFAULT), "the baseline is always available");
   CHECK(balcony::cpu::capability() == Capability::DEFAULT, "set_capability takes effect");
-  if (balcony::cpu::max_supported_capability() != Capability::AVX512)
+  if (balcony::cpu::max_supported_capability() < Capability::AVX512)
     CHECK(!balcony::cpu::set_capability(Capability::AVX512), "cannot select an instruction set the CPU lacks");
+  if (balcony::cpu::max_supported_capability() < Capability::AVX512_BF16)
+    CHECK(!balcony::cpu::set_capability(Capability::AVX512_BF16), "cannot select an instruction set the CPU lacks");
   balcony::cpu::set_capability(before);
 }
 
 void test_vec_math(Capability cap) {
   const char* name = balcony::cpu::capability_name(cap);
-  const int expected_width[] = {4, 8, 16};
+  const int expected_width[] = {4, 8, 16, 16};
   CHECK(BALCONY_CPU_DISPATCH(probe_width)() == expected_width[static_cast<int>(cap)], "%s vector width", name);
   for (int64_t n : {1, 3, 17, 31, 1001}) {
     std::vector<float> x(n), y(n), s(n);

@@ -18,7 +18,7 @@ std::string max_cpu_capability() { return balcony::cpu::capability_name(balcony:
 void set_cpu_capability(const std::string& name) {
   balcony::cpu::Capability c;
   TORCH_CHECK(balcony::cpu::parse_capability(name.c_str(), &c), "unknown CPU capability '", name,
-              "'; expected 'default', 'avx2' or 'avx512'");
+              "'; expected 'default', 'avx2', 'avx512' or 'avx512bf16'");
   TORCH_CHECK(balcony::cpu::set_capability(c), "this CPU does not support '", name, "' (the most it supports is '",
               max_cpu_capability(), "')");
 }
@@ -97,7 +97,7 @@ TORCH_LIBRARY(balcony, m) {
   m.def("decode_step_workspace(int batch, int hidden, int heads, int kv_heads, int head_dim, int inter, int vocab) -> int",
         &balcony::decode_step_workspace);
 
-  // The CPU instruction set the kernels use: "default", "avx2" or "avx512".
+  // The CPU instruction set the kernels use: "default", "avx2", "avx512" or "avx512bf16".
   m.def("get_cpu_capability() -> str", &get_cpu_capability);
   m.def("max_cpu_capability() -> str", &max_cpu_capability);
   m.def("set_cpu_capability(str name) -> ()", &set_cpu_capability);

@@ -13,7 +13,7 @@ Capability detect() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Capability::AVX512;
+    return __builtin_cpu_supports("avx512bf16") ? Capability::AVX512_BF16 : Capability::AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Capability::AVX2;
 #endif
@@ -26,7 +26,7 @@ Capability initial() {
   if (env == nullptr || env[0] == '\0') return best;
   Capability wanted;
   if (!parse_capability(env, &wanted)) {
-    std::fprintf(stderr, "balcony: ignoring BALCONY_CPU_CAPABILITY=%s (expected default, avx2 or avx512)\n", env);
+    std::fprintf(stderr, "balcony: ignoring BALCONY_CPU_CAPABILITY=%s (expected default, avx2, avx512 or avx512bf16)\n", env);
     return best;
   }
   if (static_cast<int>(wanted) > static_cast<int>(best)) {
@@ -59,6 +59,7 @@ bool set_capability(Capability c) {
 
 const char* capability_name(Capability c) {
   switch (c) {
+    case Capability::AVX512_BF16: return "avx512bf16";
     case Capability::AVX512: return "avx512";
     case Capability::AVX2: return "avx2";
     default: return "default";
@@ -69,6 +70,7 @@ bool parse_capability(const char* name, Capability* out) {
   if (std::strcmp(name, "default") == 0) { *out = Capability::DEFAULT; return true; }
   if (std::strcmp(name, "avx2") == 0) { *out = Capability::AVX2; return true; }
   if (std::strcmp(name, "avx512") == 0) { *out = Capability::AVX512; return true; }
+  if (std::strcmp(name, "avx512bf16") == 0) { *out = Capability::AVX512_BF16; return true; }
   return false;
 }
 

@@ -81,7 +81,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key_c
     a.part_ml = part_ml.data_ptr<float>();
     a.part_o = part_o.data_ptr<float>();
   }
-  const int64_t scratch_floats = G * (2 * D + kScratchBlock + 2) + 2 * kScratchBlock * D;
+  const int64_t scratch_floats = G * (2 * D + kScratchBlock + 2);
   at::Tensor scratch = at::empty({at::get_num_threads(), scratch_floats}, query.options().dtype(at::kFloat));
   float* scratch_base = scratch.data_ptr<float>();
 

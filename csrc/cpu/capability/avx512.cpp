@@ -10,8 +10,11 @@
 
 #include "balcony/dtypes.h"
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt")
 #define BALCONY_CPU_CAPABILITY AVX512
 #define BALCONY_VEC_WIDTH 16
+// The AVX512-BF16 instructions may be compiled in; they run only under Capability::AVX512_BF16
+// (see bf16_insn() in csrc/cpu/vec.h), which the CPU check grants only where the CPU has them.
+#define BALCONY_CPU_BF16_INSN 1
 #include "../kernels_all.h"
 #endif
