@@ -58,6 +58,21 @@ def test_native_step_matches_python_step(model_type, dtype):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_native_step_long_context_split_attention():
+    # contexts past 256 positions split the attention along the sequence (merge step included)
+    m = tiny_balcony("llama", seed=0, layers=L, initializer_range=0.2, max_position_embeddings=1024)
+    attach(m, EXITS, init="random", seed=1)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (700, 333)]
+    engines = [Engine(m, 2, 720, native=True), Engine(m, 2, 720, native=False)]
+    exits = [4, L]
+    for e in engines:
+        e.add_prompts(prompts)
+        e.catch_up(exits)
+        e.step(exits, torch.zeros(2), torch.zeros(2, dtype=torch.long), torch.ones(2), torch.rand(2))
+    torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=3e-4, rtol=3e-4)
+
+
 @pytest.mark.parametrize("k", [2, 4, L])
 def test_logits_match_a_full_forward_at_every_exit(k):
     m = _model()

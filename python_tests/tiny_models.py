@@ -12,7 +12,7 @@ def tiny_config(model_type="llama", layers=4, hidden=64, heads=4, kv_heads=2, vo
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
     }[model_type]
-    return cls(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -21,8 +21,8 @@ def tiny_config(model_type="llama", layers=4, hidden=64, heads=4, kv_heads=2, vo
         num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        **extra,
     )
+    return cls(**{**fields, **extra})
 
 
 def tiny_hf(model_type="llama", seed=0, **kw):

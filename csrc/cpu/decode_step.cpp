@@ -93,31 +93,35 @@ struct Dims {
 
 struct Work {  // views into the caller's float32 workspace
   float *x, *xn, *xe, *q, *k, *v, *gu, *act, *fin, *sample_scratch;
+  float *attn, *part_ml, *part_o, *attn_scratch;  // attention output and its split-KV buffers
   int64_t *lpos, *llen;  // per-layer masked positions and attention lengths [B] each
+  int64_t max_splits;
+  static int64_t splits_bound(int64_t threads) { return 5 * threads + 1; }  // >= any automatic choice
   static int64_t floats(const Dims& d, int64_t threads) {
-    return d.B * (4 * d.H + d.Hq * d.D + 2 * d.Hkv * d.D + 3 * d.I) + 4 * d.B + threads * d.V;
+    const int64_t ms = splits_bound(threads), G = d.Hq / std::max<int64_t>(1, d.Hkv);
+    return d.B * (4 * d.H + 2 * d.Hq * d.D + 2 * d.Hkv * d.D + 3 * d.I) + 4 * d.B + threads * d.V +
+           d.B * d.Hq * ms * (2 + d.D) + threads * decode_attention_cpu_scratch_floats(G, d.D);
   }
-  Work(float* ws, const Dims& d) {
+  Work(float* ws, const Dims& d, int64_t threads) {
     lpos = reinterpret_cast<int64_t*>(ws);  // first, so the int64 views are 8-byte aligned
     llen = lpos + d.B;
     x = ws + 4 * d.B, xn = x + d.B * d.H, xe = xn + d.B * d.H, fin = xe + d.B * d.H;
     q = fin + d.B * d.H, k = q + d.B * d.Hq * d.D, v = k + d.B * d.Hkv * d.D;
     gu = v + d.B * d.Hkv * d.D, act = gu + 2 * d.B * d.I, sample_scratch = act + d.B * d.I;
+    max_splits = splits_bound(threads);
+    attn = sample_scratch + threads * d.V, part_ml = attn + d.B * d.Hq * d.D;
+    part_o = part_ml + d.B * d.Hq * max_splits * 2, attn_scratch = part_o + d.B * d.Hq * max_splits * d.D;
   }
 };
 
 using RopeAppendFn = void(at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&);
-using DecodeAttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     double, int64_t);
 
 // One decoder layer over all B rows, the residual stream in w.x (updated in place).
 void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& key_cache, at::Tensor& value_cache,
                const at::Tensor& pos, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin, float eps,
                double scale) {
   static auto rope = c10::Dispatcher::singleton().findSchemaOrThrow("balcony::rope_append", "").typed<RopeAppendFn>();
-  static auto attn =
-      c10::Dispatcher::singleton().findSchemaOrThrow("balcony::decode_attention", "").typed<DecodeAttentionFn>();
   const int64_t B = d.B, H = d.H, QD = d.Hq * d.D, KD = d.Hkv * d.D, I = d.I;
   norm_rows(w.x, H, lw[IN_NORM], w.xn, H, B, H, eps);
   linear_into(w.xn, H, B, lw[Q_W], opt_f32(lw[Q_B]), w.q, QD, false);
@@ -130,8 +134,12 @@ void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& k
   at::Tensor k = at::from_blob(w.k, {B, 1, d.Hkv, d.D}, f32);
   at::Tensor v = at::from_blob(w.v, {B, 1, d.Hkv, d.D}, f32);
   rope.call(q, k, v, key_cache, value_cache, pos.view({B, 1}), cos, sin);
-  at::Tensor o = attn.call(q.view({B, d.Hq, d.D}), key_cache, value_cache, lens, scale, 0);
-  linear_into(o.data_ptr<float>(), QD, B, lw[O_W], nullptr, w.x, H, true);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, w.llen[b]);
+  const int64_t splits = std::min(decode_attention_cpu_splits(B, d.Hkv, max_len, 0), w.max_splits);
+  decode_attention_cpu_into(q.view({B, d.Hq, d.D}), key_cache, value_cache, w.llen, max_len, scale, splits, w.attn,
+                            w.part_ml, w.part_o, w.attn_scratch);
+  linear_into(w.attn, QD, B, lw[O_W], nullptr, w.x, H, true);
   norm_rows(w.x, H, lw[POST_NORM], w.xn, H, B, H, eps);
   linear_into(w.xn, H, B, lw[GATE_W], nullptr, w.gu, 2 * I, false);
   linear_into(w.xn, H, B, lw[UP_W], nullptr, w.gu + I, 2 * I, false);
@@ -264,7 +272,7 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
     deepest = std::max(deepest, ex[b]);
   }
 
-  Work w(workspace.data_ptr<float>(), d);
+  Work w(workspace.data_ptr<float>(), d, at::get_num_threads());
 
   // embedding, widened to float32
   const auto ekind = cpu_scalar_kind(embed, "embed");
