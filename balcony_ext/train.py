@@ -119,12 +119,14 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
           grad_accum: int = 1, warmup: float = 0.01, clip: float = 1.0, bf16: bool | None = None,
           weight_decay: float = 0.0, checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = True,
           seed: int = 0, heldout: float = 0.05, progress: bool = True, callback=None,
-          affine_baseline: bool = False) -> dict:
+          affine_baseline: bool = False, loss_impl: str = "fused") -> dict:
     """Trains the model's exits by self-distillation on `tokens` training tokens.
 
     data: a Corpus, "self" (text sampled from the model), "shakespeare", or text files/directories.
     bf16: autocast to bfloat16 (default: on with CUDA, off on CPU). callback(step, info) runs after
     every optimiser step (an exception it raises stops training, as an interruption would).
+    loss_impl: "fused" (the native fused_linear_kl: the student logits never exist in full) or
+    "reference" (plain PyTorch on the full logits; the same loss, for comparison and debugging).
     affine_baseline: also train the learned affine exit (the tuned lens, evaluate.AffineExit) at
     every exit depth on the very same batches with the same loss and schedule, sharing the frozen
     forward; it is checkpointed with the exits and returned as "affine" for evaluate(affine=...).
@@ -138,6 +140,9 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
 
     if not model.exits:
         raise ValueError("the model has no exits to train; call attach(model, exits=[...]) first")
+    if loss_impl not in ("fused", "reference"):
+        raise ValueError(f"loss_impl must be 'fused' or 'reference', got {loss_impl!r}")
+    loss_fn = distill_loss if loss_impl == "fused" else reference_distill_loss
     exits = model.exits
     device = model.device
     if bf16 is None:
@@ -228,11 +233,11 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                             target, is_logits = model.adapter.lm_head(teacher).float(), True
                     for k in exits:
                         student = model.exit_hidden(k, hidden[k])
-                        loss = distill_loss(student, head, target, teacher_is_logits=is_logits)
+                        loss = loss_fn(student, head, target, teacher_is_logits=is_logits)
                         (loss / (len(exits) * grad_accum)).backward()
                         per_exit[k] += loss.item() / grad_accum
                         if lenses is not None:
-                            loss = distill_loss(lenses[k](hidden[k]), head, target, teacher_is_logits=is_logits)
+                            loss = loss_fn(lenses[k](hidden[k]), head, target, teacher_is_logits=is_logits)
                             (loss / (len(exits) * grad_accum)).backward()
                             per_exit[f"affine@{k}"] = per_exit.get(f"affine@{k}", 0.0) + loss.item() / grad_accum
             if world > 1:

@@ -1,49 +1,89 @@
-"""Training throughput of the exits (tokens/s) on the default model, fp32 and bf16 autocast.
+"""Training throughput and peak memory of the exits on the default model: the fused KL loss
+against a straightforward full-logits PyTorch implementation of the same loss, fp32 and bf16.
 
-    python benchmarks/bench_train.py [--exits 8 15 22] [--batch 2] [--seq 512] [--steps 3]
+    PYTHONPATH=. python benchmarks/bench_train.py [--exits 8 15 22] [--batch 4] [--seq 512] [--steps 3]
 
-Each configuration trains a fresh copy of the exits for --steps optimiser steps on the
-Shakespeare corpus and reports the median per-step tokens/s (the first step is warm-up)."""
+Each configuration runs in a fresh subprocess (so its peak memory is its own), trains a fresh copy
+of the exits for --steps optimiser steps on the Shakespeare corpus and reports the median per-step
+tokens/s (the first step is warm-up) and the growth of the process's peak resident set (ru_maxrss)
+during training over its resident set once model and data are loaded.
+"""
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-import balcony_ext as bx  # noqa: E402
-from balcony_ext.data import prepare  # noqa: E402
 from common import emit_json, machine, print_table  # noqa: E402
+
+CONFIGS = [("fused", False), ("reference", False), ("fused", True), ("reference", True)]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(args):
+    import torch
+
+    import balcony_ext as bx
+    from balcony_ext.data import prepare
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = bx.load(exits=None)
+    corpus = prepare("shakespeare", model.tokenizer)
+    bx.attach(model, args.exits, seed=0)
+    base = rss_mb()
+    tokens = args.steps * args.batch * args.seq
+    out = bx.train(model, data=corpus, tokens=tokens, batch_size=args.batch, seq_len=args.seq, bf16=args.bf16,
+                   loss_impl=args.loss, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timed = out["history"][1:] or out["history"]
+    tps = statistics.median(args.batch * args.seq / h["step_s"] for h in timed)
+    print(json.dumps(dict(tokens_per_s=tps, peak_mb=peak - base)))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--exits", type=int, nargs="+", default=[8, 15, 22])
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--loss", default="fused", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = bx.load(exits=None)
-    corpus = prepare("shakespeare", model.tokenizer)
+    if args.child:
+        return child(args)
     rows = []
-    for bf16 in (False, True):
-        bx.attach(model, args.exits, replace=True, seed=0)
-        tokens = args.steps * args.batch * args.seq
-        out = bx.train(model, data=corpus, tokens=tokens, batch_size=args.batch, seq_len=args.seq, bf16=bf16,
-                       progress=False)
-        timed = out["history"][1:] or out["history"]  # the first step is warm-up
-        tps = statistics.median(tokens / args.steps / h["step_s"] for h in timed)
-        rows.append(dict(precision="bf16 autocast" if bf16 else "fp32", exits=" ".join(map(str, args.exits)),
-                         tokens_per_s=tps))
-    print(f"# training throughput, {model.name}, batch {args.batch} x {args.seq}, {machine()}")
-    print_table(rows, [("precision", "precision", ""), ("exits", "exits", ""), ("tokens_per_s", "tokens/s", ".1f")])
-    emit_json(dict(bench="train", model=model.name, batch=args.batch, seq_len=args.seq, rows=rows, machine=machine()))
+    for loss, bf16 in CONFIGS:
+        cmd = [sys.executable, __file__, "--child", "--loss", loss, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--steps", str(args.steps), "--threads", str(args.threads), "--exits", *map(str, args.exits)]
+        if bf16:
+            cmd.append("--bf16")
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(dict(loss="fused KL" if loss == "fused" else "full logits", precision="bf16 autocast" if bf16 else "fp32",
+                         **r))
+    for r in rows:
+        ref = next(x for x in rows if x["precision"] == r["precision"] and x["loss"] == "full logits")
+        r["speedup"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        r["memory_ratio"] = ref["peak_mb"] / max(r["peak_mb"], 1e-9)
+    print(f"# training throughput, smollm2-135m-instruct, exits {args.exits}, batch {args.batch} x {args.seq}, "
+          f"{machine()}")
+    print_table(rows, [("precision", "precision", ""), ("loss", "loss", ""), ("tokens_per_s", "tokens/s", ".1f"),
+                       ("speedup", "x full-logits", ".2f"), ("peak_mb", "peak MB", ".0f"),
+                       ("memory_ratio", "x less memory", ".2f")])
+    emit_json(dict(bench="train", exits=args.exits, batch=args.batch, seq_len=args.seq, rows=rows, machine=machine()))
 
 
 if __name__ == "__main__":

@@ -177,3 +177,18 @@ def test_affine_baseline_trains_on_the_same_batches_and_resumes(tmp_path):
     assert {r["exit"] for r in rep.rows if r["method"] == "affine"} == {1, 3}
     with pytest.raises(ValueError, match="missing"):
         evaluate(fresh, data=corpus, seq_len=16, affine={1: lenses[1]}, progress=False)
+
+
+def test_reference_loss_impl_trains_the_same():
+    kw = dict(data=_corpus(), tokens=3 * 2 * 16, lr=1e-3, batch_size=2, seq_len=16, progress=False, seed=2)
+    a, b = tiny_balcony(), tiny_balcony()
+    attach(a, [2], init="random", seed=0)
+    attach(b, [2], init="random", seed=0)
+    ha = train(a, **kw)["history"]
+    hb = train(b, loss_impl="reference", **kw)["history"]
+    for x, y in zip(ha, hb):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 * max(1.0, abs(y["loss"]))
+    for k, v in a.balconies.state_dict().items():
+        torch.testing.assert_close(b.balconies.state_dict()[k], v, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="loss_impl"):
+        train(a, loss_impl="fast", **kw)
