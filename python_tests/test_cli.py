@@ -54,3 +54,11 @@ def test_train_then_eval(tmp_path, capsys):
     assert "tok/s" in out and "x full" in out
     assert main(["generate", "--exits-file", str(exits), "--budget", "1.5", "Hi"]) == 2
     assert "budget must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo(capsys):
+    assert main(["demo", "--budgets", "0.6", "1.0", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "exits at [8, 15, 22]" in out and "speed-up" in out and "held-out ppl" in out
+    assert "budget 1: exit 30 (full model)" in out

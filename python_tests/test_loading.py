@@ -50,7 +50,7 @@ def test_default_model_trains_an_exit_and_round_trips(tmp_path):
     for i in range(6):
         (text / f"{i}.txt").write_text(
             f"Chapter {i}. The river ran past the old mill, and the miller counted his sacks of flour. " * 12)
-    model = load()
+    model = load(exits=None)
     bx.attach(model, [15], init="last")
     out = bx.train(model, data=text, tokens=2 * 64, batch_size=2, seq_len=64, heldout=0.2, progress=False)
     assert out["steps"] == 1 and 0 < out["history"][0]["loss"] < 100  # KL in nats, finite
@@ -60,3 +60,19 @@ def test_default_model_trains_an_exit_and_round_trips(tmp_path):
     ids = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids, exits=[15])[15], other(ids, exits=[15])[15], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_default_model_comes_with_trained_exits():
+    import json
+
+    from balcony_ext.loading import bundled_exits_path
+
+    model = load()
+    assert model.exits == [8, 15, 22]
+    assert model.tokens_trained >= 1_000_000
+    report = json.loads(bundled_exits_path().with_suffix(".eval.json").read_text())
+    ppl = {(r["method"], r["exit"]): r["perplexity"] for r in report["rows"]}
+    for k in model.exits:  # the shipped exits beat the learned affine exit trained on the same tokens
+        assert ppl[("balcony", k)] < ppl[("affine", k)]
+    assert load(exits=None).exits == []
