@@ -200,9 +200,17 @@ def _rms(x, w, eps):
     return ops.rms_norm(x.contiguous(), w, eps)
 
 
+# Rows from which a multi-token pass with bfloat16 weights uses a bfloat16 GEMM (as Hugging Face does)
+# instead of linear_rows, which reads the weight once but is built for the few rows of a decode step.
+BF16_GEMM_ROWS = 32
+
+
 def _linear(x, w, b=None):
     if w.dtype == torch.float32:
         return F.linear(x, w, b if b is not None and b.numel() else None)
+    if x.numel() // x.shape[-1] >= BF16_GEMM_ROWS:
+        y = F.linear(x.to(w.dtype), w).float()
+        return y + b if b is not None and b.numel() else y
     shape = x.shape
     y = ops.linear_rows(x.reshape(-1, shape[-1]).contiguous(), w, b if b is not None and b.numel() else None)
     return y.view(*shape[:-1], w.shape[0])
