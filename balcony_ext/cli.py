@@ -25,6 +25,15 @@ def _load(args, exits="bundled"):
     return load(args.model, dtype=dtype, exits=exits)
 
 
+def _load_with_exits(args):
+    """The model with the exits --exits-file names; None (after saying so) when it has none."""
+    model = _load(args, exits=args.exits_file)
+    if not model.exits:
+        print(f"balcony {args.command}: the model has no exits: pass --exits-file FILE", file=sys.stderr)
+        return None
+    return model
+
+
 def cmd_info(args) -> int:
     import balcony_ext as bx
 
@@ -58,9 +67,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    model = _load(args, exits=args.exits_file)
-    if not model.exits:
-        print("balcony eval: the model has no exits: pass --exits-file FILE", file=sys.stderr)
+    model = _load_with_exits(args)
+    if model is None:
         return 2
     data = args.data if len(args.data) > 1 else args.data[0]
     report = evaluate(model, data=data, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -106,9 +114,8 @@ def cmd_generate(args) -> int:
 def cmd_calibrate(args) -> int:
     from .generate import calibrate, calibration_path
 
-    model = _load(args, exits=args.exits_file)
-    if not model.exits:
-        print("balcony calibrate: the model has no exits", file=sys.stderr)
+    model = _load_with_exits(args)
+    if model is None:
         return 2
     cal = calibrate(model, tokens=args.tokens, path=args.out)
     full = cal["ms_per_token"][str(model.num_layers)]

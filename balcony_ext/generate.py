@@ -485,7 +485,7 @@ def _encode(tok, prompt, chat):
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     if not prompt:
-        raise ValueError("the prompt is empty")
+        return []  # reported by the caller, which knows the prompt's index
     if chat is None:
         chat = bool(getattr(tok, "chat_template", None))
     if chat:
@@ -584,7 +584,7 @@ class Generation:
         self.ids = [_encode(tok, p, chat) for p in prompts]
         for b, ids in enumerate(self.ids):
             if not ids:
-                raise ValueError(f"prompt {b} is empty")
+                raise ValueError(f"prompt {b} is empty" if len(prompts) > 1 else "the prompt is empty")
         self.single = single
         B = len(self.ids)
         need = max(len(i) for i in self.ids) + max_new_tokens
@@ -664,19 +664,14 @@ class Generation:
         return pieces
 
     def prefill(self):
-        e = self.engine
-        e.add_prompts(self.ids)
-        self.t_start = time.perf_counter()
-        e.catch_up(self.exits0)
+        self.engine.add_prompts(self.ids)
+        self.engine.catch_up(self.exits0)
 
     def __iter__(self):
-        t0 = time.perf_counter()
+        self.t_start = time.perf_counter()
         self.prefill()
-        self.t_start = t0
         while not all(self.done):
-            pieces = self._advance()
-            if self.step_index == 1:
-                self.t_first = time.perf_counter()
+            pieces = self._advance()  # the first call also sets t_first
             yield pieces[0] if self.single else pieces
         self.t_end = time.perf_counter()
 

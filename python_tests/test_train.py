@@ -20,6 +20,18 @@ def _corpus(n=4000, seed=0):
     return Corpus(ids, ids[:256].clone(), ["train"], ["held"], "synthetic")
 
 
+class Stop(Exception):
+    """Raised by a training callback: an interruption at a chosen step."""
+
+
+def stop_at(n):
+    def callback(step, info):
+        if step == n:
+            raise Stop
+
+    return callback
+
+
 def test_distill_loss_matches_kl_definition():
     torch.manual_seed(0)
     s, t, w = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16), torch.randn(40, 16)
@@ -94,17 +106,10 @@ def test_interrupt_and_resume_is_exact(tmp_path):
     attach(ref, [1, 3], init="random", seed=0)
     ref_out = train(ref, **kw)
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(step, info):
-        if step == 3:
-            raise Stop
-
     run = tiny_balcony()
     attach(run, [1, 3], init="random", seed=0)
     with pytest.raises(Stop):
-        train(run, checkpoint_dir=tmp_path, checkpoint_every=2, callback=stop_at_3, **kw)
+        train(run, checkpoint_dir=tmp_path, checkpoint_every=2, callback=stop_at(3), **kw)
     # a fresh process: new model, exits initialised differently, state comes from the checkpoint
     fresh = tiny_balcony()
     attach(fresh, [1, 3], init="random", seed=99)
@@ -155,17 +160,10 @@ def test_affine_baseline_trains_on_the_same_batches_and_resumes(tmp_path):
     for k, v in plain.balconies.state_dict().items():
         torch.testing.assert_close(ref.balconies.state_dict()[k], v)
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_2(step, info):
-        if step == 2:
-            raise Stop
-
     run = tiny_balcony()
     attach(run, [1, 3], init="random", seed=0)
     with pytest.raises(Stop):
-        train(run, checkpoint_dir=tmp_path, checkpoint_every=1, callback=stop_at_2, **kw)
+        train(run, checkpoint_dir=tmp_path, checkpoint_every=1, callback=stop_at(2), **kw)
     fresh = tiny_balcony()
     attach(fresh, [1, 3], init="random", seed=5)
     out = train(fresh, checkpoint_dir=tmp_path, checkpoint_every=1, **kw)
