@@ -14,12 +14,13 @@
 
 namespace balcony::cpu::BALCONY_CPU_CAPABILITY {
 
-// MR rows of x against one weight row; U independent accumulators per x row hide the FMA latency
-// when there are few rows.
+// MR rows of x against one weight row; U independent accumulators per x row hide the FMA latency.
+// U is the same for every MR: the summation order, hence every bit of a row's result, does not
+// depend on how many rows share the call (mixed-budget batches rely on it).
 template <int MR, typename T>
 inline void linear_row(const float* x, int64_t x_stride, const T* wr, int64_t K, float* sums) {
   constexpr int W = kVecWidth;
-  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  constexpr int U = 2;
   vfloat acc[MR][U];
   for (int i = 0; i < MR; ++i)
     for (int u = 0; u < U; ++u) acc[i][u] = vsplat(0.f);
