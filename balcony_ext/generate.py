@@ -308,10 +308,11 @@ class Engine:
         # activation converted once; otherwise float32 activations (linear_rows widens the weights)
         low = lw[1].dtype if lw[1].dtype != torch.float32 and B * T >= BF16_GEMM_ROWS else None
 
-        def lin(a, wt, bias=None):
+        def lin(a, wt, bias=None, widen=True):
             if low is None:
                 return _linear(a, wt, bias)
-            y = F.linear(a, wt).float()
+            y = F.linear(a, wt)
+            y = y.float() if widen else y  # (added to the float32 residual, a bfloat16 y is widened there)
             return y + bias if bias is not None and bias.numel() else y
 
         def to_low(a):
@@ -349,13 +350,13 @@ class Engine:
             mask[..., 0] |= ~valid  # padding rows attend to something (their output is discarded)
             att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask.unsqueeze(1),
                                                  scale=w.scale)
-        x = x + lin(to_low(att.transpose(1, 2).reshape(B, T, w.Hq * w.D)), lw[9])
+        x = x + lin(to_low(att.transpose(1, 2).reshape(B, T, w.Hq * w.D)), lw[9], widen=False)
         xn = to_low(_rms(x, lw[10], w.eps))
         if low is None:
             gu = torch.cat([_linear(xn, lw[11]), _linear(xn, lw[12])], dim=-1)
         else:
             gu = torch.cat([F.linear(xn, lw[11]), F.linear(xn, lw[12])], dim=-1)
-        return x + lin(ops.silu_and_mul(gu), lw[13])
+        return x + lin(ops.silu_and_mul(gu), lw[13], widen=False)
 
     def _grid(self, starts, counts):
         """Row and position indices [B,T] of the positions starts[b] .. starts[b]+counts[b]-1 (past a

@@ -30,20 +30,28 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
 
-    bw = memory_bandwidth()
-    rows = []
+    # this machine's memory bandwidth drifts by tens of % over minutes (shared host): it is measured
+    # again right before each group of rows, and each row is set against its own group's figure
+    rows, reads = [], []
     for dt in args.dtypes:
         model = bx.load(dtype=getattr(torch, dt), exits=args.exits_file)
         for batch in args.batches:
-            rows += decode_table(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.tokens,
+            bw = memory_bandwidth()
+            group = decode_table(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.tokens,
                                  hf=not args.no_hf, repeats=args.repeats)
+            for r in group:
+                r["read_gbs"] = bw["read_gbs"]
+                r["of_read_bw"] = r["gbs"] / bw["read_gbs"]
+            rows += group
+            reads.append(f"{dt} batch {batch}: {bw['read_gbs']:.1f}")
+    bw = dict(read_gbs=[r["read_gbs"] for r in rows])
     print(f"# generate decode speed, {model.name}, prompt {args.prompt_len} tokens, {args.tokens} new tokens, "
-          f"{machine()}; read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s (same run)")
-    print(format_table(rows, bw))
+          f"{machine()}; read bandwidth measured before each group, GB/s: {', '.join(reads)}")
+    print(format_table(rows))
     L = model.num_layers
     full = {(r["dtype"], r["batch"]): r for r in rows if r["exit"] == L}
     targets = {}

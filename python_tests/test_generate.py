@@ -73,6 +73,30 @@ def test_native_step_long_context_split_attention():
     torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=3e-4, rtol=3e-4)
 
 
+@pytest.mark.parametrize("lengths", [(5, 9, 3, 12), (8, 8, 8, 8)], ids=["ragged", "equal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_step_equals_catch_up_then_a_decode_step(lengths, dtype):
+    # the prefill computes the first token from its own last position (and only that position's
+    # output at the last layer and the exits): the same state as filling the cache, then a step
+    m = _model(dtype=dtype)
+    prompts = _prompts(4, lengths=lengths)
+    exits = [2, L, 4, 2]
+    sampling = (torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4))
+    a, b = Engine(m, 4, 32), Engine(m, 4, 32)
+    for e in (a, b):
+        e.add_prompts(prompts)
+    first = a.prefill_step(exits, *sampling)
+    b.catch_up(exits)
+    ref = b.step(exits, *sampling)
+    assert first.tolist() == ref.tolist()
+    assert torch.equal(a.kv_len, b.kv_len)
+    # bfloat16: a prefill of many rows runs its GEMMs in bfloat16 (activations rounded, as Hugging
+    # Face's are), the decode step in float32 with widened weights: a few % of the scale apart
+    rel = 2e-5 if dtype == torch.float32 else 3e-2
+    for x, y in zip([a.logits] + a.k_cache + a.v_cache + a.kept, [b.logits] + b.k_cache + b.v_cache + b.kept):
+        assert (x - y).abs().max() <= rel * y.abs().max()
+
+
 @pytest.mark.parametrize("k", [2, 4, L])
 def test_logits_match_a_full_forward_at_every_exit(k):
     m = _model()
