@@ -58,6 +58,9 @@ TORCH_LIBRARY(balcony, m) {
 
   // SwiGLU activation: input [..., 2I] = [gate | up] -> silu(gate) * up, [..., I].
   m.def("silu_and_mul(Tensor input) -> Tensor");
+  // The same into a preallocated contiguous out [..., I] (no allocation: decode loops, and large
+  // outputs whose fresh pages would otherwise be faulted in on every call).
+  m.def("silu_and_mul_out(Tensor input, Tensor(a!) out) -> ()");
   m.def("silu_and_mul_backward(Tensor grad_out, Tensor input) -> Tensor");
 
   // KL(p_teacher || p_student) for self-distillation without materialising the student logits:

@@ -71,6 +71,32 @@ def test_silu_and_mul_non_contiguous(cpu_capability, device, dtype):
         assert_close(got, _grad_of(reference_silu_and_mul, x, grad), scale=2)
 
 
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("shape", SHAPES)
+def test_silu_and_mul_out(cpu_capability, device, dtype, shape):
+    torch.manual_seed(1)
+    x = _input(shape, device, dtype)
+    out = torch.full(shape, float("nan"), device=device, dtype=dtype)
+    assert ops.silu_and_mul(x, out=out) is out
+    assert_close(out, reference_silu_and_mul(x))
+    # a strided input, the same result
+    wide = _input((*shape[:-1], 3 * shape[-1]), device, dtype)
+    ops.silu_and_mul(wide[..., : 2 * shape[-1]], out=out)
+    assert_close(out, reference_silu_and_mul(wide[..., : 2 * shape[-1]]))
+
+
+def test_silu_and_mul_out_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="last dimension halved"):
+        torch.ops.balcony.silu_and_mul_out(x, torch.empty(4, 8))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.balcony.silu_and_mul_out(x, torch.empty(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.balcony.silu_and_mul_out(x, torch.empty(4, 8)[:, :4])
+    with pytest.raises(RuntimeError, match="must be even"):
+        torch.ops.balcony.silu_and_mul_out(torch.randn(4, 7), torch.empty(4, 3))
+
+
 def test_silu_and_mul_empty():
     x = torch.randn(0, 34)
     assert ops.silu_and_mul(x).shape == (0, 17)
@@ -86,6 +112,7 @@ def test_silu_and_mul_opcheck(device, dtype):
     torch.library.opcheck(torch.ops.balcony.silu_and_mul.default, (x.clone().requires_grad_(),))
     grad = torch.randn(3, 5, 37, device=device, dtype=dtype)
     torch.library.opcheck(torch.ops.balcony.silu_and_mul_backward.default, (grad, x))
+    torch.library.opcheck(torch.ops.balcony.silu_and_mul_out.default, (x, torch.empty_like(grad)))
 
 
 def test_silu_and_mul_errors():

@@ -12,8 +12,12 @@ def reference_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[..., :I]) * x[..., I:] for x of last dimension 2I; differentiable."""
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x[..., :I]) * x[..., I:] for x of last dimension 2I; differentiable. With `out` (contiguous,
+    x's dtype, shape [..., I]) the result is written there instead (not differentiable)."""
+    if out is not None:
+        torch.ops.balcony.silu_and_mul_out(x, out)
+        return out
     return torch.ops.balcony.silu_and_mul(x)
 
 
@@ -27,6 +31,11 @@ if _native.available():
     @torch.library.register_fake("balcony::silu_and_mul")
     def _(x):
         return x.new_empty(_half_last(x))
+
+    @torch.library.register_fake("balcony::silu_and_mul_out")
+    def _(x, out):
+        torch._check(tuple(out.shape) == _half_last(x), lambda: "silu_and_mul_out: out shape")
+        return None
 
     @torch.library.register_fake("balcony::silu_and_mul_backward")
     def _(grad_out, x):

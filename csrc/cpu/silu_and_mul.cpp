@@ -37,12 +37,8 @@ std::vector<int64_t> half_last(const at::Tensor& input) {
   return shape;
 }
 
-}  // namespace
-
-at::Tensor silu_and_mul_cpu(const at::Tensor& input) {
-  const int64_t inter = check_silu_input(input);
-  at::Tensor out = at::empty(half_last(input), input.options());
-  if (out.numel() == 0) return out;
+void silu_and_mul_into(const at::Tensor& input, int64_t inter, at::Tensor& out) {
+  if (out.numel() == 0) return;
   at::Tensor x = rows_of(input, 2 * inter);
   const int64_t rows = x.size(0);
   auto kind = cpu_scalar_kind(input, "input");
@@ -51,7 +47,25 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& input) {
                    [&](int64_t begin, int64_t end) {
                      kernel(kind, x.data_ptr(), x.stride(0), out.data_ptr(), inter, inter, begin, end);
                    });
+}
+
+}  // namespace
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& input) {
+  const int64_t inter = check_silu_input(input);
+  at::Tensor out = at::empty(half_last(input), input.options());
+  silu_and_mul_into(input, inter, out);
   return out;
+}
+
+void silu_and_mul_out_cpu(const at::Tensor& input, at::Tensor& out) {
+  const int64_t inter = check_silu_input(input);
+  BALCONY_CHECK_DEVICE(out, at::kCPU);
+  BALCONY_CHECK_SAME_DTYPE(out, input);
+  TORCH_CHECK(out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_out: out ", out.sizes(),
+              " must have input's shape ", input.sizes(), " with the last dimension halved");
+  TORCH_CHECK(out.is_contiguous(), "silu_and_mul_out: out must be contiguous");
+  silu_and_mul_into(input, inter, out);
 }
 
 at::Tensor silu_and_mul_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input) {
@@ -77,6 +91,7 @@ at::Tensor silu_and_mul_backward_cpu(const at::Tensor& grad_out, const at::Tenso
 
 TORCH_LIBRARY_IMPL(balcony, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("silu_and_mul_out", &silu_and_mul_out_cpu);
   m.impl("silu_and_mul_backward", &silu_and_mul_backward_cpu);
 }
 

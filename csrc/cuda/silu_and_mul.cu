@@ -28,20 +28,35 @@ std::vector<int64_t> half_last(const at::Tensor& input) {
   return shape;
 }
 
-}  // namespace
-
-at::Tensor silu_and_mul_cuda(const at::Tensor& input) {
-  const int64_t inter = check_silu_input_cuda(input);
-  const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor out = at::empty(half_last(input), input.options());
-  if (out.numel() == 0) return out;
+void silu_and_mul_into_cuda(const at::Tensor& input, int64_t inter, at::Tensor& out) {
+  if (out.numel() == 0) return;
   at::Tensor x = rows_of(input, 2 * inter);
   BALCONY_DISPATCH_CUDA_FLOATING(input.scalar_type(), "silu_and_mul", [&] {
     BALCONY_CUDA_CHECK(cuda::launch_silu_and_mul<scalar_t>(
         static_cast<const scalar_t*>(x.data_ptr()), x.stride(0), static_cast<scalar_t*>(out.data_ptr()), inter,
         x.size(0), static_cast<int>(inter), cuda::current_stream()));
   });
+}
+
+}  // namespace
+
+at::Tensor silu_and_mul_cuda(const at::Tensor& input) {
+  const int64_t inter = check_silu_input_cuda(input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty(half_last(input), input.options());
+  silu_and_mul_into_cuda(input, inter, out);
   return out;
+}
+
+void silu_and_mul_out_cuda(const at::Tensor& input, at::Tensor& out) {
+  const int64_t inter = check_silu_input_cuda(input);
+  BALCONY_CHECK_SAME_DEVICE(out, input);
+  BALCONY_CHECK_SAME_DTYPE(out, input);
+  TORCH_CHECK(out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_out: out ", out.sizes(),
+              " must have input's shape ", input.sizes(), " with the last dimension halved");
+  TORCH_CHECK(out.is_contiguous(), "silu_and_mul_out: out must be contiguous");
+  const c10::cuda::CUDAGuard guard(input.device());
+  silu_and_mul_into_cuda(input, inter, out);
 }
 
 at::Tensor silu_and_mul_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input) {
@@ -66,6 +81,7 @@ at::Tensor silu_and_mul_backward_cuda(const at::Tensor& grad_out, const at::Tens
 
 TORCH_LIBRARY_IMPL(balcony, CUDA, m) {
   m.impl("silu_and_mul", &silu_and_mul_cuda);
+  m.impl("silu_and_mul_out", &silu_and_mul_out_cuda);
   m.impl("silu_and_mul_backward", &silu_and_mul_backward_cuda);
 }
 
