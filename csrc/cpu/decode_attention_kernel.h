@@ -33,6 +33,73 @@ inline float hsum(vfloat v) {
 #endif
 }
 
+// The W horizontal sums of W vectors at once: lane r of the result is the sum of v[r]. Each level
+// adds the two halves of pairs (v[k], v[k + h]) into one vector (lanes with bit h clear from v[k],
+// set from v[k + h]): W - 1 adds and 2(W - 1) shuffles for W sums, with no serial chain.
+// NOTE: one hsum per score (a log2(W)-deep chain each) held the float32 scores at ~380 cycles per
+// position for Llama-8B heads on one Zen 5 core.
+#if BALCONY_VEC_WIDTH == 16
+inline void reduce_level8(vfloat* v) {
+  for (int k = 0; k < 8; ++k)
+    v[k] = __builtin_shufflevector(v[k], v[k + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[k], v[k + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+inline void reduce_level4(vfloat* v) {
+  for (int k = 0; k < 4; ++k)
+    v[k] = __builtin_shufflevector(v[k], v[k + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(v[k], v[k + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline void reduce_level2(vfloat* v) {
+  for (int k = 0; k < 2; ++k)
+    v[k] = __builtin_shufflevector(v[k], v[k + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(v[k], v[k + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline vfloat reduce_level1(vfloat* v) {
+  return __builtin_shufflevector(v[0], v[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(v[0], v[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+inline vfloat hsum_many(vfloat* v) {
+  reduce_level8(v), reduce_level4(v), reduce_level2(v);
+  return reduce_level1(v);
+}
+#elif BALCONY_VEC_WIDTH == 8
+inline vfloat hsum_many(vfloat* v) {
+  for (int k = 0; k < 4; ++k)
+    v[k] = __builtin_shufflevector(v[k], v[k + 4], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(v[k], v[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int k = 0; k < 2; ++k)
+    v[k] = __builtin_shufflevector(v[k], v[k + 2], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(v[k], v[k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(v[0], v[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+         __builtin_shufflevector(v[0], v[1], 1, 9, 3, 11, 5, 13, 7, 15);
+}
+#else
+inline vfloat hsum_many(vfloat* v) {
+  for (int k = 0; k < 2; ++k)
+    v[k] = __builtin_shufflevector(v[k], v[k + 2], 0, 1, 4, 5) + __builtin_shufflevector(v[k], v[k + 2], 2, 3, 6, 7);
+  return __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6) + __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+}
+#endif
+
+// Scores of W consecutive K rows (row stride ks) against one float query: out[0:W] = q . k_r.
+template <typename T>
+inline void dot_rows_w(const float* q, const T* k, int64_t ks, int64_t D, float* out) {
+  constexpr int W = kVecWidth;
+  vfloat acc[W];
+  for (int r = 0; r < W; ++r) acc[r] = vsplat(0.f);
+  int64_t i = 0;
+  for (; i + W <= D; i += W) {
+    const vfloat qv = vload(q + i);
+    for (int r = 0; r < W; ++r) acc[r] += qv * vload(k + r * ks + i);
+  }
+  if (i < D) {
+    const int n = static_cast<int>(D - i);
+    const vfloat qv = vload_partial(q + i, n);
+    for (int r = 0; r < W; ++r) acc[r] += qv * vload_partial(k + r * ks + i, n);
+  }
+  vstore(out, hsum_many(acc));
+}
+
 template <typename T>
 inline float dot_row(const float* q, const T* k, int64_t D) {
   constexpr int W = kVecWidth;
@@ -79,6 +146,24 @@ inline float dot_row_bf16_insn(const bf16_t* q, const float* qf, const bf16_t* k
   }
   return hsum((s0 + s1) * scale + t);
 }
+
+// The same for W consecutive K rows at once (D a multiple of 32): out[0:W] = scale * q . k_r.
+inline void dot_rows_w_bf16_insn(const bf16_t* q, const bf16_t* k, int64_t ks, int64_t D, float scale,
+                                 float* out) {
+  typedef short v32bh __attribute__((vector_size(64)));
+  constexpr int W = kVecWidth;
+  vfloat acc[W];
+  for (int r = 0; r < W; ++r) acc[r] = vsplat(0.f);
+  v32bh qa, ka;
+  for (int64_t i = 0; i < D; i += 2 * W) {
+    std::memcpy(&qa, q + i, sizeof qa);
+    for (int r = 0; r < W; ++r) {
+      std::memcpy(&ka, k + r * ks + i, sizeof ka);
+      acc[r] = __builtin_ia32_dpbf16ps_v16sf(acc[r], qa, ka);
+    }
+  }
+  vstore(out, hsum_many(acc) * scale);
+}
 #endif
 
 // Prefetches the n bytes at p (one request per cache line).
@@ -93,6 +178,34 @@ inline void scale_row(float* acc, float alpha, int64_t D) {
   int64_t i = 0;
   for (; i + W <= D; i += W) vstore(acc + i, vload(acc + i) * va);
   for (; i < D; ++i) acc[i] *= alpha;
+}
+
+// acc[g][0:D'] += sum_jj p[g][jj] * V[jj][0:D'] for the G (<= 4) heads of a group together, over the
+// columns in whole chunks of 4W (returns D', where the per-head loops take over). The G x 4
+// accumulators stay in registers; each V vector is loaded and widened once, not once per head.
+// NOTE: per head, bfloat16 V rows were widened G times (Llama-8B heads: G = 4), the largest cost of
+// the bfloat16 kernel once the scores were batched.
+template <int G, typename T>
+inline int64_t accumulate_v_group(const float* sc, const T* vblk, int64_t vs, int64_t nb, int64_t D, float* acc) {
+  constexpr int W = kVecWidth;
+  constexpr int64_t NB = kDecodeBlock;
+  int64_t i = 0;
+  for (; i + 4 * W <= D; i += 4 * W) {
+    vfloat a[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) a[g][c] = vload(acc + g * D + i + c * W);
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const T* vr = vblk + jj * vs + i;
+      const vfloat v0 = vload(vr), v1 = vload(vr + W), v2 = vload(vr + 2 * W), v3 = vload(vr + 3 * W);
+      for (int g = 0; g < G; ++g) {
+        const vfloat pv = vsplat(sc[g * NB + jj]);
+        a[g][0] += pv * v0, a[g][1] += pv * v1, a[g][2] += pv * v2, a[g][3] += pv * v3;
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) vstore(acc + g * D + i + c * W, a[g][c]);
+  }
+  return i;
 }
 
 // One task: positions [j * chunk, min((j + 1) * chunk, len)) of sequence b against the G query
@@ -141,22 +254,30 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     // 8192 positions from 6.7 to 5.9 ms and SmolLM2-like batch 8 from 10.7 to 7.0 ms; with bfloat16
     // caches (half the bytes per row, more arithmetic per byte) it was slightly slower, so it is off.
     const bool more = sizeof(T) == sizeof(float) && p0 + NB < p_end;
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      const T* krow = kblk + jj * ks;
-      if (more) {
-        prefetch_bytes(krow + NB * ks, D * static_cast<int64_t>(sizeof(T)));
+    if (more)
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        prefetch_bytes(kblk + (jj + NB) * ks, D * static_cast<int64_t>(sizeof(T)));
         prefetch_bytes(vblk + (jj + NB) * vs, D * static_cast<int64_t>(sizeof(T)));
       }
+    // W positions at a time with one transposed reduction, then the rest one by one.
+    int64_t jw = 0;
 #ifdef BALCONY_CPU_BF16_INSN
-      if constexpr (kInsn) {
-        const bf16_t* q = static_cast<const bf16_t*>(a.query) + b * a.q_sb + h * G * a.q_sh;
+    if constexpr (kInsn) {
+      const bf16_t* q = static_cast<const bf16_t*>(a.query) + b * a.q_sb + h * G * a.q_sh;
+      if (D % (2 * W) == 0)
+        for (; jw + W <= nb; jw += W)
+          for (int64_t g = 0; g < G; ++g)
+            dot_rows_w_bf16_insn(q + g * a.q_sh, kblk + jw * ks, ks, D, a.scale, sc + g * NB + jw);
+      for (int64_t jj = jw; jj < nb; ++jj)
         for (int64_t g = 0; g < G; ++g)
-          sc[g * NB + jj] = dot_row_bf16_insn(q + g * a.q_sh, qf + g * D, krow, D, a.scale);
-        continue;
-      }
-#endif
-      for (int64_t g = 0; g < G; ++g) sc[g * NB + jj] = dot_row(qf + g * D, krow, D);
+          sc[g * NB + jj] = dot_row_bf16_insn(q + g * a.q_sh, qf + g * D, kblk + jj * ks, D, a.scale);
+      jw = nb;
     }
+#endif
+    for (; jw + W <= nb; jw += W)
+      for (int64_t g = 0; g < G; ++g) dot_rows_w(qf + g * D, kblk + jw * ks, ks, D, sc + g * NB + jw);
+    for (int64_t jj = jw; jj < nb; ++jj)
+      for (int64_t g = 0; g < G; ++g) sc[g * NB + jj] = dot_row(qf + g * D, kblk + jj * ks, D);
     // Online softmax update per query head.
     for (int64_t g = 0; g < G; ++g) {
       float* s = sc + g * NB;
@@ -190,6 +311,13 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     // NOTE: one accumulator per D-chunk made this a chain of dependent FMAs (4 cycles each; half
     // the kernel's time in perf); four chunks at once (or two interleaved positions) hide it.
     int64_t i = 0;
+    switch (G) {  // up to 4 heads: each V vector loaded (and widened) once for the whole group
+      case 1: i = accumulate_v_group<1>(sc, vblk, vs, nb, D, acc); break;
+      case 2: i = accumulate_v_group<2>(sc, vblk, vs, nb, D, acc); break;
+      case 3: i = accumulate_v_group<3>(sc, vblk, vs, nb, D, acc); break;
+      case 4: i = accumulate_v_group<4>(sc, vblk, vs, nb, D, acc); break;
+      default: break;
+    }
     for (; i + 4 * W <= D; i += 4 * W) {
       for (int64_t g = 0; g < G; ++g) {
         const float* p = sc + g * NB;
