@@ -71,8 +71,8 @@ def hf_at_depth(model, k: int):
     return out
 
 
-def _hf_speed(hf, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple:
-    """(decode tokens/s per sequence, time to first token s) of HF greedy generate, best of repeats:
+def _hf_speed(hf, ids: torch.Tensor, new_tokens: int) -> tuple:
+    """(decode time of new_tokens - 1 tokens s, time to first token s) of one HF greedy generate pair:
     decode time is that of new_tokens tokens minus that of one (the prefill and first token)."""
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -81,25 +81,21 @@ def _hf_speed(hf, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple:
         hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
         return time.perf_counter() - t
 
-    with torch.no_grad():
-        timed(2)  # warm-up
-        ttft = min(timed(1) for _ in range(repeats))
-        total = min(timed(new_tokens) for _ in range(repeats))
-    return (new_tokens - 1) / max(total - ttft, 1e-9), ttft
+    ttft = timed(1)
+    return timed(new_tokens) - ttft, ttft
 
 
-def _our_speed(model, prompts: list, k: int, new_tokens: int, repeats: int) -> tuple:
-    kw = dict(exit_layer=k, stop_tokens=[], calibration=None)
-    generate(model, prompts, max_new_tokens=2, **kw)  # warm-up
-    outs = [generate(model, prompts, max_new_tokens=new_tokens, **kw)[0] for _ in range(repeats)]
-    return max(o.tokens_per_second for o in outs), min(o.time_to_first_token for o in outs)
+def _our_speed(model, prompts: list, k: int, new_tokens: int) -> tuple:
+    out = generate(model, prompts, max_new_tokens=new_tokens, exit_layer=k, stop_tokens=[], calibration=None)[0]
+    return out.tokens_per_second, out.time_to_first_token
 
 
 def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_tokens: int = 32, hf: bool = True,
                  repeats: int = 3, progress: bool = True) -> list:
     """One row per depth: our decode tokens/s (per sequence) and time to first token beside HF's,
     the weights' bytes per step, achieved GB/s, and the speed-up over our full model against the
-    ideal ratio of bytes read."""
+    ideal ratio of bytes read. Best of `repeats` rounds, each round measuring every depth (ours, then
+    Hugging Face's) in turn, so a slow spell of a shared machine does not land on one row only."""
     from tqdm.auto import tqdm
 
     L = model.num_layers
@@ -107,15 +103,29 @@ def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_t
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 10_000, (batch, prompt_len), generator=g)
     prompts = ids.tolist()
+    hfs = {k: hf_at_depth(model, k) for k in depths} if hf else {}
+    best = {k: dict(ours=0.0, ttft=float("inf"), hf=0.0, hf_ttft=float("inf")) for k in depths}
+    with torch.no_grad():
+        for k in depths:  # warm-up
+            generate(model, prompts, max_new_tokens=2, exit_layer=k, stop_tokens=[], calibration=None)
+            if hf:
+                _hf_speed(hfs[k], ids, 2)
+        for _ in tqdm(range(repeats), desc=f"decode speed, batch {batch}", disable=not progress):
+            for k in depths:
+                b = best[k]
+                tps, ttft = _our_speed(model, prompts, k, new_tokens)
+                b["ours"], b["ttft"] = max(b["ours"], tps), min(b["ttft"], ttft)
+                if hf:
+                    dec, ttft = _hf_speed(hfs[k], ids, new_tokens)
+                    b["hf"], b["hf_ttft"] = max(b["hf"], (new_tokens - 1) / max(dec, 1e-9)), min(b["hf_ttft"], ttft)
     rows = []
-    for k in tqdm(depths, desc=f"decode speed, batch {batch}", disable=not progress):
-        ours, ttft = _our_speed(model, prompts, k, new_tokens, repeats)
-        row = dict(exit=k, batch=batch, dtype=str(model.dtype).replace("torch.", ""), tokens_per_s=ours,
-                   ttft_s=ttft, bytes_per_step=bytes_per_token(model, k))
-        row["gbs"] = row["bytes_per_step"] * ours / 1e9
+    for k in depths:
+        b = best[k]
+        row = dict(exit=k, batch=batch, dtype=str(model.dtype).replace("torch.", ""), tokens_per_s=b["ours"],
+                   ttft_s=b["ttft"], bytes_per_step=bytes_per_token(model, k))
+        row["gbs"] = row["bytes_per_step"] * b["ours"] / 1e9
         if hf:
-            hf_tps, hf_ttft = _hf_speed(hf_at_depth(model, k), ids, new_tokens, repeats)
-            row.update(hf_tokens_per_s=hf_tps, hf_ttft_s=hf_ttft, vs_hf=ours / hf_tps)
+            row.update(hf_tokens_per_s=b["hf"], hf_ttft_s=b["hf_ttft"], vs_hf=b["ours"] / b["hf"])
         rows.append(row)
     full = next((r for r in rows if r["exit"] == L), None)
     for r in rows:
