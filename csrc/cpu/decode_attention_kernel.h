@@ -208,6 +208,83 @@ inline int64_t accumulate_v_group(const float* sc, const T* vblk, int64_t vs, in
   return i;
 }
 
+#ifdef BALCONY_CPU_BF16_INSN
+// The same with vdpbf16ps for bfloat16 caches (D a multiple of 64): two positions per instruction,
+// acc[c] += p_j V[j][c] + p_j+1 V[j+1][c], the probabilities rounded to bfloat16 (as flash attention
+// does for its P V product; the running sums stay float). V rows j and j+1 are interleaved word by
+// word within 128-bit lanes (vpunpck[lh]wd), which leaves the columns of the float accumulators in
+// the order lo = {0-3, 8-11, 16-19, 24-27}, hi = {4-7, 12-15, 20-23, 28-31} of each 32; they are
+// loaded and stored through that permutation once per block. An odd last position uses plain FMAs.
+// NOTE: widening V and one FMA per head and vector made the bfloat16 kernel vector-bound at ~100
+// cycles per position for Llama-8B heads on one Zen 5 core (one 512-bit FMA per cycle).
+typedef short v32bh __attribute__((vector_size(64)));
+typedef int v16si __attribute__((vector_size(64)));
+
+inline v32bh interleave_lo(v32bh a, v32bh b) {
+  return __builtin_shufflevector(a, b, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43, 16, 48, 17, 49, 18,
+                                 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
+}
+inline v32bh interleave_hi(v32bh a, v32bh b) {
+  return __builtin_shufflevector(a, b, 4, 36, 5, 37, 6, 38, 7, 39, 12, 44, 13, 45, 14, 46, 15, 47, 20, 52, 21, 53,
+                                 22, 54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
+}
+
+template <int G>
+inline void accumulate_v_pairs_bf16(const float* sc, const bf16_t* vblk, int64_t vs, int64_t nb, int64_t D,
+                                    float* acc) {
+  constexpr int W = kVecWidth;
+  constexpr int64_t NB = kDecodeBlock;
+  alignas(64) bf16_t pb[G * NB];  // probabilities in bfloat16: positions j, j+1 in one 32-bit word
+  for (int g = 0; g < G; ++g)
+    for (int64_t jj = 0; jj < nb; jj += W) {
+      const auto h = __builtin_ia32_cvtneps2bf16_v16sf(vload(sc + g * NB + jj));
+      std::memcpy(pb + g * NB + jj, &h, sizeof h);
+    }
+  const int64_t pairs_end = nb & ~int64_t{1};
+  for (int64_t i = 0; i < D; i += 4 * W) {
+    vfloat a[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int h = 0; h < 2; ++h) {
+        const vfloat n0 = vload(acc + g * D + i + 2 * h * W), n1 = vload(acc + g * D + i + (2 * h + 1) * W);
+        a[g][2 * h] = __builtin_shufflevector(n0, n1, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+        a[g][2 * h + 1] = __builtin_shufflevector(n0, n1, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+      }
+    for (int64_t jj = 0; jj < pairs_end; jj += 2) {
+      const bf16_t* r0 = vblk + jj * vs + i;
+      v32bh x0, y0, x1, y1;
+      std::memcpy(&x0, r0, sizeof x0), std::memcpy(&y0, r0 + vs, sizeof y0);
+      std::memcpy(&x1, r0 + 2 * W, sizeof x1), std::memcpy(&y1, r0 + vs + 2 * W, sizeof y1);
+      const v32bh b0 = interleave_lo(x0, y0), b1 = interleave_hi(x0, y0);
+      const v32bh b2 = interleave_lo(x1, y1), b3 = interleave_hi(x1, y1);
+      for (int g = 0; g < G; ++g) {
+        int32_t word;
+        std::memcpy(&word, pb + g * NB + jj, sizeof word);
+        const v32bh pv = (v32bh)(v16si{} + word);
+        a[g][0] = __builtin_ia32_dpbf16ps_v16sf(a[g][0], pv, b0);
+        a[g][1] = __builtin_ia32_dpbf16ps_v16sf(a[g][1], pv, b1);
+        a[g][2] = __builtin_ia32_dpbf16ps_v16sf(a[g][2], pv, b2);
+        a[g][3] = __builtin_ia32_dpbf16ps_v16sf(a[g][3], pv, b3);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int h = 0; h < 2; ++h) {
+        const vfloat lo = a[g][2 * h], hi = a[g][2 * h + 1];
+        vstore(acc + g * D + i + 2 * h * W,
+               __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23));
+        vstore(acc + g * D + i + (2 * h + 1) * W,
+               __builtin_shufflevector(lo, hi, 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31));
+      }
+  }
+  if (nb & 1) {
+    const bf16_t* vr = vblk + (nb - 1) * vs;
+    for (int g = 0; g < G; ++g) {
+      const vfloat pv = vsplat(sc[g * NB + nb - 1]);
+      for (int64_t i = 0; i < D; i += W) vstore(acc + g * D + i, vload(acc + g * D + i) + pv * vload(vr + i));
+    }
+  }
+}
+#endif
+
 // One task: positions [j * chunk, min((j + 1) * chunk, len)) of sequence b against the G query
 // heads sharing kv head h. K and V rows are read from memory once for the whole group.
 // kInsn (bfloat16 caches under Capability::AVX512_BF16): the scores with vdpbf16ps.
@@ -310,6 +387,19 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     // acc_g += sum_jj p[g][jj] * V[jj], the V block re-read from L1 once per head.
     // NOTE: one accumulator per D-chunk made this a chain of dependent FMAs (4 cycles each; half
     // the kernel's time in perf); four chunks at once (or two interleaved positions) hide it.
+#ifdef BALCONY_CPU_BF16_INSN
+    if constexpr (kInsn) {
+      if (G <= 4 && D % (4 * W) == 0) {
+        switch (G) {
+          case 1: accumulate_v_pairs_bf16<1>(sc, vblk, vs, nb, D, acc); break;
+          case 2: accumulate_v_pairs_bf16<2>(sc, vblk, vs, nb, D, acc); break;
+          case 3: accumulate_v_pairs_bf16<3>(sc, vblk, vs, nb, D, acc); break;
+          default: accumulate_v_pairs_bf16<4>(sc, vblk, vs, nb, D, acc); break;
+        }
+        continue;
+      }
+    }
+#endif
     int64_t i = 0;
     switch (G) {  // up to 4 heads: each V vector loaded (and widened) once for the whole group
       case 1: i = accumulate_v_group<1>(sc, vblk, vs, nb, D, acc); break;
