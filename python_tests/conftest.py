@@ -15,13 +15,27 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_modifyitems(config, items):
+    # A CUDA variant runs once: the CPU instruction set does not change what it tests, so its copies
+    # under the other CPU capabilities are deselected (not reported as skips).
+    first_cpu = _cpu_capabilities()[0]
+    keep, drop = [], []
+    for item in items:
+        cap = getattr(item, "callspec", None) and item.callspec.params.get("cpu_capability")
+        (drop if "cuda" in item.keywords and cap not in (None, first_cpu) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
 
 
-@pytest.fixture(params=_native.supported_cpu_capabilities() if _native.available() else ["default"])
+def _cpu_capabilities():
+    return _native.supported_cpu_capabilities() if _native.available() else ["default"]
+
+
+@pytest.fixture(params=_cpu_capabilities())
 def cpu_capability(request):
     """Runs a test once per CPU instruction set this machine supports (baseline, AVX2, AVX-512)."""
     before = balcony_ext.cpu_capability()
