@@ -12,7 +12,6 @@ configurations whose KV cache exceeds --max-mb (the full grid takes minutes ther
 The reference (a Python loop over sequences) is timed only for batch <= 8.
 """
 
-import argparse
 import math
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from balcony_ext import ops
 from balcony_ext.reference import reference_decode_attention
-from common import copy_bandwidth, emit_json, machine, median_time, print_table
+from common import emit_json, machine, median_time, op_arguments, op_setup, print_table
 
 HEADS = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 
@@ -33,14 +32,11 @@ def sdpa(q, kc, vc, n, scale):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ap = op_arguments()
     ap.add_argument("--full", action="store_true", help="every configuration, however large")
     ap.add_argument("--max-mb", type=float, default=160.0, help="CPU: skip KV caches larger than this")
     args = ap.parse_args()
-    dev, dtype = args.device, getattr(torch, args.dtype)
-    copy_gbs = copy_bandwidth(device=dev)
+    dev, dtype, copy_gbs = op_setup(args)
     print(f"decode_attention on {dev} ({machine()}), {args.dtype}; copy bandwidth {copy_gbs:.1f} GB/s")
     rows = []
     for name, (hq, hkv, d) in HEADS.items():

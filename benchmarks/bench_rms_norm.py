@@ -10,7 +10,6 @@ On a shared CPU machine, --threads 1 gives steadier figures (a busy second core 
 parallel region). Prints a table, then one JSON line.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the source tree, when not installed
-from common import copy_bandwidth, emit_json, machine, median_time, print_table  # noqa: E402
+from common import emit_json, machine, median_time, op_arguments, op_setup, print_table  # noqa: E402
 
 from balcony_ext import ops  # noqa: E402
 from balcony_ext.reference import reference_fused_add_rms_norm, reference_rms_norm, reference_rms_norm_backward  # noqa: E402
@@ -28,19 +27,13 @@ LARGE_BYTES = 32 << 20
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p = op_arguments(__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, nargs="+", default=[576, 2048, 4096])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 4096])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev, dtype = args.device, getattr(torch, args.dtype)
+    dev, dtype, copy_gbs = op_setup(args)
     es = torch.finfo(dtype).bits // 8
     eps = 1e-6
-    copy_gbs = copy_bandwidth(device=dev)
     has_f_rms = hasattr(F, "rms_norm")
     results = []
 

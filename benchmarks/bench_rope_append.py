@@ -11,13 +11,12 @@ bytes = query read + written, key and value read, key and value written to the c
 read. These are tiny (kilobytes): the figure of merit is latency; GB/s is shown for completeness.
 """
 
-import argparse
 
 import torch
 
 from balcony_ext import ops
 from balcony_ext.reference import reference_rope_append
-from common import copy_bandwidth, emit_json, machine, median_time, print_table
+from common import emit_json, machine, median_time, op_arguments, op_setup, print_table
 
 HEADS = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 
@@ -41,13 +40,10 @@ def eager(q, k, v, kc, vc, pos, cos, sin):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ap = op_arguments()
     ap.add_argument("--slots", type=int, default=2048)
     args = ap.parse_args()
-    dev, dtype = args.device, getattr(torch, args.dtype)
-    copy_gbs = copy_bandwidth(device=dev)
+    dev, dtype, copy_gbs = op_setup(args)
     print(f"rope_append on {dev} ({machine()}), {args.dtype}, T = 1; copy bandwidth {copy_gbs:.1f} GB/s")
     rows = []
     for name, (hq, hkv, d) in HEADS.items():

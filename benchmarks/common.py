@@ -1,6 +1,7 @@
 """Shared benchmark helpers: timing (median after warm-up), the copy bandwidth of this machine
 measured in the same run, an aligned table, and the final JSON line."""
 
+import argparse
 import json
 import platform
 import statistics
@@ -34,6 +35,22 @@ def copy_bandwidth(nbytes: int = 256 << 20, device: str = "cpu") -> float:
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), warmup=2, reps=10)
     return 2 * nbytes / t / 1e9
+
+
+def op_arguments(description: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every op benchmark takes: --device (the GPU when there is one), --dtype, --threads."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    return ap
+
+
+def op_setup(args) -> tuple:
+    """Applies --threads; returns (device, dtype, the copy bandwidth measured now in GB/s)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args.device, getattr(torch, args.dtype), copy_bandwidth(device=args.device)
 
 
 def machine() -> str:
