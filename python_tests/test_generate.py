@@ -1,5 +1,7 @@
 """generate(): the early-exit KV cache engine, its native decode step, budgets and errors."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -95,6 +97,26 @@ def test_prefill_step_equals_catch_up_then_a_decode_step(lengths, dtype):
     rel = 2e-5 if dtype == torch.float32 else 3e-2
     for x, y in zip([a.logits] + a.k_cache + a.v_cache + a.kept, [b.logits] + b.k_cache + b.v_cache + b.kept):
         assert (x - y).abs().max() <= rel * y.abs().max()
+
+
+def test_prefill_float32_gemm_paths_agree(monkeypatch):
+    # the float32 prefill GEMMs go through oneDNN where torch has it; the default path gives the same
+    gen = importlib.import_module("balcony_ext.generate")  # the module (bx.generate is the function)
+
+    m = _model()
+    prompts = _prompts(4, lengths=(8, 8, 8, 8))
+    exits = [2, L, 4, 2]
+    sampling = (torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4))
+    engines = []
+    for onednn in (gen._ONEDNN_LINEAR[0], False):
+        monkeypatch.setattr(gen, "_ONEDNN_LINEAR", [onednn])
+        e = Engine(m, 4, 32)
+        e.add_prompts(prompts)
+        e.prefill_step(exits, *sampling)
+        engines.append(e)
+    torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=1e-4, rtol=1e-4)
+    for x, y in zip(engines[0].k_cache, engines[1].k_cache):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [2, 4, L])
