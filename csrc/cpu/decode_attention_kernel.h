@@ -358,8 +358,11 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     // Online softmax update per query head.
     for (int64_t g = 0; g < G; ++g) {
       float* s = sc + g * NB;
-      float bm = s[0];
-      for (int64_t jj = 1; jj < nb; ++jj) bm = s[jj] > bm ? s[jj] : bm;
+      vfloat vb = vsplat(-INFINITY);
+      int64_t jm = 0;
+      for (; jm + W <= nb; jm += W) vb = vmax(vb, vload(s + jm));
+      if (jm < nb) vb = vmax(vb, vload_partial(s + jm, static_cast<int>(nb - jm), -INFINITY));
+      const float bm = vmaxall(vb);
       const float m_new = m[g] > bm ? m[g] : bm;
       if (m_new > m[g]) {
         const float alpha = std::exp(m[g] - m_new);  // 0 on the first block (m = -inf)

@@ -105,15 +105,31 @@ inline void vstore_partial(T* p, vfloat v, int n) {
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
 
+// Horizontal sum and max by halving in registers (log2(W) shuffle + op steps).
+// NOTE: written as a loop over the lanes, GCC kept a serial chain of W - 1 scalar adds.
+template <typename Op>
+inline float vreduce(vfloat v, Op op) {
+#if BALCONY_VEC_WIDTH == 16
+  typedef float v8 __attribute__((vector_size(32)));
+  const v8 a = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v4 b = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+#elif BALCONY_VEC_WIDTH == 8
+  typedef float v4 __attribute__((vector_size(16)));
+  const v4 b = op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
+#else
+  const vfloat b = v;
+#endif
+  typedef float v2 __attribute__((vector_size(8)));
+  const v2 c = op(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
+  return op(c, __builtin_shufflevector(c, c, 1, 0))[0];
+}
 inline float vsum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kVecWidth; ++i) s += v[i];
-  return s;
+  return vreduce(v, [](auto a, auto b) { return a + b; });
 }
 inline float vmaxall(vfloat v) {
-  float m = v[0];
-  for (int i = 1; i < kVecWidth; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  return vreduce(v, [](auto a, auto b) { return a > b ? a : b; });
 }
 
 // exp(x) for x already clamped to [-87.34, 88.37] (the normal range of the result): range
