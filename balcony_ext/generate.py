@@ -352,10 +352,7 @@ class Engine:
                                                  scale=w.scale)
         x = x + lin(to_low(att.transpose(1, 2).reshape(B, T, w.Hq * w.D)), lw[9], widen=False)
         xn = to_low(_rms(x, lw[10], w.eps))
-        if low is None:
-            gu = torch.cat([_linear(xn, lw[11]), _linear(xn, lw[12])], dim=-1)
-        else:
-            gu = torch.cat([F.linear(xn, lw[11]), F.linear(xn, lw[12])], dim=-1)
+        gu = torch.cat([lin(xn, lw[11], widen=False), lin(xn, lw[12], widen=False)], dim=-1)
         return x + lin(ops.silu_and_mul(gu), lw[13], widen=False)
 
     def _grid(self, starts, counts):
