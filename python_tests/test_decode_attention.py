@@ -18,6 +18,13 @@ CASES = [
     (2, 32, 8, 128, 2049, [2049, 1500]),  # GQA 4, long
     (3, 8, 1, 80, 65, [17, 65, 40]),  # GQA 8, D = 80
     (1, 3, 1, 72, 31, [31]),  # D = 72: vector tails on every width
+    # the CPU kernel's paths by head size and group (V rows in head passes, column chunks, tails)
+    (2, 6, 1, 64, 47, [47, 33]),  # GQA 6, D = 64: passes of 4 + 2 heads
+    (1, 12, 4, 128, 95, [95]),  # GQA 3, D = 128: passes of 2 + 1 heads
+    (2, 16, 2, 128, 40, [40, 23]),  # GQA 8, D = 128
+    (1, 4, 2, 256, 70, [70]),  # D = 256
+    (1, 6, 2, 192, 37, [37]),  # D = 192: chunks of columns
+    (1, 4, 1, 32, 50, [50]),  # D = 32
 ]
 
 

@@ -22,7 +22,7 @@ namespace balcony {
 namespace {
 
 // Must match kDecodeBlock and decode_attention_scratch_floats in the kernel header.
-constexpr int64_t kScratchBlock = 32;
+constexpr int64_t kScratchBlock = 16;
 
 // Splits so that every thread gets work when B * Hkv is small (batch-1 long context), while each
 // split keeps at least kMinSplitLen positions.
@@ -49,7 +49,9 @@ int64_t decode_attention_cpu_splits(int64_t B, int64_t Hkv, int64_t max_len, int
   return std::max<int64_t>(1, std::min(splits, std::max<int64_t>(1, max_len)));
 }
 
-int64_t decode_attention_cpu_scratch_floats(int64_t G, int64_t D) { return G * (2 * D + kScratchBlock + 2); }
+int64_t decode_attention_cpu_scratch_floats(int64_t G, int64_t D) {
+  return G * (2 * D + kScratchBlock + kScratchBlock / 2 + 2);
+}
 
 void decode_attention_cpu_into(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                const int64_t* seq_lens, int64_t max_len, double scale, int64_t splits, void* out,

@@ -6,14 +6,19 @@
 
 namespace balcony::cpu::BALCONY_CPU_CAPABILITY {
 
-// Positions scored per online-softmax step.
-// NOTE: 32 keeps the K/V block (32 x D x 4 bytes at most 16 KB for D = 128) in L1 while it is
-// re-read once per query head of the group.
-constexpr int64_t kDecodeBlock = 32;
+// Positions scored per online-softmax step (a multiple of the widest vector: one transposed
+// reduction per 16 scores).
+// NOTE: a block reads its K rows (scores) and then its V rows (P V), which take about a third of
+// the time: the V stream asks for twice the K stream's bandwidth in bursts. Past the L3 on one Zen 5
+// core, Llama-8B heads read 17 GB/s with blocks of 32 positions, 19.5 with 16 (bfloat16; float32
+// 11 -> 14, SmolLM2 heads float32 18 -> 21).
+constexpr int64_t kDecodeBlock = 16;
 
 // Floats of scratch one task needs (the caller gives each thread this much): the query group, its
-// accumulators, scores, and running max and sum.
-inline int64_t decode_attention_scratch_floats(int64_t G, int64_t D) { return G * (2 * D + kDecodeBlock + 2); }
+// accumulators, scores, running max and sum, and the probabilities in bfloat16.
+inline int64_t decode_attention_scratch_floats(int64_t G, int64_t D) {
+  return G * (2 * D + kDecodeBlock + kDecodeBlock / 2 + 2);
+}
 
 // Horizontal sum by halving in registers (log2(W) shuffles + adds).
 // NOTE: the same halving through memcpy went through the stack; perf showed it at ~15% of the kernel.
@@ -100,6 +105,39 @@ inline void dot_rows_w(const float* q, const T* k, int64_t ks, int64_t D, float*
   vstore(out, hsum_many(acc));
 }
 
+// The same in memory order, row by row over all of D = NV * W, with the query held in NV registers.
+// NOTE: the column-major order above (one vector of each of the W rows, then the next) reads K at a
+// 256-byte stride for Llama-8B heads; with such a pattern the hardware prefetcher fell behind and a
+// cache past the L3 ran at ~0.4 of the read bandwidth on one Zen 5 core (0.55 in row order).
+template <int NV, typename T>
+inline void dot_rows_w_seq(const float* q, const T* k, int64_t ks, float* out) {
+  constexpr int W = kVecWidth;
+  vfloat qr[NV], acc[W];
+  for (int c = 0; c < NV; ++c) qr[c] = vload(q + c * W);
+  for (int r = 0; r < W; ++r) {
+    vfloat s = qr[0] * vload(k + r * ks);
+    for (int c = 1; c < NV; ++c) s += qr[c] * vload(k + r * ks + c * W);
+    acc[r] = s;
+  }
+  vstore(out, hsum_many(acc));
+}
+
+// dot_rows_w_seq for D = NV * W with NV <= kMaxNV (the query in registers), else dot_rows_w.
+template <typename T>
+inline void dot_rows_w_any(const float* q, const T* k, int64_t ks, int64_t D, float* out) {
+  constexpr int W = kVecWidth;
+  if constexpr (W == 16) {
+    if (D % W == 0) switch (D / W) {
+      case 2: return dot_rows_w_seq<2>(q, k, ks, out);
+      case 4: return dot_rows_w_seq<4>(q, k, ks, out);
+      case 6: return dot_rows_w_seq<6>(q, k, ks, out);
+      case 8: return dot_rows_w_seq<8>(q, k, ks, out);
+      default: break;
+    }
+  }
+  dot_rows_w(q, k, ks, D, out);
+}
+
 template <typename T>
 inline float dot_row(const float* q, const T* k, int64_t D) {
   constexpr int W = kVecWidth;
@@ -148,10 +186,35 @@ inline float dot_row_bf16_insn(const bf16_t* q, const float* qf, const bf16_t* k
 }
 
 // The same for W consecutive K rows at once (D a multiple of 32): out[0:W] = scale * q . k_r.
+// With D = 32 * NC (NC = 2, 4, 8) in memory order, the query in NC registers (see dot_rows_w_seq).
+template <int NC>
+inline void dot_rows_w_bf16_insn_seq(const bf16_t* q, const bf16_t* k, int64_t ks, float scale, float* out) {
+  typedef short v32bh __attribute__((vector_size(64)));
+  constexpr int W = kVecWidth;
+  v32bh qr[NC], kr;
+  vfloat acc[W];
+  for (int c = 0; c < NC; ++c) std::memcpy(&qr[c], q + c * 2 * W, sizeof kr);
+  for (int r = 0; r < W; ++r) {
+    vfloat s = vsplat(0.f);
+    for (int c = 0; c < NC; ++c) {
+      std::memcpy(&kr, k + r * ks + c * 2 * W, sizeof kr);
+      s = __builtin_ia32_dpbf16ps_v16sf(s, qr[c], kr);
+    }
+    acc[r] = s;
+  }
+  vstore(out, hsum_many(acc) * scale);
+}
+
 inline void dot_rows_w_bf16_insn(const bf16_t* q, const bf16_t* k, int64_t ks, int64_t D, float scale,
                                  float* out) {
   typedef short v32bh __attribute__((vector_size(64)));
   constexpr int W = kVecWidth;
+  switch (D) {
+    case 64: return dot_rows_w_bf16_insn_seq<2>(q, k, ks, scale, out);
+    case 128: return dot_rows_w_bf16_insn_seq<4>(q, k, ks, scale, out);
+    case 256: return dot_rows_w_bf16_insn_seq<8>(q, k, ks, scale, out);
+    default: break;
+  }
   vfloat acc[W];
   for (int r = 0; r < W; ++r) acc[r] = vsplat(0.f);
   v32bh qa, ka;
@@ -166,11 +229,6 @@ inline void dot_rows_w_bf16_insn(const bf16_t* q, const bf16_t* k, int64_t ks, i
 }
 #endif
 
-// Prefetches the n bytes at p (one request per cache line).
-inline void prefetch_bytes(const void* p, int64_t n) {
-  for (int64_t b = 0; b < n; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
-}
-
 // acc[0:D] = acc * alpha (alpha != 1 only when the running max moved).
 inline void scale_row(float* acc, float alpha, int64_t D) {
   constexpr int W = kVecWidth;
@@ -180,31 +238,64 @@ inline void scale_row(float* acc, float alpha, int64_t D) {
   for (; i < D; ++i) acc[i] *= alpha;
 }
 
-// acc[g][0:D'] += sum_jj p[g][jj] * V[jj][0:D'] for the G (<= 4) heads of a group together, over the
-// columns in whole chunks of 4W (returns D', where the per-head loops take over). The G x 4
-// accumulators stay in registers; each V vector is loaded and widened once, not once per head.
+// acc[g][c0:c0+NV*W] += sum_jj p[g][jj] * V[jj][c0:c0+NV*W] for GP heads at once (vblk and acc
+// point at column c0; GP * NV accumulators stay in registers). Each V vector is loaded (and widened)
+// once for the GP heads.
 // NOTE: per head, bfloat16 V rows were widened G times (Llama-8B heads: G = 4), the largest cost of
 // the bfloat16 kernel once the scores were batched.
-template <int G, typename T>
-inline int64_t accumulate_v_group(const float* sc, const T* vblk, int64_t vs, int64_t nb, int64_t D, float* acc) {
+template <int GP, int NV, typename T>
+inline void accumulate_v_tile(const float* sc, const T* vblk, int64_t vs, int64_t nb, int64_t D, float* acc) {
   constexpr int W = kVecWidth;
   constexpr int64_t NB = kDecodeBlock;
-  int64_t i = 0;
-  for (; i + 4 * W <= D; i += 4 * W) {
-    vfloat a[G][4];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < 4; ++c) a[g][c] = vload(acc + g * D + i + c * W);
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      const T* vr = vblk + jj * vs + i;
-      const vfloat v0 = vload(vr), v1 = vload(vr + W), v2 = vload(vr + 2 * W), v3 = vload(vr + 3 * W);
-      for (int g = 0; g < G; ++g) {
-        const vfloat pv = vsplat(sc[g * NB + jj]);
-        a[g][0] += pv * v0, a[g][1] += pv * v1, a[g][2] += pv * v2, a[g][3] += pv * v3;
-      }
+  vfloat a[GP][NV];
+  for (int g = 0; g < GP; ++g)
+    for (int c = 0; c < NV; ++c) a[g][c] = vload(acc + g * D + c * W);
+  for (int64_t jj = 0; jj < nb; ++jj) {
+    const T* vr = vblk + jj * vs;
+    vfloat v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = vload(vr + c * W);
+    for (int g = 0; g < GP; ++g) {
+      const vfloat pv = vsplat(sc[g * NB + jj]);
+      for (int c = 0; c < NV; ++c) a[g][c] += pv * v[c];
     }
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < 4; ++c) vstore(acc + g * D + i + c * W, a[g][c]);
   }
+  for (int g = 0; g < GP; ++g)
+    for (int c = 0; c < NV; ++c) vstore(acc + g * D + c * W, a[g][c]);
+}
+
+// Heads [0, G) in passes of at most GP (D = NV * W): one pass per GP heads over whole V rows.
+template <int GP, int NV, typename T>
+inline void accumulate_v_rows(const float* sc, const T* vblk, int64_t vs, int64_t nb, int64_t D, int64_t G,
+                              float* acc) {
+  constexpr int64_t NB = kDecodeBlock;
+  int64_t g = 0;
+  for (; g + GP <= G; g += GP) accumulate_v_tile<GP, NV>(sc + g * NB, vblk, vs, nb, D, acc + g * D);
+  if constexpr (GP > 1)
+    if (g < G) accumulate_v_rows<GP - 1, NV>(sc + g * NB, vblk, vs, nb, D, G - g, acc + g * D);
+}
+
+// acc[g][0:D'] += sum_jj p[g][jj] * V[jj][0:D'] for the G heads of a group; returns D', the columns
+// done (the per-head loops of the caller take the rest). Where a head's D columns fit in 16
+// registers (AVX-512, D = 64 or 128) V is read in memory order, row by row, with the heads in passes
+// of up to 16 / (D / W); otherwise in chunks of 4W columns for groups of up to 4 heads.
+// NOTE: chunks of columns read a V row 128 or 256 bytes at a time at a 512-byte stride for
+// Llama-8B heads (float32); like the scores (see dot_rows_w_seq) that starved the prefetcher.
+template <typename T>
+inline int64_t accumulate_v(const float* sc, const T* vblk, int64_t vs, int64_t nb, int64_t D, int64_t G,
+                            float* acc) {
+  constexpr int W = kVecWidth;
+  if constexpr (W == 16) {
+    if (D == 4 * W) return accumulate_v_rows<4, 4>(sc, vblk, vs, nb, D, G, acc), D;
+    if (D == 8 * W) return accumulate_v_rows<2, 8>(sc, vblk, vs, nb, D, G, acc), D;
+  }
+  int64_t i = 0;
+  if (G > 4) return i;
+  for (; i + 4 * W <= D; i += 4 * W) switch (G) {
+      case 1: accumulate_v_tile<1, 4>(sc, vblk + i, vs, nb, D, acc + i); break;
+      case 2: accumulate_v_tile<2, 4>(sc, vblk + i, vs, nb, D, acc + i); break;
+      case 3: accumulate_v_tile<3, 4>(sc, vblk + i, vs, nb, D, acc + i); break;
+      default: accumulate_v_tile<4, 4>(sc, vblk + i, vs, nb, D, acc + i); break;
+    }
   return i;
 }
 
@@ -229,55 +320,89 @@ inline v32bh interleave_hi(v32bh a, v32bh b) {
                                  22, 54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
 }
 
-template <int G>
-inline void accumulate_v_pairs_bf16(const float* sc, const bf16_t* vblk, int64_t vs, int64_t nb, int64_t D,
+// Columns [0, 32 NC) of the pointers given, heads [0, GP), positions in pairs (nb even):
+// GP * 2NC accumulators in registers.
+template <int GP, int NC>
+inline void accumulate_v_pairs_tile(const bf16_t* pb, const bf16_t* vblk, int64_t vs, int64_t nb, int64_t D,
                                     float* acc) {
   constexpr int W = kVecWidth;
   constexpr int64_t NB = kDecodeBlock;
-  alignas(64) bf16_t pb[G * NB];  // probabilities in bfloat16: positions j, j+1 in one 32-bit word
-  for (int g = 0; g < G; ++g)
+  vfloat a[GP][2 * NC];
+  for (int g = 0; g < GP; ++g)
+    for (int c = 0; c < NC; ++c) {
+      const vfloat n0 = vload(acc + g * D + 2 * c * W), n1 = vload(acc + g * D + (2 * c + 1) * W);
+      a[g][2 * c] = __builtin_shufflevector(n0, n1, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+      a[g][2 * c + 1] = __builtin_shufflevector(n0, n1, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    }
+  for (int64_t jj = 0; jj < nb; jj += 2) {
+    const bf16_t* r0 = vblk + jj * vs;
+    v32bh b[2 * NC];
+    for (int c = 0; c < NC; ++c) {
+      v32bh x, y;
+      std::memcpy(&x, r0 + 2 * c * W, sizeof x), std::memcpy(&y, r0 + vs + 2 * c * W, sizeof y);
+      b[2 * c] = interleave_lo(x, y), b[2 * c + 1] = interleave_hi(x, y);
+    }
+    for (int g = 0; g < GP; ++g) {
+      int32_t word;
+      std::memcpy(&word, pb + g * NB + jj, sizeof word);
+      const v32bh pv = (v32bh)(v16si{} + word);
+      for (int c = 0; c < 2 * NC; ++c) a[g][c] = __builtin_ia32_dpbf16ps_v16sf(a[g][c], pv, b[c]);
+    }
+  }
+  for (int g = 0; g < GP; ++g)
+    for (int c = 0; c < NC; ++c) {
+      const vfloat lo = a[g][2 * c], hi = a[g][2 * c + 1];
+      vstore(acc + g * D + 2 * c * W,
+             __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23));
+      vstore(acc + g * D + (2 * c + 1) * W,
+             __builtin_shufflevector(lo, hi, 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31));
+    }
+}
+
+// Heads [0, G) in passes of at most GP over whole V rows (D = 32 NC), as accumulate_v_rows.
+template <int GP, int NC>
+inline void accumulate_v_pairs_rows(const bf16_t* pb, const bf16_t* vblk, int64_t vs, int64_t nb, int64_t D,
+                                    int64_t G, float* acc) {
+  constexpr int64_t NB = kDecodeBlock;
+  int64_t g = 0;
+  for (; g + GP <= G; g += GP) accumulate_v_pairs_tile<GP, NC>(pb + g * NB, vblk, vs, nb, D, acc + g * D);
+  if constexpr (GP > 1)
+    if (g < G) accumulate_v_pairs_rows<GP - 1, NC>(pb + g * NB, vblk, vs, nb, D, G - g, acc + g * D);
+}
+
+// Whether accumulate_v_pairs_bf16 takes a group: D = 64, 128 or 256 (whole rows in memory order,
+// heads in passes), or D a multiple of 64 with at most 4 heads (chunks of 64 columns).
+inline bool accumulate_v_pairs_bf16_fits(int64_t G, int64_t D) {
+  return D == 64 || D == 128 || D == 256 || (G <= 4 && D % 64 == 0);
+}
+
+// pb: G * NB bfloat16 of scratch for the probabilities (positions j, j+1 in one 32-bit word).
+inline void accumulate_v_pairs_bf16(const float* sc, const bf16_t* vblk, int64_t vs, int64_t nb, int64_t D,
+                                    int64_t G, float* acc, bf16_t* pb) {
+  constexpr int W = kVecWidth;
+  constexpr int64_t NB = kDecodeBlock;
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t jj = 0; jj < nb; jj += W) {
       const auto h = __builtin_ia32_cvtneps2bf16_v16sf(vload(sc + g * NB + jj));
       std::memcpy(pb + g * NB + jj, &h, sizeof h);
     }
-  const int64_t pairs_end = nb & ~int64_t{1};
-  for (int64_t i = 0; i < D; i += 4 * W) {
-    vfloat a[G][4];
-    for (int g = 0; g < G; ++g)
-      for (int h = 0; h < 2; ++h) {
-        const vfloat n0 = vload(acc + g * D + i + 2 * h * W), n1 = vload(acc + g * D + i + (2 * h + 1) * W);
-        a[g][2 * h] = __builtin_shufflevector(n0, n1, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-        a[g][2 * h + 1] = __builtin_shufflevector(n0, n1, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const int64_t pairs = nb & ~int64_t{1};
+  if (D == 64)
+    accumulate_v_pairs_rows<4, 2>(pb, vblk, vs, pairs, D, G, acc);
+  else if (D == 128)
+    accumulate_v_pairs_rows<2, 4>(pb, vblk, vs, pairs, D, G, acc);
+  else if (D == 256)
+    accumulate_v_pairs_rows<1, 8>(pb, vblk, vs, pairs, D, G, acc);
+  else
+    for (int64_t i = 0; i < D; i += 4 * W) switch (G) {
+        case 1: accumulate_v_pairs_tile<1, 2>(pb, vblk + i, vs, pairs, D, acc + i); break;
+        case 2: accumulate_v_pairs_tile<2, 2>(pb, vblk + i, vs, pairs, D, acc + i); break;
+        case 3: accumulate_v_pairs_tile<3, 2>(pb, vblk + i, vs, pairs, D, acc + i); break;
+        default: accumulate_v_pairs_tile<4, 2>(pb, vblk + i, vs, pairs, D, acc + i); break;
       }
-    for (int64_t jj = 0; jj < pairs_end; jj += 2) {
-      const bf16_t* r0 = vblk + jj * vs + i;
-      v32bh x0, y0, x1, y1;
-      std::memcpy(&x0, r0, sizeof x0), std::memcpy(&y0, r0 + vs, sizeof y0);
-      std::memcpy(&x1, r0 + 2 * W, sizeof x1), std::memcpy(&y1, r0 + vs + 2 * W, sizeof y1);
-      const v32bh b0 = interleave_lo(x0, y0), b1 = interleave_hi(x0, y0);
-      const v32bh b2 = interleave_lo(x1, y1), b3 = interleave_hi(x1, y1);
-      for (int g = 0; g < G; ++g) {
-        int32_t word;
-        std::memcpy(&word, pb + g * NB + jj, sizeof word);
-        const v32bh pv = (v32bh)(v16si{} + word);
-        a[g][0] = __builtin_ia32_dpbf16ps_v16sf(a[g][0], pv, b0);
-        a[g][1] = __builtin_ia32_dpbf16ps_v16sf(a[g][1], pv, b1);
-        a[g][2] = __builtin_ia32_dpbf16ps_v16sf(a[g][2], pv, b2);
-        a[g][3] = __builtin_ia32_dpbf16ps_v16sf(a[g][3], pv, b3);
-      }
-    }
-    for (int g = 0; g < G; ++g)
-      for (int h = 0; h < 2; ++h) {
-        const vfloat lo = a[g][2 * h], hi = a[g][2 * h + 1];
-        vstore(acc + g * D + i + 2 * h * W,
-               __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23));
-        vstore(acc + g * D + i + (2 * h + 1) * W,
-               __builtin_shufflevector(lo, hi, 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31));
-      }
-  }
   if (nb & 1) {
     const bf16_t* vr = vblk + (nb - 1) * vs;
-    for (int g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < G; ++g) {
       const vfloat pv = vsplat(sc[g * NB + nb - 1]);
       for (int64_t i = 0; i < D; i += W) vstore(acc + g * D + i, vload(acc + g * D + i) + pv * vload(vr + i));
     }
@@ -303,7 +428,7 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
   float* acc = qf + G * D;    // [G, D] unnormalised output
   float* sc = acc + G * D;    // [G, NB] scores, then probabilities
   float* m = sc + G * NB;     // [G] running max
-  float* l = m + G;           // [G] running sum of exp
+  float* l = m + G;           // [G] running sum of exp; then [G, NB] bfloat16 probabilities (kInsn)
   // NOTE: bfloat16 K and V rows are widened in registers as they are used (two instructions per
   // vector, re-done per query head of the group) rather than converted into a float copy of the
   // block first: the copy's extra store and reload cost more than the repeated widening.
@@ -325,17 +450,10 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     const T* kblk = kbase + p0 * a.k_ss;
     const T* vblk = vbase + p0 * a.v_ss;
     const int64_t ks = a.k_ss, vs = a.v_ss;
-    // Scores: each K row is loaded once and stays in L1 for the G dot products. With float32 caches
-    // the K and V rows of the next block are prefetched meanwhile.
-    // NOTE: on one Zen 5 core (a busy machine; best of three runs) that took Llama-8B-like heads at
-    // 8192 positions from 6.7 to 5.9 ms and SmolLM2-like batch 8 from 10.7 to 7.0 ms; with bfloat16
-    // caches (half the bytes per row, more arithmetic per byte) it was slightly slower, so it is off.
-    const bool more = sizeof(T) == sizeof(float) && p0 + NB < p_end;
-    if (more)
-      for (int64_t jj = 0; jj < nb; ++jj) {
-        prefetch_bytes(kblk + (jj + NB) * ks, D * static_cast<int64_t>(sizeof(T)));
-        prefetch_bytes(vblk + (jj + NB) * vs, D * static_cast<int64_t>(sizeof(T)));
-      }
+    // Scores: each K row is loaded once and stays in L1 for the G dot products.
+    // NOTE: software prefetching of the next block (float32 caches, where it once helped) slowed
+    // the memory-order loops below on one Zen 5 core, in cache and past the L3 alike (SmolLM2
+    // heads float32 past the L3: 12 -> 18 GB/s without it); the hardware prefetcher does better.
     // W positions at a time with one transposed reduction, then the rest one by one.
     int64_t jw = 0;
 #ifdef BALCONY_CPU_BF16_INSN
@@ -352,7 +470,7 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     }
 #endif
     for (; jw + W <= nb; jw += W)
-      for (int64_t g = 0; g < G; ++g) dot_rows_w(qf + g * D, kblk + jw * ks, ks, D, sc + g * NB + jw);
+      for (int64_t g = 0; g < G; ++g) dot_rows_w_any(qf + g * D, kblk + jw * ks, ks, D, sc + g * NB + jw);
     for (int64_t jj = jw; jj < nb; ++jj)
       for (int64_t g = 0; g < G; ++g) sc[g * NB + jj] = dot_row(qf + g * D, kblk + jj * ks, D);
     // Online softmax update per query head.
@@ -392,25 +510,13 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
     // the kernel's time in perf); four chunks at once (or two interleaved positions) hide it.
 #ifdef BALCONY_CPU_BF16_INSN
     if constexpr (kInsn) {
-      if (G <= 4 && D % (4 * W) == 0) {
-        switch (G) {
-          case 1: accumulate_v_pairs_bf16<1>(sc, vblk, vs, nb, D, acc); break;
-          case 2: accumulate_v_pairs_bf16<2>(sc, vblk, vs, nb, D, acc); break;
-          case 3: accumulate_v_pairs_bf16<3>(sc, vblk, vs, nb, D, acc); break;
-          default: accumulate_v_pairs_bf16<4>(sc, vblk, vs, nb, D, acc); break;
-        }
+      if (accumulate_v_pairs_bf16_fits(G, D)) {
+        accumulate_v_pairs_bf16(sc, vblk, vs, nb, D, G, acc, reinterpret_cast<bf16_t*>(l + G));
         continue;
       }
     }
 #endif
-    int64_t i = 0;
-    switch (G) {  // up to 4 heads: each V vector loaded (and widened) once for the whole group
-      case 1: i = accumulate_v_group<1>(sc, vblk, vs, nb, D, acc); break;
-      case 2: i = accumulate_v_group<2>(sc, vblk, vs, nb, D, acc); break;
-      case 3: i = accumulate_v_group<3>(sc, vblk, vs, nb, D, acc); break;
-      case 4: i = accumulate_v_group<4>(sc, vblk, vs, nb, D, acc); break;
-      default: break;
-    }
+    int64_t i = accumulate_v(sc, vblk, vs, nb, D, G, acc);
     for (; i + 4 * W <= D; i += 4 * W) {
       for (int64_t g = 0; g < G; ++g) {
         const float* p = sc + g * NB;
