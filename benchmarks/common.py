@@ -10,6 +10,12 @@ import time
 import torch
 
 
+# glibc's largest mmap threshold: a block of this size or more is fresh pages on every allocation, and
+# faulting them in (the kernel zeroes each page) runs at a few GB/s; an op returning such a tensor
+# is bound by that, whatever its kernel does.
+FRESH_BYTES = 32 << 20
+
+
 def median_time(fn, warmup: int = 3, reps: int = 20, min_time: float = 0.0) -> float:
     """Median wall time of fn() in seconds (CUDA-synchronised when a GPU is used)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
