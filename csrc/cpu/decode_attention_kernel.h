@@ -122,7 +122,7 @@ inline void dot_rows_w_seq(const float* q, const T* k, int64_t ks, float* out) {
   vstore(out, hsum_many(acc));
 }
 
-// dot_rows_w_seq for D = NV * W with NV <= kMaxNV (the query in registers), else dot_rows_w.
+// dot_rows_w_seq where the query fits in registers (AVX-512: D = 32, 64, 96 or 128), else dot_rows_w.
 template <typename T>
 inline void dot_rows_w_any(const float* q, const T* k, int64_t ks, int64_t D, float* out) {
   constexpr int W = kVecWidth;
