@@ -1,10 +1,25 @@
-// Argument packs of the attention-side CPU kernels (rope_append, decode_attention), shared by the
-// kernel headers (compiled once per capability) and the op entry points. Plain data, torch-free.
+// Argument packs of the attention-side CPU kernels (rope_append, decode_attention) and the decode
+// block and scratch sizes, shared by the kernel headers (compiled once per capability) and the op
+// entry points. Plain data, torch-free.
 // Strides are in elements; the last dimension of every tensor is contiguous.
 #pragma once
 #include <cstdint>
 
 namespace balcony::cpu {
+
+// Positions scored per online-softmax step (a multiple of the widest vector: one transposed
+// reduction per 16 scores).
+// NOTE: a block reads its K rows (scores) and then its V rows (P V), which take about a third of
+// the time: the V stream asks for twice the K stream's bandwidth in bursts. Past the L3 on one Zen 5
+// core, Llama-8B heads read 17 GB/s with blocks of 32 positions, 19.5 with 16 (bfloat16; float32
+// 11 -> 14, SmolLM2 heads float32 18 -> 21).
+constexpr int64_t kDecodeBlock = 16;
+
+// Floats of scratch one decode_attention task needs (the op gives each thread this much): the query
+// group, its accumulators, scores, running max and sum, and the probabilities in bfloat16.
+inline int64_t decode_attention_scratch_floats(int64_t G, int64_t D) {
+  return G * (2 * D + kDecodeBlock + kDecodeBlock / 2 + 2);
+}
 
 struct RopeAppendArgs {
   void* query;  // [B,T,Hq,D], strides q_sb, q_st, q_sh; rotated in place

@@ -21,9 +21,6 @@ BALCONY_CPU_KERNEL(void, decode_attention_merge,
 namespace balcony {
 namespace {
 
-// Must match kDecodeBlock and decode_attention_scratch_floats in the kernel header.
-constexpr int64_t kScratchBlock = 16;
-
 // Splits so that every thread gets work when B * Hkv is small (batch-1 long context), while each
 // split keeps at least kMinSplitLen positions.
 // NOTE: below ~256 positions a split's fixed cost (query load, partial write, merge) is a visible
@@ -50,7 +47,7 @@ int64_t decode_attention_cpu_splits(int64_t B, int64_t Hkv, int64_t max_len, int
 }
 
 int64_t decode_attention_cpu_scratch_floats(int64_t G, int64_t D) {
-  return G * (2 * D + kScratchBlock + kScratchBlock / 2 + 2);
+  return cpu::decode_attention_scratch_floats(G, D);
 }
 
 void decode_attention_cpu_into(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,

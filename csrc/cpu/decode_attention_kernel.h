@@ -6,20 +6,6 @@
 
 namespace balcony::cpu::BALCONY_CPU_CAPABILITY {
 
-// Positions scored per online-softmax step (a multiple of the widest vector: one transposed
-// reduction per 16 scores).
-// NOTE: a block reads its K rows (scores) and then its V rows (P V), which take about a third of
-// the time: the V stream asks for twice the K stream's bandwidth in bursts. Past the L3 on one Zen 5
-// core, Llama-8B heads read 17 GB/s with blocks of 32 positions, 19.5 with 16 (bfloat16; float32
-// 11 -> 14, SmolLM2 heads float32 18 -> 21).
-constexpr int64_t kDecodeBlock = 16;
-
-// Floats of scratch one task needs (the caller gives each thread this much): the query group, its
-// accumulators, scores, running max and sum, and the probabilities in bfloat16.
-inline int64_t decode_attention_scratch_floats(int64_t G, int64_t D) {
-  return G * (2 * D + kDecodeBlock + kDecodeBlock / 2 + 2);
-}
-
 // Horizontal sum by halving in registers (log2(W) shuffles + adds).
 // NOTE: the same halving through memcpy went through the stack; perf showed it at ~15% of the kernel.
 inline float hsum(vfloat v) {
@@ -263,15 +249,19 @@ inline void accumulate_v_tile(const float* sc, const T* vblk, int64_t vs, int64_
     for (int c = 0; c < NV; ++c) vstore(acc + g * D + c * W, a[g][c]);
 }
 
-// Heads [0, G) in passes of at most GP (D = NV * W): one pass per GP heads over whole V rows.
-template <int GP, int NV, typename T>
-inline void accumulate_v_rows(const float* sc, const T* vblk, int64_t vs, int64_t nb, int64_t D, int64_t G,
-                              float* acc) {
-  constexpr int64_t NB = kDecodeBlock;
-  int64_t g = 0;
-  for (; g + GP <= G; g += GP) accumulate_v_tile<GP, NV>(sc + g * NB, vblk, vs, nb, D, acc + g * D);
+// A compile-time int passed to generic lambdas (decltype(x)::value).
+template <int N>
+struct Int {
+  static constexpr int value = N;
+};
+
+// Heads [0, G) in passes of GP, the last one smaller: pass(Int<P>{}, g) for heads [g, g + P).
+// With G <= GP, one pass of all G heads.
+template <int GP, typename Pass>
+inline void head_passes(int64_t G, Pass&& pass, int64_t g = 0) {
+  for (; g + GP <= G; g += GP) pass(Int<GP>{}, g);
   if constexpr (GP > 1)
-    if (g < G) accumulate_v_rows<GP - 1, NV>(sc + g * NB, vblk, vs, nb, D, G - g, acc + g * D);
+    if (g < G) head_passes<GP - 1>(G, pass, g);
 }
 
 // acc[g][0:D'] += sum_jj p[g][jj] * V[jj][0:D'] for the G heads of a group; returns D', the columns
@@ -284,18 +274,24 @@ template <typename T>
 inline int64_t accumulate_v(const float* sc, const T* vblk, int64_t vs, int64_t nb, int64_t D, int64_t G,
                             float* acc) {
   constexpr int W = kVecWidth;
+  constexpr int64_t NB = kDecodeBlock;
+  const auto rows = [&](auto nv_, auto gp_) {  // whole rows, NV = D / W vectors per head
+    constexpr int NV = decltype(nv_)::value;
+    head_passes<decltype(gp_)::value>(G, [&](auto p, int64_t g) {
+      accumulate_v_tile<decltype(p)::value, NV>(sc + g * NB, vblk, vs, nb, D, acc + g * D);
+    });
+    return D;
+  };
   if constexpr (W == 16) {
-    if (D == 4 * W) return accumulate_v_rows<4, 4>(sc, vblk, vs, nb, D, G, acc), D;
-    if (D == 8 * W) return accumulate_v_rows<2, 8>(sc, vblk, vs, nb, D, G, acc), D;
+    if (D == 4 * W) return rows(Int<4>{}, Int<4>{});
+    if (D == 8 * W) return rows(Int<8>{}, Int<2>{});
   }
   int64_t i = 0;
   if (G > 4) return i;
-  for (; i + 4 * W <= D; i += 4 * W) switch (G) {
-      case 1: accumulate_v_tile<1, 4>(sc, vblk + i, vs, nb, D, acc + i); break;
-      case 2: accumulate_v_tile<2, 4>(sc, vblk + i, vs, nb, D, acc + i); break;
-      case 3: accumulate_v_tile<3, 4>(sc, vblk + i, vs, nb, D, acc + i); break;
-      default: accumulate_v_tile<4, 4>(sc, vblk + i, vs, nb, D, acc + i); break;
-    }
+  for (; i + 4 * W <= D; i += 4 * W)
+    head_passes<4>(G, [&](auto p, int64_t) {
+      accumulate_v_tile<decltype(p)::value, 4>(sc, vblk + i, vs, nb, D, acc + i);
+    });
   return i;
 }
 
@@ -359,17 +355,6 @@ inline void accumulate_v_pairs_tile(const bf16_t* pb, const bf16_t* vblk, int64_
     }
 }
 
-// Heads [0, G) in passes of at most GP over whole V rows (D = 32 NC), as accumulate_v_rows.
-template <int GP, int NC>
-inline void accumulate_v_pairs_rows(const bf16_t* pb, const bf16_t* vblk, int64_t vs, int64_t nb, int64_t D,
-                                    int64_t G, float* acc) {
-  constexpr int64_t NB = kDecodeBlock;
-  int64_t g = 0;
-  for (; g + GP <= G; g += GP) accumulate_v_pairs_tile<GP, NC>(pb + g * NB, vblk, vs, nb, D, acc + g * D);
-  if constexpr (GP > 1)
-    if (g < G) accumulate_v_pairs_rows<GP - 1, NC>(pb + g * NB, vblk, vs, nb, D, G - g, acc + g * D);
-}
-
 // Whether accumulate_v_pairs_bf16 takes a group: D = 64, 128 or 256 (whole rows in memory order,
 // heads in passes), or D a multiple of 64 with at most 4 heads (chunks of 64 columns).
 inline bool accumulate_v_pairs_bf16_fits(int64_t G, int64_t D) {
@@ -387,19 +372,23 @@ inline void accumulate_v_pairs_bf16(const float* sc, const bf16_t* vblk, int64_t
       std::memcpy(pb + g * NB + jj, &h, sizeof h);
     }
   const int64_t pairs = nb & ~int64_t{1};
+  const auto rows = [&](auto nc_, auto gp_) {  // whole rows, D = 32 NC, heads in passes (registers: GP * 2NC)
+    constexpr int NC = decltype(nc_)::value;
+    head_passes<decltype(gp_)::value>(G, [&](auto p, int64_t g) {
+      accumulate_v_pairs_tile<decltype(p)::value, NC>(pb + g * NB, vblk, vs, pairs, D, acc + g * D);
+    });
+  };
   if (D == 64)
-    accumulate_v_pairs_rows<4, 2>(pb, vblk, vs, pairs, D, G, acc);
+    rows(Int<2>{}, Int<4>{});
   else if (D == 128)
-    accumulate_v_pairs_rows<2, 4>(pb, vblk, vs, pairs, D, G, acc);
+    rows(Int<4>{}, Int<2>{});
   else if (D == 256)
-    accumulate_v_pairs_rows<1, 8>(pb, vblk, vs, pairs, D, G, acc);
-  else
-    for (int64_t i = 0; i < D; i += 4 * W) switch (G) {
-        case 1: accumulate_v_pairs_tile<1, 2>(pb, vblk + i, vs, pairs, D, acc + i); break;
-        case 2: accumulate_v_pairs_tile<2, 2>(pb, vblk + i, vs, pairs, D, acc + i); break;
-        case 3: accumulate_v_pairs_tile<3, 2>(pb, vblk + i, vs, pairs, D, acc + i); break;
-        default: accumulate_v_pairs_tile<4, 2>(pb, vblk + i, vs, pairs, D, acc + i); break;
-      }
+    rows(Int<8>{}, Int<1>{});
+  else  // G <= 4: chunks of 64 columns, all heads in one pass
+    for (int64_t i = 0; i < D; i += 4 * W)
+      head_passes<4>(G, [&](auto p, int64_t) {
+        accumulate_v_pairs_tile<decltype(p)::value, 2>(pb, vblk + i, vs, pairs, D, acc + i);
+      });
   if (nb & 1) {
     const bf16_t* vr = vblk + (nb - 1) * vs;
     for (int64_t g = 0; g < G; ++g) {
