@@ -34,6 +34,24 @@ def _load_with_exits(args):
     return model
 
 
+def _data_arg(items: list):
+    """--data values -> a data spec: one item as is, several paths as a list, and NAME=WEIGHT items
+    (e.g. chat=0.7 shakespeare=0.3) as a mixture."""
+    def weight(item):
+        name, sep, w = item.rpartition("=")
+        try:
+            return (name, float(w)) if sep and name else None
+        except ValueError:
+            return None
+
+    mix = [weight(i) for i in items]
+    if all(mix):
+        return mix
+    if any(mix):
+        raise ValueError(f"--data mixes weighted and unweighted items: {items}; give every item a weight")
+    return items if len(items) > 1 else items[0]
+
+
 def cmd_info(args) -> int:
     import balcony_ext as bx
 
@@ -55,7 +73,7 @@ def cmd_train(args) -> int:
     if not model.exits:
         print("balcony train: no exits: pass --exits K [K ...] or --exits-file FILE", file=sys.stderr)
         return 2
-    data = args.data if len(args.data) > 1 else args.data[0]
+    data = _data_arg(args.data)
     run = train(model, data=data, tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                 grad_accum=args.grad_accum, bf16=args.bf16, checkpoint_dir=args.checkpoint_dir,
                 checkpoint_every=args.checkpoint_every, seed=args.seed)
@@ -70,9 +88,9 @@ def cmd_eval(args) -> int:
     model = _load_with_exits(args)
     if model is None:
         return 2
-    data = args.data if len(args.data) > 1 else args.data[0]
-    report = evaluate(model, data=data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                      affine_tokens=args.affine_tokens, json_path=args.json, plot_path=args.plot)
+    report = evaluate(model, data=_data_arg(args.data), seq_len=args.seq_len, max_tokens=args.max_tokens,
+                      affine_tokens=args.affine_tokens, chat_prompts=args.chat_prompts, json_path=args.json,
+                      plot_path=args.plot)
     print(report)
     return 0
 
@@ -187,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", default=None, help="local Hugging Face checkpoint directory (default: bundled SmolLM2)")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         q.add_argument("--data", nargs="+", default=["shakespeare"],
-                       help="text files/directories, 'shakespeare' or 'self' (default: shakespeare)")
+                       help="text files/directories, 'shakespeare', 'chat' (the model's answers to instructions) "
+                            "or 'self'; NAME=WEIGHT items make a mixture, e.g. chat=0.7 shakespeare=0.3 "
+                            "(default: shakespeare)")
         q.add_argument("--seq-len", type=int, default=512)
 
     t = sub.add_parser("train", help="train exits by self-distillation")
@@ -212,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exits-file", default="bundled", help="saved exits (default: the shipped ones)")
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--affine-tokens", type=int, default=0, help="train the affine-exit baseline on this many tokens")
+    e.add_argument("--chat-prompts", type=int, default=0,
+                   help="also run the chat evaluation on this many held-out instructions")
     e.add_argument("--json", default=None)
     e.add_argument("--plot", default=None)
     e.set_defaults(func=cmd_eval)

@@ -39,6 +39,10 @@ class Corpus:
     train_docs: list = field(default_factory=list)
     heldout_docs: list = field(default_factory=list)
     source: str = ""
+    # Loss masks (bool, one per token): the loss is taken at the positions where the mask is True,
+    # i.e. on the prediction of the token after it. None: every position (plain text).
+    train_mask: torch.Tensor | None = None
+    heldout_mask: torch.Tensor | None = None
 
     @staticmethod
     def _blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -50,6 +54,15 @@ class Corpus:
 
     def heldout_blocks(self, seq_len: int) -> torch.Tensor:
         return self._blocks(self.heldout_ids, seq_len)
+
+    def train_mask_blocks(self, seq_len: int) -> torch.Tensor:
+        """bool [N, seq_len] beside train_blocks: where the loss is taken."""
+        m = self.train_mask if self.train_mask is not None else torch.ones_like(self.train_ids, dtype=torch.bool)
+        return self._blocks(m, seq_len)
+
+    def heldout_mask_blocks(self, seq_len: int) -> torch.Tensor:
+        m = self.heldout_mask if self.heldout_mask is not None else torch.ones_like(self.heldout_ids, dtype=torch.bool)
+        return self._blocks(m, seq_len)
 
     def describe(self) -> str:
         return (f"{self.source}: {len(self.train_docs)} training documents ({self.train_ids.numel():,} tokens), "
@@ -134,14 +147,75 @@ def build_corpus(docs: list, eos: int, heldout: float, seed: int, source: str) -
     return Corpus(torch.tensor(train, dtype=torch.long), torch.tensor(test, dtype=torch.long), tn, hn, source)
 
 
+class Mixture:
+    """Several corpora drawn in fixed proportions: [(Corpus, weight), ...]. Its training blocks are,
+    for each part, round(weight * total) blocks (total: all parts' blocks together), taken from a
+    seeded permutation of that part's blocks (repeated when the part is smaller than its share);
+    its held-out blocks are every part's held-out blocks. Weights are normalised to sum to 1."""
+
+    def __init__(self, parts: list, seed: int = 0):
+        if not parts:
+            raise ValueError("a mixture needs at least one part")
+        total = sum(w for _, w in parts)
+        if any(w <= 0 for _, w in parts) or total <= 0:
+            raise ValueError(f"mixture weights must be positive, got {[w for _, w in parts]}")
+        self.parts = [(c, w / total) for c, w in parts]
+        self.seed = seed
+        self.train_docs = [d for c, _ in self.parts for d in c.train_docs]
+        self.heldout_docs = [d for c, _ in self.parts for d in c.heldout_docs]
+
+    def _draw(self, seq_len: int, masks: bool) -> torch.Tensor:
+        sizes = [c.train_blocks(seq_len).shape[0] for c, _ in self.parts]
+        total = sum(sizes)
+        out = []
+        for i, ((c, w), n) in enumerate(zip(self.parts, sizes)):
+            want = round(w * total)
+            if n == 0 or want == 0:
+                continue
+            gen = torch.Generator().manual_seed(self.seed * 7919 + i)
+            order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-want // n))])[:want]
+            out.append((c.train_mask_blocks(seq_len) if masks else c.train_blocks(seq_len))[order])
+        return torch.cat(out)
+
+    def train_blocks(self, seq_len: int) -> torch.Tensor:
+        return self._draw(seq_len, masks=False)
+
+    def train_mask_blocks(self, seq_len: int) -> torch.Tensor:
+        return self._draw(seq_len, masks=True)
+
+    def heldout_blocks(self, seq_len: int) -> torch.Tensor:
+        return torch.cat([c.heldout_blocks(seq_len) for c, _ in self.parts])
+
+    def heldout_mask_blocks(self, seq_len: int) -> torch.Tensor:
+        return torch.cat([c.heldout_mask_blocks(seq_len) for c, _ in self.parts])
+
+    def describe(self) -> str:
+        return "mixture of " + "; ".join(f"{w:.0%} {c.describe()}" for c, w in self.parts)
+
+
+def _is_mixture(data) -> bool:
+    return (isinstance(data, (list, tuple)) and bool(data) and
+            all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], (int, float)) for p in data))
+
+
 def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=None, tokens: int | None = None,
             **self_kwargs) -> Corpus:
-    """Any supported data spec -> Corpus. data: a Corpus (returned as is), "self", "shakespeare",
-    or a path / list of paths to text files or directories."""
-    if isinstance(data, Corpus):
+    """Any supported data spec -> Corpus. data: a Corpus or Mixture (returned as is), "self",
+    "shakespeare", "chat" (the model's answers to instructions, see chat_data), a path / list of
+    paths to text files or directories, or a mixture [(spec, weight), ...] of those."""
+    if isinstance(data, (Corpus, Mixture)):
         return data
+    if _is_mixture(data):
+        return Mixture([(prepare(spec, tokenizer, heldout, seed, model, tokens, **self_kwargs), w) for spec, w in data],
+                       seed=seed)
     if tokenizer is None and model is not None:
         tokenizer = model.tokenizer
+    if isinstance(data, str) and data == "chat":
+        from .chat_data import chat_data
+
+        if model is None:
+            raise ValueError('data="chat" has the model answer instructions: pass model=')
+        return chat_data(model, heldout=heldout, seed=seed).corpus()
     if isinstance(data, str) and data == "self":
         if model is None:
             raise ValueError('data="self" samples text from the model: pass model=')

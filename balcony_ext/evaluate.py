@@ -119,14 +119,23 @@ class Report:
                 return r
         raise KeyError((method, exit))
 
+    CHAT = (("chat_top1", "chat top-1", ".3f"), ("chat_kl", "chat KL", ".3f"), ("chat_rep4", "rep 4-gram", ".3f"),
+            ("chat_prefix", "prefix", ".1f"), ("chat_f1", "F1", ".3f"))
+
     def __str__(self) -> str:
+        chat = [c for c in self.CHAT if any(c[0] in r for r in self.rows)]
         head = f"{'method':<11}{'exit':>5}{'perplexity':>13}{'KL':>9}{'top-1':>8}{'rel cost':>10}"
+        head += "".join(f"{title:>12}" for _, title, _ in chat)
         lines = [f"held-out: {self.info.get('corpus', '')}; {self.info.get('tokens', 0):,} tokens", head, "-" * len(head)]
+        if chat:
+            lines.insert(1, f"chat: {self.info.get('chat_prompts')} held-out instructions, "
+                            f"{self.info.get('chat_answer_tokens', 0):,} answer tokens of the full model")
         for r in self.rows:
             ppl = r["perplexity"]
             ppl = f"{ppl:>13.2f}" if ppl < 1e7 else f"{ppl:>13.3e}"
-            lines.append(f"{r['method']:<11}{r['exit']:>5}{ppl}{r['kl']:>9.3f}"
-                         f"{r['top1']:>8.3f}{r['rel_cost']:>10.3f}")
+            line = f"{r['method']:<11}{r['exit']:>5}{ppl}{r['kl']:>9.3f}{r['top1']:>8.3f}{r['rel_cost']:>10.3f}"
+            line += "".join(f"{r[key]:>12{fmt}}" if key in r else f"{'':>12}" for key, _, fmt in chat)
+            lines.append(line)
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -142,18 +151,24 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in dict.fromkeys(r["method"] for r in self.rows if r["method"] != "full"):
-            pts = sorted((r["rel_cost"], r["perplexity"]) for r in self.rows if r["method"] == method)
-            ax.plot(*zip(*pts), marker="o", label=method)
+        chat = any("chat_top1" in r for r in self.rows)
+        fig, axes = plt.subplots(1, 2 if chat else 1, figsize=(11 if chat else 6, 4), squeeze=False)
+        panels = [("perplexity", "held-out perplexity", True)] + ([("chat_top1", "chat top-1 agreement with the full "
+                                                                     "model", False)] if chat else [])
         full = self.row("full")
-        ax.scatter([full["rel_cost"]], [full["perplexity"]], marker="*", s=150, color="k", label="full model", zorder=3)
-        ax.set_yscale("log")
-        ax.set_xlabel("relative per-token cost (parameters read)")
-        ax.set_ylabel("held-out perplexity")
-        ax.set_title(self.info.get("model", ""))
-        ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
+        for ax, (key, label, log) in zip(axes[0], panels):
+            for method in dict.fromkeys(r["method"] for r in self.rows if r["method"] != "full"):
+                pts = sorted((r["rel_cost"], r[key]) for r in self.rows if r["method"] == method and key in r)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=method)
+            ax.scatter([full["rel_cost"]], [full[key]], marker="*", s=150, color="k", label="full model", zorder=3)
+            if log:
+                ax.set_yscale("log")
+            ax.set_xlabel("relative per-token cost (parameters read)")
+            ax.set_ylabel(label)
+            ax.legend()
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_title(self.info.get("model", ""))
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -163,11 +178,16 @@ class Report:
 @torch.no_grad()
 def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2, max_tokens: int | None = None,
              baselines=("truncation", "untrained"), affine_tokens: int = 0, affine: dict | None = None,
-             heldout: float = 0.05, seed: int = 0, json_path=None, plot_path=None, progress: bool = True) -> Report:
+             heldout: float = 0.05, seed: int = 0, chat_prompts: int = 0, chat_max_new_tokens: int = 128,
+             json_path=None, plot_path=None, progress: bool = True) -> Report:
     """Evaluates every attached exit (and baselines at the same depths) against the full model on
     the held-out split of `data` (the same split train() uses for the same data, heldout and seed).
     affine: trained affine exits {depth: AffineExit} (train(..., affine_baseline=True) returns
-    them); otherwise affine_tokens > 0 trains them here first."""
+    them); otherwise affine_tokens > 0 trains them here first.
+    chat_prompts > 0 adds the chat evaluation (chat_eval.evaluate_chat) on that many held-out
+    instructions: chat_top1 / chat_kl along the full model's answers for every method with an
+    exit module or a lens, and for the balcony exits their free answers' chat_rep4 / chat_prefix /
+    chat_f1."""
     from tqdm.auto import tqdm
 
     if not model.exits:
@@ -240,10 +260,19 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         rows.append(dict(method=method, exit=k, perplexity=math.exp(s["ce"] / n_tokens), kl=s["kl"] / n_tokens,
                          top1=s["top1"] / n_tokens, rel_cost=c / cost["full"], params_per_token=c,
                          bytes_per_token=c * elem))
+    if chat_prompts:
+        from .chat_eval import evaluate_chat
+
+        extra = {key: fn for key, fn in heads.items() if key[0] != "balcony"}
+        chat = evaluate_chat(model, prompts=chat_prompts, max_new_tokens=chat_max_new_tokens, heads=extra,
+                             seed=seed, progress=progress)
+        for r in rows:
+            r.update(chat.get((r["method"], r["exit"]), {}))
     order = {"full": 0, "balcony": 1, "affine": 2, "untrained": 3, "truncation": 4}
     rows.sort(key=lambda r: (order[r["method"]], r["exit"]))
     info = dict(model=model.name, corpus=corpus.describe(), heldout_documents=corpus.heldout_docs, tokens=n_tokens,
                 seq_len=seq_len, exits=exits, tokens_trained=model.tokens_trained, affine_tokens=affine_tokens,
+                **(chat["_info"] if chat_prompts else {}),
                 cost_note="parameters read per token: layers run + exit + LM head, embedding lookup excluded")
     report = Report(rows, info)
     if json_path is not None:

@@ -563,7 +563,9 @@ class GenerationOutput:
         return self.text
 
 
-def _encode(tok, prompt, chat):
+def encode_prompt(tok, prompt, chat=None) -> list:
+    """Token ids of a prompt: a list of ids as is; a string through the chat template when `chat` (default:
+    when the tokenizer has one), else plainly tokenised."""
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if not isinstance(prompt, str):
@@ -665,7 +667,7 @@ class Generation:
         tok = model.tokenizer
         if tok is None and any(isinstance(p, str) for p in prompts):
             raise ValueError("the model has no tokenizer; pass prompts as lists of token ids")
-        self.ids = [_encode(tok, p, chat) for p in prompts]
+        self.ids = [encode_prompt(tok, p, chat) for p in prompts]
         for b, ids in enumerate(self.ids):
             if not ids:
                 raise ValueError(f"prompt {b} is empty" if len(prompts) > 1 else "the prompt is empty")

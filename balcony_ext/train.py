@@ -150,6 +150,9 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     corpus = prepare(data, model.tokenizer, heldout=heldout, seed=seed, model=model,
                      tokens=min(tokens, SELF_SAMPLE_MAX) if isinstance(data, str) and data == "self" else None)
     blocks = corpus.train_blocks(seq_len)
+    masks = corpus.train_mask_blocks(seq_len)
+    if masks.all():
+        masks = None  # plain text: the loss at every position, no selection
     if blocks.shape[0] < batch_size:
         raise ValueError(f"the training text has {blocks.shape[0]} blocks of {seq_len} tokens, fewer than "
                          f"batch_size={batch_size}; use more text or a shorter seq_len")
@@ -222,9 +225,17 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
             t_step = time.time()
             for micro in range(grad_accum):
                 # every process draws the same global micro-batch and trains on its own rows of it
-                ids = micro_batch(blocks, step * grad_accum + micro, batch_size, seed)[local_rows].to(device)
+                index = step * grad_accum + micro
+                ids = micro_batch(blocks, index, batch_size, seed)[local_rows].to(device)
+                # the positions that carry the loss (e.g. a chat answer): students and teacher are
+                # reduced to those rows before the LM head
+                keep = micro_batch(masks, index, batch_size, seed)[local_rows].to(device) if masks is not None else None
+                if keep is not None and not keep.any():
+                    keep = None  # a block without a single learned position: learn on all of it
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     hidden, teacher = model.frozen_forward(ids, exits)
+                    if keep is not None:
+                        teacher = teacher[keep]
                     if bf16:
                         target, is_logits = teacher.to(torch.bfloat16), False
                     else:
@@ -233,11 +244,13 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                             target, is_logits = model.adapter.lm_head(teacher).float(), True
                     for k in exits:
                         student = model.exit_hidden(k, hidden[k])
-                        loss = loss_fn(student, head, target, teacher_is_logits=is_logits)
+                        loss = loss_fn(student if keep is None else student[keep], head, target,
+                                       teacher_is_logits=is_logits)
                         (loss / (len(exits) * grad_accum)).backward()
                         per_exit[k] += loss.item() / grad_accum
                         if lenses is not None:
-                            loss = loss_fn(lenses[k](hidden[k]), head, target, teacher_is_logits=is_logits)
+                            lens = lenses[k](hidden[k] if keep is None else hidden[k][keep])
+                            loss = loss_fn(lens, head, target, teacher_is_logits=is_logits)
                             (loss / (len(exits) * grad_accum)).backward()
                             per_exit[f"affine@{k}"] = per_exit.get(f"affine@{k}", 0.0) + loss.item() / grad_accum
             if world > 1:

@@ -38,3 +38,35 @@ def tiny_balcony(model_type="llama", seed=0, **kw):
     from balcony_ext.model import BalconyModel
 
     return BalconyModel(tiny_hf(model_type, seed=seed, **kw), tokenizer=None, name=f"tiny-{model_type}-{seed}")
+
+
+class ChatByteTokenizer:
+    """A byte tokenizer with a chat template, for tiny models (vocab 256): bytes map to ids 0..254
+    (byte 255 folds onto 254), 255 is the end-of-turn token."""
+
+    eos_token_id = 255
+    bos_token_id = None
+    all_special_ids = [255]
+    chat_template = "<user>{content}\n<bot>"
+
+    def encode(self, text, add_special_tokens=False):
+        return [min(b, 254) for b in text.encode()]
+
+    def __call__(self, text):
+        return {"input_ids": self.encode(text)}
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + ("<bot>" if add_generation_prompt else "")
+        return self.encode(text) if tokenize else text
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i for i in ids if not (skip_special_tokens and i == 255) and i < 255).decode("utf-8", "replace")
+
+
+def tiny_chat_balcony(seed=0, **kw):
+    """A tiny llama with the byte chat tokenizer; generation stops at its end-of-turn token."""
+    from balcony_ext.model import BalconyModel
+
+    hf = tiny_hf("llama", seed=seed, **kw)
+    hf.generation_config.eos_token_id = ChatByteTokenizer.eos_token_id
+    return BalconyModel(hf, tokenizer=ChatByteTokenizer(), name=f"tiny-chat-{seed}")

@@ -1,0 +1,194 @@
+"""Chat self-distillation data: everyday instructions answered by the frozen full model.
+
+    chat = chat_data(model, prompts=4000)              # answers generated once, cached, resumable
+    corpus = chat.corpus(heldout=0.05)                 # a Corpus whose loss mask covers the answers
+    bx.train(model, data="chat")                       # the same, through the data spec
+    bx.train(model, data=[("chat", 0.7), ("shakespeare", 0.3)])   # a mixture
+
+The instructions come from `instructions.build_instructions` (templates over topic lists, no
+download). Each one goes through the tokenizer's chat template and the frozen model answers it at
+full depth with the project's own batched `generate`: prompts held out for evaluation, and every
+other training prompt, greedily; the rest sampled (temperature 0.8, top-p 0.95), so the exits see
+both the model's most likely answers and its spread. Records are appended to a JSON-lines file, one
+per answered prompt, as each batch finishes: an interrupted run resumes at the first unanswered
+prompt (a torn last line is dropped), and a finished cache is read in seconds.
+
+The split is by prompt (`data.split_by_document` over the instruction texts): a held-out
+instruction is never trained on, whatever the number of prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import Corpus, split_by_document
+from .instructions import build_instructions
+
+ANSWERS_FILE = "answers.jsonl"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ChatExample:
+    index: int
+    prompt: str
+    kind: str
+    temperature: float
+    prompt_ids: list
+    answer_ids: list
+    finish: str  # "stop" (the model ended its answer) or "length" (cut at max_new_tokens)
+
+
+@dataclass
+class ChatData:
+    """Prompts and the frozen model's answers, with the held-out split by prompt."""
+
+    examples: list
+    heldout_prompts: set
+    source: str
+
+    @property
+    def train_examples(self) -> list:
+        return [e for e in self.examples if e.prompt not in self.heldout_prompts]
+
+    @property
+    def heldout_examples(self) -> list:
+        return [e for e in self.examples if e.prompt in self.heldout_prompts]
+
+    def answer_tokens(self) -> int:
+        return sum(len(e.answer_ids) for e in self.examples)
+
+    def corpus(self, learn_prompt: bool = False) -> Corpus:
+        """Packs the examples (prompt ids, then answer ids) into token streams with a loss mask: the
+        mask is True at the positions whose next token is an answer token (and at every position
+        when learn_prompt), so training conditions on the chat-formatted prompt and learns the answer."""
+        def stream(examples):
+            ids, mask, names = [], [], []
+            for e in examples:
+                m, n = len(e.prompt_ids), len(e.answer_ids)
+                ids += e.prompt_ids + e.answer_ids
+                # position t predicts token t + 1: positions m-1 .. m+n-2 predict the answer
+                mask += ([learn_prompt] * (m - 1) + [True] * n + [learn_prompt]) if n else [learn_prompt] * m
+                names.append(f"chat-{e.index:06d}")
+            return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), names
+
+        tr_ids, tr_mask, tr_names = stream(self.train_examples)
+        ho_ids, ho_mask, ho_names = stream(self.heldout_examples)
+        return Corpus(tr_ids, ho_ids, tr_names, ho_names, self.source, train_mask=tr_mask, heldout_mask=ho_mask)
+
+    def describe(self) -> str:
+        return (f"{self.source}: {len(self.train_examples)} training prompts, {len(self.heldout_examples)} held out, "
+                f"{self.answer_tokens():,} answer tokens")
+
+
+def default_cache_dir(model, settings: dict) -> Path:
+    from .loading import cache_root
+
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.name)
+    return cache_root() / "chat" / f"{name}-{digest}"
+
+
+def _read_records(path: Path) -> list:
+    """The complete records of an answers file; a torn last line (an interrupted write) is dropped
+    and cut off the file so that appending continues cleanly."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, good = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line)
+    if good != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return records
+
+
+def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, max_new_tokens: int = 256,
+              batch_size: int = 16, temperature: float = 0.8, top_p: float = 0.95, cache_dir=None,
+              generate_missing: bool = True, progress: bool = True) -> ChatData:
+    """The first `prompts` instructions of build_instructions(prompts, seed) and the frozen model's
+    answers at full depth (generated now for those not yet in the cache). Held-out prompts (by
+    prompt, fraction `heldout`) and every other training prompt are answered greedily, the others
+    sampled with `temperature` and `top_p`. generate_missing=False only reads what is cached."""
+    from tqdm.auto import tqdm
+
+    from .generate import encode_prompt, generate
+
+    if model.tokenizer is None:
+        raise ValueError("chat data needs the model's tokenizer (the model has none)")
+    if not isinstance(prompts, int) or prompts < 1:
+        raise ValueError(f"prompts must be a positive int, got {prompts!r}")
+    settings = dict(format=FORMAT_VERSION, model=model.name, dtype=str(model.dtype).replace("torch.", ""),
+                    seed=seed, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, heldout=heldout)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(model, settings)
+    cache.mkdir(parents=True, exist_ok=True)
+    meta_path = cache / META_FILE
+    if meta_path.exists():
+        stored = json.loads(meta_path.read_text())
+        if stored != settings:
+            diff = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+            raise ValueError(f"the chat cache {cache} was made with other settings (cached, now): {diff}; "
+                             "use another cache_dir")
+    else:
+        meta_path.write_text(json.dumps(settings, indent=2))
+
+    instructions = build_instructions(prompts, seed)
+    held = split_by_document([i.text for i in instructions], heldout, seed)
+    path = cache / ANSWERS_FILE
+    done = {r["index"]: r for r in _read_records(path)}
+    todo = [i for i in range(len(instructions)) if i not in done]
+    if todo and generate_missing:
+        bar = tqdm(total=len(instructions), initial=len(instructions) - len(todo), unit="prompt",
+                   desc="answering instructions", disable=not progress)
+        t0, new_tokens = time.perf_counter(), 0
+        with open(path, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), batch_size):
+                rows = todo[start:start + batch_size]
+                ins = [instructions[i] for i in rows]
+                ids = [encode_prompt(model.tokenizer, x.text, chat=True) for x in ins]
+                temps = [0.0 if (x.text in held or i % 2 == 0) else temperature for i, x in zip(rows, ins)]
+                outs = generate(model, ids, exit_layer=model.num_layers, max_new_tokens=max_new_tokens,
+                                temperature=temps, top_p=[1.0 if t == 0 else top_p for t in temps],
+                                seed=seed * 1_000_003 + rows[0], calibration=None)
+                for i, x, p, t, out in zip(rows, ins, ids, temps, outs):
+                    rec = dict(index=i, prompt=x.text, kind=x.kind, temperature=t, prompt_ids=p,
+                               answer_ids=out.tokens, finish=out.finish_reason)
+                    done[i] = rec
+                    f.write(json.dumps(rec) + "\n")
+                    new_tokens += len(out.tokens)
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(rows))
+                bar.set_postfix({"answer tok/s": f"{new_tokens / (time.perf_counter() - t0):.0f}"})
+        bar.close()
+    missing = [i for i in range(len(instructions)) if i not in done]
+    if missing and generate_missing:
+        raise RuntimeError(f"chat data: {len(missing)} prompts still unanswered in {cache}")
+    examples = []
+    for i, x in enumerate(instructions):
+        r = done.get(i)
+        if r is None:
+            continue
+        if r["prompt"] != x.text:
+            raise ValueError(f"the chat cache {cache} does not match the instructions (prompt {i} differs); "
+                             "it was made by another version of balcony_ext: use another cache_dir")
+        examples.append(ChatExample(i, r["prompt"], r["kind"], r["temperature"], r["prompt_ids"], r["answer_ids"],
+                                    r["finish"]))
+    return ChatData(examples, {x.text for x in instructions if x.text in held},
+                    f"chat: {model.name} answering {len(examples)} instructions")

@@ -1,0 +1,109 @@
+"""One pilot run of an exit-training recipe, recorded beside the others in docs/results/pilots.json.
+
+    .venv/bin/python scripts/pilot_exits.py --name chat-depths --exits 10 13 16 19 22 25 --tokens 150000
+
+Trains exits on the default model with the given recipe (data mixture, depths, initialisation,
+learning rate), then measures them the way the shipped exits are measured: the chat evaluation on
+held-out instructions (teacher-forced agreement and KL along the full model's answers, free answers'
+repetition and match) and held-out perplexity on Shakespeare plays never trained on. Checkpoints go
+to --run-dir (outside the repository): the same command resumes an interrupted pilot.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import balcony_ext as bx
+from balcony_ext.chat_data import chat_data
+from balcony_ext.data import Mixture, prepare
+from balcony_ext.exits_io import _atomic_write
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results" / "pilots.json"
+
+
+def parse_mix(items):
+    """["chat=0.7", "shakespeare=0.3"] -> [("chat", 0.7), ("shakespeare", 0.3)]"""
+    out = []
+    for it in items:
+        name, _, w = it.partition("=")
+        out.append((name, float(w or 1)))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--exits", type=int, nargs="+", required=True)
+    ap.add_argument("--tokens", type=int, default=150_000)
+    ap.add_argument("--mix", nargs="+", default=["chat=1"], help="data=weight, e.g. chat=0.7 shakespeare=0.3")
+    ap.add_argument("--prompts", type=int, default=2000, help="chat instructions (answers from the cache)")
+    ap.add_argument("--learn-prompt", action="store_true", help="also learn on the prompt tokens of chat data")
+    ap.add_argument("--init", default="last", choices=["last", "random"])
+    ap.add_argument("--norm-init", default="final", choices=["final", "next"])
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=float, default=0.01)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--affine", action="store_true", help="train the affine exit beside them")
+    ap.add_argument("--chat-prompts", type=int, default=48)
+    ap.add_argument("--eval-tokens", type=int, default=16_384)
+    ap.add_argument("--run-dir", default=None)
+    args = ap.parse_args()
+
+    cache = Path(os.environ.get("BALCONY_CACHE", Path.home() / ".cache" / "balcony_ext"))
+    run_dir = Path(args.run_dir or cache / "runs" / f"pilot-{args.name}")
+    model = bx.load(exits=None)
+    gen_model = bx.load(exits=None, dtype=torch.bfloat16)  # the cache of answers was generated in bf16
+    chat = chat_data(gen_model, prompts=args.prompts, generate_missing=False)
+    del gen_model
+    print(chat.describe())
+    parts = []
+    for name, w in parse_mix(args.mix):
+        corpus = chat.corpus(learn_prompt=args.learn_prompt) if name == "chat" else prepare(name, model.tokenizer)
+        parts.append((corpus, w))
+    data = parts[0][0] if len(parts) == 1 else Mixture(parts)
+    bx.attach(model, args.exits, init=args.init, norm_init=args.norm_init)
+    t0 = time.time()
+    run = bx.train(model, data=data, tokens=args.tokens, lr=args.lr, warmup=args.warmup, batch_size=args.batch,
+                   seq_len=args.seq, bf16=True, checkpoint_dir=run_dir, checkpoint_every=10,
+                   affine_baseline=args.affine)
+    seconds = sum(h["step_s"] for h in run["history"])
+    from balcony_ext.chat_eval import evaluate_chat
+
+    heads = None
+    if run["affine"]:
+        a = model.adapter
+        heads = {("affine", k): (lambda h, k=k: a.lm_head(run["affine"][k](h))) for k in model.exits}
+    chat_rows = evaluate_chat(model, prompts=args.chat_prompts, heads=heads)
+    shakes = bx.evaluate(model, data="shakespeare", max_tokens=args.eval_tokens, baselines=(), affine=run["affine"])
+    rows = []
+    full_ppl = shakes.row("full")["perplexity"]
+    for r in shakes.rows:
+        key = (r["method"], r["exit"])
+        c = chat_rows.get(key, {})
+        rows.append(dict(method=r["method"], exit=r["exit"], rel_cost=r["rel_cost"],
+                         shakespeare_ppl=r["perplexity"], shakespeare_ppl_ratio=r["perplexity"] / full_ppl,
+                         shakespeare_top1=r["top1"], **c))
+    for r in rows:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    entry = dict(name=args.name, exits=args.exits, tokens=model.tokens_trained, mix=args.mix, prompts=args.prompts,
+                 learn_prompt=args.learn_prompt, init=args.init, norm_init=args.norm_init, lr=args.lr,
+                 warmup=args.warmup, batch=args.batch, seq=args.seq, step_seconds=round(seconds),
+                 final_loss_per_exit=run["history"][-1]["loss_per_exit"], chat=chat_rows["_info"], rows=rows,
+                 machine=f"{bx.cpu_capability()}, {torch.get_num_threads()} threads",
+                 finished=time.strftime("%Y-%m-%d %H:%M"))
+    pilots = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    pilots = [p for p in pilots if p["name"] != args.name] + [entry]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(pilots, indent=1)))
+    print(f"recorded pilot {args.name} in {RESULTS} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
