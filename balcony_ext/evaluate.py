@@ -196,9 +196,9 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         if b not in ("truncation", "untrained"):
             raise ValueError(f"unknown baseline {b!r}; choose from 'truncation', 'untrained'")
     corpus = prepare(data, model.tokenizer, heldout=heldout, seed=seed, model=model)
-    blocks = corpus.heldout_blocks(seq_len)
-    if max_tokens is not None:
-        blocks = blocks[: max(1, max_tokens // seq_len)]
+    # about max_tokens of held-out text, spread over the held-out documents; the loss mask says
+    # which positions count (a chat corpus: the answers)
+    blocks, masks = corpus.heldout_sample(seq_len, max_tokens)
     if blocks.shape[0] == 0:
         raise ValueError(f"the held-out text has fewer than seq_len={seq_len} tokens; use a shorter seq_len")
     exits = model.exits
@@ -236,15 +236,16 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
     model.eval()
     for i in tqdm(range(0, blocks.shape[0], batch_size), desc="evaluating", disable=not progress):
         ids = blocks[i:i + batch_size].to(model.device)
-        targets = ids[:, 1:].reshape(-1)
+        keep = masks[i:i + batch_size, :-1].to(model.device)
+        targets = ids[:, 1:][keep]
         hidden, final = model.frozen_forward(ids, exits)
-        log_p = F.log_softmax(a.lm_head(final)[:, :-1].float(), -1).reshape(-1, a.vocab_size)
+        log_p = F.log_softmax(a.lm_head(final[:, :-1][keep]).float(), -1)
         top_p = log_p.argmax(-1)
         n_tokens += targets.numel()
         sums[("full", model.num_layers)]["ce"] += F.nll_loss(log_p, targets, reduction="sum").item()
         sums[("full", model.num_layers)]["top1"] += targets.numel()
         for (method, k), fn in heads.items():
-            log_q = F.log_softmax(fn(hidden[k])[:, :-1].float(), -1).reshape(-1, a.vocab_size)
+            log_q = F.log_softmax(fn(hidden[k])[:, :-1][keep].float(), -1)
             s = sums[(method, k)]
             s["ce"] += F.nll_loss(log_q, targets, reduction="sum").item()
             s["kl"] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()

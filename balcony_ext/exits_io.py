@@ -6,6 +6,8 @@ Metadata (safetensors string metadata):
   base   = JSON {name, model_type, config_hash, weights_hash, weights_hash_method}
   exits  = JSON [k, ...];  inits = JSON {k: {"init": ..., "norm_init": ...}}
   tokens_trained, loss = JSON numbers (loss may be null)
+  tensors_sha256 = hex sha256 of the tensors (tensors_checksum); files written before it was added
+                   have none and load unchecked
 
 The weights hash is a sha256 over every base tensor's name, shape and a fixed sample of its values
 (the first and last WEIGHT_SAMPLE values, and WEIGHT_SAMPLE evenly strided ones, each rounded to
@@ -61,6 +63,16 @@ def weights_hash(model: BalconyModel) -> str:
     return h.hexdigest()
 
 
+def tensors_checksum(tensors: dict) -> str:
+    """sha256 over the tensors in sorted name order: each one's name, dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def base_identity(model: BalconyModel) -> dict:
     return dict(
         name=model.name,
@@ -105,6 +117,7 @@ def save_exits(model: BalconyModel, path, extra: dict | None = None, dtype: torc
         "tokens_trained": json.dumps(int(model.tokens_trained)),
         "loss": json.dumps(model.last_loss),
         "dtype": str(model.dtype).replace("torch.", ""),
+        "tensors_sha256": tensors_checksum(tensors),
     }
     if extra:
         meta["extra"] = json.dumps(extra, default=str)
@@ -132,6 +145,8 @@ def read_exits(path) -> tuple:
         raise ExitsFileError(
             f"{path} has exits format version {raw.get('format_version')!r}; this balcony_ext reads {FORMAT_VERSION}"
         )
+    if "tensors_sha256" in raw and raw["tensors_sha256"] != tensors_checksum(tensors):
+        raise ExitsFileError(f"{path}: the tensor data is damaged (its sha256 differs from the one saved with it)")
     meta = dict(raw)
     try:
         for key in ("base", "exits", "inits", "tokens_trained", "loss"):

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import reprlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -563,15 +565,26 @@ class GenerationOutput:
         return self.text
 
 
+def _is_token_ids(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
+def _prompt_type_error(prompt) -> TypeError:
+    return TypeError("a prompt must be a str, a list of str, or token ids (a list of ints, or a list of lists "
+                     f"of ints), got {type(prompt).__name__} {reprlib.repr(prompt)}")
+
+
 def encode_prompt(tok, prompt, chat=None) -> list:
     """Token ids of a prompt: a list of ids as is; a string through the chat template when `chat` (default:
     when the tokenizer has one), else plainly tokenised."""
-    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+    if _is_token_ids(prompt):
         return list(prompt)
     if not isinstance(prompt, str):
-        raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        raise _prompt_type_error(prompt)
     if not prompt:
         return []  # reported by the caller, which knows the prompt's index
+    if tok is None:
+        raise ValueError("the model has no tokenizer; pass prompts as lists of token ids")
     if chat is None:
         chat = bool(getattr(tok, "chat_template", None))
     if chat:
@@ -611,11 +624,14 @@ class _Budgets:
             budget = 1.0
         self.model, self.B, self.cal = model, B, calibration
         self.kind = "budget" if budget is not None else "exit" if exit_layer is not None else "latency"
-        self.value = budget if budget is not None else exit_layer if exit_layer is not None else ms_per_token
         self.notes = [[] for _ in range(B)]
+        self.set(budget if budget is not None else exit_layer if exit_layer is not None else ms_per_token, 0)
 
-    def set(self, value):
-        self.value = value
+    def set(self, value, step: int):
+        """Uses `value` from `step` on. It is resolved for that step first: a bad value raises and changes
+        nothing (the resolution is kept for that step, so a callable is still called once per step)."""
+        resolved = self._resolve(value, step)
+        self.value, self._resolved = value, (step, resolved)
 
     def _one(self, v, b):
         m = self.model
@@ -630,8 +646,8 @@ class _Budgets:
             return exit_for_latency(m, float(v), self.cal)
         return choose_exit(m, v, self.cal)
 
-    def exits(self, step: int) -> list:
-        v = self.value
+    def _resolve(self, v, step: int) -> list:
+        """[(exit, note or None)] of every row at `step` for the value v; raises for a bad value."""
         if callable(v):
             v = v(step)
         elif isinstance(v, dict):  # schedule {from_step: value}
@@ -645,9 +661,12 @@ class _Budgets:
             vals = list(v)
         else:
             vals = [v] * self.B
+        return [self._one(x, b) for b, x in enumerate(vals)]
+
+    def exits(self, step: int) -> list:
+        at, resolved = self._resolved
         out = []
-        for b, x in enumerate(vals):
-            k, note = self._one(x, b)
+        for b, (k, note) in enumerate(resolved if at == step else self._resolve(self.value, step)):
             if note and note not in self.notes[b]:
                 self.notes[b].append(note)
             out.append(k)
@@ -664,38 +683,41 @@ class Generation:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         self.model = model
-        tok = model.tokenizer
-        if tok is None and any(isinstance(p, str) for p in prompts):
-            raise ValueError("the model has no tokenizer; pass prompts as lists of token ids")
-        self.ids = [encode_prompt(tok, p, chat) for p in prompts]
+        self.ids = [encode_prompt(model.tokenizer, p, chat) for p in prompts]
         for b, ids in enumerate(self.ids):
             if not ids:
                 raise ValueError(f"prompt {b} is empty" if len(prompts) > 1 else "the prompt is empty")
+            model.check_token_ids(ids)
         self.single = single
         B = len(self.ids)
+
+        def rows(name, v, dtype, ok, allowed):
+            v = list(v) if isinstance(v, (list, tuple)) else [v] * B
+            if len(v) != B:
+                raise ValueError(f"{len(v)} per-sequence {name} values for {B} prompts")
+            for x in v:
+                if isinstance(x, bool) or not ok(x):
+                    raise ValueError(f"{name} must be {allowed}, got {x!r}")
+            return torch.tensor(v, dtype=dtype)
+
+        real = lambda x: isinstance(x, numbers.Real)  # noqa: E731
+        self.temperature = rows("temperature", temperature, torch.float32,
+                                lambda x: real(x) and math.isfinite(x) and x >= 0, "a finite number >= 0 (0: greedy)")
+        self.top_k = rows("top_k", top_k, torch.long, lambda x: isinstance(x, numbers.Integral) and x >= 0,
+                          "an int >= 0 (0: no top-k cut)")
+        self.top_p = rows("top_p", top_p, torch.float32, lambda x: real(x) and 0 < x <= 1, "in (0, 1]")
         need = max(len(i) for i in self.ids) + max_new_tokens
         if max_len is not None and need > max_len:
             raise ValueError(f"a prompt of {max(len(i) for i in self.ids)} tokens plus max_new_tokens="
                              f"{max_new_tokens} needs {need} cache positions, past max_len={max_len}")
         cal = load_calibration(model) if calibration == "auto" else calibration
-        self.budgets = _Budgets(model, B, budget, exit_layer, ms_per_token, cal)
-        self.exits0 = self.budgets.exits(0)  # validates before any allocation
+        self.budgets = _Budgets(model, B, budget, exit_layer, ms_per_token, cal)  # validates before any allocation
         self.engine = Engine(model, B, max_len or need, native=native)
         self.max_new = max_new_tokens
         self.stop_ids = _stop_ids(model, stop_tokens)
         self.stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
         gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (1 << 63))
         self.gen = gen
-
-        def rows(v, dtype):
-            v = list(v) if isinstance(v, (list, tuple)) else [v] * B
-            if len(v) != B:
-                raise ValueError(f"{len(v)} per-sequence sampling values for {B} prompts")
-            return torch.tensor(v, dtype=dtype)
-
-        self.temperature = rows(temperature, torch.float32)
-        self.top_k = rows(top_k, torch.long)
-        self.top_p = rows(top_p, torch.float32)
         self.generated = [[] for _ in range(B)]
         self.exit_layers = [[] for _ in range(B)]
         self.done = [False] * B
@@ -707,8 +729,9 @@ class Generation:
         self.t_end = None
 
     def set_budget(self, budget):
-        """Changes the budget from the next token on (a number, per-sequence list, schedule or callable)."""
-        self.budgets.set(budget)
+        """Changes the budget from the next token on (a number, per-sequence list, schedule or callable).
+        A value that does not resolve to exits for the next token raises; the generation is then unchanged."""
+        self.budgets.set(budget, self.step_index)
 
     def _decode_text(self, b):
         tok = self.model.tokenizer
@@ -717,7 +740,7 @@ class Generation:
     def _advance(self) -> list:
         """One token for every unfinished row; returns the new text of each row."""
         e = self.engine
-        exits = self.budgets.exits(self.step_index) if self.step_index else self.exits0
+        exits = self.budgets.exits(self.step_index)
         # finished rows stay idle (exit 0: no layer runs for them)
         exits = [0 if self.done[b] else exits[b] for b in range(e.B)]
         uniform = torch.rand(e.B, generator=self.gen)
@@ -798,10 +821,11 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     set_budget() changes the budget mid-generation); otherwise a GenerationOutput (a list for a
     list of prompts).
     """
-    single = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and
-                                         all(isinstance(t, int) for t in prompt))
-    if isinstance(prompt, (list, tuple)) and not prompt:
+    if not isinstance(prompt, (str, list, tuple)):
+        raise _prompt_type_error(prompt)
+    if not prompt and not isinstance(prompt, str):
         raise ValueError("no prompts given")
+    single = isinstance(prompt, str) or _is_token_ids(prompt)
     prompts = [prompt] if single else list(prompt)
     g = Generation(model, prompts, single, budget=budget, exit_layer=exit_layer, ms_per_token=ms_per_token,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

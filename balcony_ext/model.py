@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import adapter_for
 
-INITS = ("last", "random")
+INITS = ("last", "next", "random")
 NORM_INITS = ("final", "next")
 
 
@@ -112,7 +112,10 @@ class BalconyModel(nn.Module):
         # Each exit has its own KV-cache slot past the base's layers, stable whatever other
         # exits exist: base layers use 0..L-1, exit k uses L + k - 1.
         cache_index = a.num_layers + k - 1
-        layer = a.new_layer(cache_index, copy_from=a.num_layers - 1 if init == "last" else None)
+        # "last": the base's last decoder layer; "next": base layer k+1 (0-based index k), the layer
+        # the exit replaces; "random": the model's own initialiser
+        copy_from = {"last": a.num_layers - 1, "next": k, "random": None}[init]
+        layer = a.new_layer(cache_index, copy_from=copy_from)
         # "next": the input norm of base layer k+1 (0-based index k), as the paper's code does.
         norm = a.new_norm("final" if norm_init == "final" else k)
         ex = BalconyExit(layer, norm, init, norm_init).to(device=self.device, dtype=self.dtype)
@@ -121,8 +124,18 @@ class BalconyModel(nn.Module):
         ex.train(self.training)
         return ex
 
+    def check_token_ids(self, input_ids) -> None:
+        """Raises ValueError naming the first token id (tensor or list) outside the vocabulary."""
+        ids = torch.as_tensor(input_ids)
+        V = self.adapter.vocab_size
+        outside = (ids < 0) | (ids >= V)
+        if outside.any():
+            raise ValueError(f"token id {int(ids[outside][0])} is outside the vocabulary: ids must be in "
+                             f"0..{V - 1} (vocabulary size {V})")
+
     # ---- forward pieces -------------------------------------------------------------------------
     def _embed_context(self, input_ids, attention_mask=None, position_ids=None):
+        self.check_token_ids(input_ids)
         hidden = self.adapter.embed_tokens(input_ids)
         ctx = self.adapter.context(hidden, attention_mask=attention_mask, position_ids=position_ids)
         return hidden, ctx
@@ -197,7 +210,8 @@ def attach(model: BalconyModel, exits, init: str = "last", norm_init: str = "fin
            replace: bool = False) -> BalconyModel:
     """Adds trainable exits at the given depths (layer counts, 1..num_layers-1).
 
-    init: "last" copies the base's last decoder layer; "random" uses the model's own initialiser
+    init: "last" copies the base's last decoder layer; "next" copies base layer k+1 (the first layer the
+    exit skips); "random" uses the model's own initialiser
     (seeded by `seed` when given). norm_init: "final" copies the final norm (the LM head was
     trained behind it); "next" copies the input norm of layer k+1 (the paper's code).
     An exit that already exists raises unless replace=True. Returns the model.

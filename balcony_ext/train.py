@@ -6,7 +6,7 @@ Per micro-batch: one frozen forward without grad gives the hidden state at every
 the teacher's final hidden state; each balcony layer then runs with autograd, and the loss is the
 forward KL(p_full || p_exit) (temperature 1, teacher detached) averaged over the exits. The exits
 back-propagate one after another, so only one exit's logits are alive at a time.
-AdamW, linear warm-up then cosine decay to zero, gradient clipping, gradient accumulation,
+AdamW, linear warm-up then cosine decay to zero, gradient clipping per exit, gradient accumulation,
 optional bf16 autocast. With checkpoint_dir, the whole training state (exits, optimiser,
 schedule, data position, RNG states) is written atomically every `checkpoint_every` steps and a
 later call with resume=True continues exactly where the last checkpoint left off.
@@ -142,6 +142,8 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
         raise ValueError("the model has no exits to train; call attach(model, exits=[...]) first")
     if loss_impl not in ("fused", "reference"):
         raise ValueError(f"loss_impl must be 'fused' or 'reference', got {loss_impl!r}")
+    if not tokens > 0:
+        raise ValueError(f"tokens (the number of training tokens) must be positive, got {tokens!r}")
     loss_fn = distill_loss if loss_impl == "fused" else reference_distill_loss
     exits = model.exits
     device = model.device
@@ -168,7 +170,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     settings = dict(exits=exits, tokens=tokens, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                     warmup=warmup, clip=clip, weight_decay=weight_decay, seed=seed, total_steps=total_steps)
 
-    params = exit_params = model.balcony_parameters()
+    params = model.balcony_parameters()
     lenses = None
     if affine_baseline:
         from .evaluate import new_affine_exits
@@ -255,10 +257,13 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                             per_exit[f"affine@{k}"] = per_exit.get(f"affine@{k}", 0.0) + loss.item() / grad_accum
             if world > 1:
                 per_exit = _average_across_processes(params, per_exit, world)
-            # the affine baseline is clipped on its own so that it never changes the exits' updates
-            grad_norm = torch.nn.utils.clip_grad_norm_(exit_params, clip) if clip else None
-            if clip and lenses is not None:
-                torch.nn.utils.clip_grad_norm_(params[len(exit_params):], clip)
+            # Every exit (and every affine lens) is clipped on its own: an exit's updates do not
+            # depend on which other exits train beside it. grad_norm reports the largest.
+            grad_norm = None
+            if clip:
+                groups = [model.exit_module(k).parameters() for k in exits]
+                groups += [lens.parameters() for lens in lenses.values()] if lenses is not None else []
+                grad_norm = max(torch.nn.utils.clip_grad_norm_(list(g), clip) for g in groups)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

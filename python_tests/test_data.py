@@ -83,3 +83,21 @@ def test_sample_self_tiny_model():
     assert len(c.heldout_docs) >= 1 and not set(c.heldout_docs) & set(c.train_docs)
     c2 = sample_self(model, tokens=300, seq_len=16, batch_size=4, seed=1, progress=False)
     assert torch.equal(c.train_ids, c2.train_ids)
+
+
+def test_heldout_sample_spreads_over_documents(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(12):
+        (d / f"doc{i:02d}.txt").write_text(f"[{i:02d}]" + "x" * (200 + 40 * i))
+    c = prepare(d, ByteTokenizer(), heldout=0.4)
+    assert len(c.heldout_docs) >= 3 and len(c.heldout_spans) == len(c.heldout_docs)
+    for (s, e), name in zip(c.heldout_spans, c.heldout_docs):
+        assert bytes(c.heldout_ids[s:s + 4].tolist()).decode() == f"[{name.split('doc')[-1][:2]}]"
+    n = len(c.heldout_docs)
+    blocks, masks = c.heldout_sample(16, max_tokens=16 * n)
+    assert blocks.shape == (n, 16) and masks.all()
+    # one block from the start of every held-out document, not n blocks of the first one
+    assert sorted(bytes(b[:4].tolist()).decode() for b in blocks) == sorted(f"[{x.split('doc')[-1][:2]}]" for x in c.heldout_docs)
+    everything, _ = c.heldout_sample(16)
+    assert torch.equal(everything, c.heldout_blocks(16))

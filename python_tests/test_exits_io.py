@@ -1,12 +1,15 @@
 """save_exits / load_exits: round trip, metadata, and refusal of foreign or damaged files."""
 
 import json
+import re
+import struct
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from balcony_ext.exits_io import ExitsFileError, load_exits, save_exits, weights_hash
+from balcony_ext.exits_io import ExitsFileError, load_exits, read_exits, save_exits, tensors_checksum, weights_hash
+from balcony_ext.loading import bundled_exits_path
 from balcony_ext.model import attach
 from tiny_models import tiny_balcony
 
@@ -96,6 +99,43 @@ def test_damaged_file_refused(tmp_path, damage):
     with pytest.raises(ExitsFileError):
         load_exits(model, path)
     assert model.exits == [2] and all(torch.equal(v, before[k]) for k, v in _snapshot(model).items())
+
+
+def test_flipped_data_byte_refused(tmp_path):
+    path = save_exits(_trained(), tmp_path / "e.safetensors")
+    data = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # the tensor data follows the JSON header
+    data[(start + len(data)) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    model = tiny_balcony()
+    attach(model, [2])
+    before = _snapshot(model)
+    with pytest.raises(ExitsFileError, match=re.escape(f"{path}: the tensor data is damaged")):
+        load_exits(model, path)
+    assert model.exits == [2] and all(torch.equal(v, before[k]) for k, v in _snapshot(model).items())
+
+
+def test_checksum_is_canonical_and_files_without_one_load(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _trained()
+    path = save_exits(src, tmp_path / "e.safetensors", dtype=torch.bfloat16)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["tensors_sha256"] == tensors_checksum(dict(reversed(list(tensors.items()))))
+    changed = dict(tensors)
+    name = sorted(changed)[0]
+    changed[name] = changed[name].float()  # same values, another dtype
+    assert tensors_checksum(changed) != meta["tensors_sha256"]
+    # a file written before the checksum existed (no key) loads unchecked
+    del meta["tensors_sha256"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    dst = tiny_balcony()
+    load_exits(dst, tmp_path / "old.safetensors")
+    assert dst.exits == [1, 3]
+    _, shipped = read_exits(bundled_exits_path())  # the bundled exits predate the checksum
+    assert "tensors_sha256" not in shipped and shipped["exits"]
 
 
 def test_wrong_shapes_and_foreign_format_refused(tmp_path):

@@ -224,6 +224,8 @@ def test_clear_errors():
         bx.generate(m, ids, exit_layer=3)
     with pytest.raises(ValueError, match="empty"):
         bx.generate(m, [[]])
+    with pytest.raises(ValueError, match="the model has no tokenizer"):
+        bx.generate(m, "a string prompt")
     with pytest.raises(ValueError, match="past the model's 256"):
         bx.generate(m, ids, max_new_tokens=300)
     with pytest.raises(ValueError, match="past max_len=8"):
@@ -234,6 +236,72 @@ def test_clear_errors():
         bx.generate(m, ids, ms_per_token=5.0, calibration=None)
     with pytest.raises(ValueError, match="2 per-sequence values for 3 prompts"):
         bx.generate(m, _prompts(3), budget=[0.5, 1.0])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=-1), r"temperature must be a finite number >= 0 .*got -1"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 .*got nan"),
+    (dict(temperature=float("inf")), r"temperature must be a finite number >= 0 .*got inf"),
+    (dict(temperature="hot"), r"temperature must be a finite number >= 0 .*got 'hot'"),
+    (dict(top_p=2.0), r"top_p must be in \(0, 1\], got 2.0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_k=-1), r"top_k must be an int >= 0 .*got -1"),
+    (dict(top_k=2.5), r"top_k must be an int >= 0 .*got 2.5"),
+    (dict(top_k=True), r"top_k must be an int >= 0 .*got True"),
+    (dict(temperature=[1.0, -0.5, 0.0]), r"temperature must be a finite number >= 0 .*got -0.5"),
+    (dict(top_p=[0.9, 1.0, 1.5]), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(top_k=[0, -3, 5]), r"top_k must be an int >= 0 .*got -3"),
+    (dict(top_k=[0, 5]), "2 per-sequence top_k values for 3 prompts"),
+])
+def test_sampling_arguments_checked(kw, match):
+    m = _model()
+    with pytest.raises(ValueError, match=match):
+        bx.generate(m, _prompts(3), max_new_tokens=2, stop_tokens=[], **kw)
+
+
+def test_sampling_argument_bounds_accepted():
+    m = _model()
+    out = bx.generate(m, _prompts(2), temperature=[0.0, 2], top_k=[0, 3], top_p=[1, 1e-3], seed=0,
+                      max_new_tokens=2, stop_tokens=[])
+    assert [len(o.tokens) for o in out] == [2, 2]
+
+
+@pytest.mark.parametrize("prompt", [12345, 1.5, None, {"text": "hi"}, [1, "a"], [[1, 2], 3], [[1, 2.0]], [["a"]],
+                                    [True, False]])
+def test_prompt_of_wrong_type_named(prompt):
+    m = _model()
+    msg = r"a prompt must be a str, a list of str, or token ids \(a list of ints, or a list of lists of ints\), got"
+    with pytest.raises(TypeError, match=msg):
+        bx.generate(m, prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("prompt,bad", [([5, 256, 7], 256), ([-1, 5], -1), ([[3, 4], [5, 10**6]], 10**6)])
+def test_token_ids_outside_the_vocabulary_named(prompt, bad):
+    m = _model()
+    with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary: .*vocabulary size 256"):
+        bx.generate(m, prompt, max_new_tokens=2)
+
+
+def test_set_budget_rejects_bad_values_and_keeps_the_running_one():
+    m = _model()
+    g = bx.generate(m, _prompts(1)[0], budget=1.0, max_new_tokens=4, stop_tokens=[], stream=True)
+    for i, _ in enumerate(g):
+        if i == 1:
+            with pytest.raises(ValueError, match=r"budget must be in \(0, 1\].*got 2"):
+                g.set_budget(2)
+            with pytest.raises(ValueError, match=r"budget must be in \(0, 1\].*got -0.5"):
+                g.set_budget(lambda step: -0.5)
+            with pytest.raises(TypeError, match="budget must be a number"):
+                g.set_budget("fast")
+            with pytest.raises(ValueError, match="2 per-sequence values for 1 prompts"):
+                g.set_budget([0.5, 0.5])
+            with pytest.raises(ValueError, match="no entry for step 2"):
+                g.set_budget({5: 0.01})
+    assert g.result().exit_layers == [L, L, L, L]
+    # a budget set before the first token applies from the first token on
+    g = bx.generate(m, _prompts(1)[0], budget=1.0, max_new_tokens=3, stop_tokens=[], stream=True)
+    g.set_budget(0.01)
+    assert g.run().exit_layers == [2, 2, 2]
 
 
 def test_native_step_rejects_bad_arguments():

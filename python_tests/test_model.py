@@ -95,18 +95,52 @@ def test_random_init_is_seeded_and_differs_from_last():
     assert abs(wa.std().item() - a.config.initializer_range) < 0.01
 
 
-@pytest.mark.parametrize("bad", [[0], [4], [5], [-1], [2, 2], [1.5], [], 2, ["3"]])
-def test_exit_validation(bad):
+@pytest.mark.parametrize("bad,match", [
+    ([0], r"exit depth 0 is out of range: this model has 4 layers, exits must be in 1\.\.3"),
+    ([4], r"exit depth 4 is out of range: .*1\.\.3"),
+    ([5], r"exit depth 5 is out of range"),
+    ([-1], r"exit depth -1 is out of range"),
+    ([1, 7], r"exit depth 7 is out of range"),
+    ([2, 2], r"exit depths repeat: \[2, 2\]"),
+    ([1.5], r"exit depth 1.5 is not an int"),
+    ([True], r"exit depth True is not an int"),
+    (["3"], r"exit depth '3' is not an int"),
+    ([], "exits is empty"),
+    (2, "exits must be a list of layer counts, got 2"),
+    (None, "exits must be a list of layer counts, got None"),
+])
+def test_exit_validation(bad, match):
     model = tiny_balcony()
-    with pytest.raises(ValueError):
+    attach(model, [1])
+    before = model.exit_module(1)
+    with pytest.raises(ValueError, match=match):
         attach(model, bad)
+    assert model.exits == [1] and model.exit_module(1) is before
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(init="copy"), r"^init must be one of \('last', .*'random'\), got 'copy'"),
+    (dict(norm_init="first"), r"^norm_init must be one of \('final', 'next'\), got 'first'"),
+])
+def test_attach_bad_init_named_and_nothing_attached(kw, match):
+    model = tiny_balcony()
+    attach(model, [1])
+    with pytest.raises(ValueError, match=match):
+        attach(model, [2, 3], **kw)
+    assert model.exits == [1]
+
+
+def test_attach_needs_a_balcony_model():
+    with pytest.raises(TypeError, match=r"attach\(\) needs a BalconyModel, got LlamaForCausalLM"):
+        attach(tiny_hf(), [1])
 
 
 def test_attach_twice_needs_replace():
     model = tiny_balcony()
     attach(model, [2])
-    with pytest.raises(ValueError, match="already attached"):
-        attach(model, [2])
+    with pytest.raises(ValueError, match=r"exits \[2\] are already attached; pass replace=True"):
+        attach(model, [1, 2])
+    assert model.exits == [2]
     attach(model, [3, 1])
     assert model.exits == [1, 2, 3]
     attach(model, [2], init="random", replace=True)
@@ -118,6 +152,19 @@ def test_forward_unattached_exit_raises():
     attach(model, [2])
     with pytest.raises(KeyError, match="no exit at depth 3"):
         model(torch.zeros(1, 3, dtype=torch.long), exits=[3])
+
+
+@pytest.mark.parametrize("bad", [256, 10**6, -1])
+def test_token_ids_outside_the_vocabulary_named(bad):
+    model = tiny_balcony()
+    attach(model, [2])
+    ids = torch.tensor([[5, bad, 7]])
+    match = rf"token id {bad} is outside the vocabulary: ids must be in 0\.\.255 \(vocabulary size 256\)"
+    with pytest.raises(ValueError, match=match):
+        model(ids, exits=[2])
+    with pytest.raises(ValueError, match=match):
+        model.frozen_forward(ids, [2])
+    assert set(model(torch.tensor([[0, 255]]), exits=[2, 4])) == {2, 4}
 
 
 def test_unsupported_architecture_named():

@@ -133,6 +133,17 @@ def test_train_without_exits_or_data_errors():
         train(model, data=_corpus(n=64), tokens=10, seq_len=32, batch_size=4, progress=False)
 
 
+@pytest.mark.parametrize("tokens", [0, -5])
+def test_train_needs_a_positive_token_count(tokens):
+    model = tiny_balcony()
+    attach(model, [2])
+    before = {k: v.clone() for k, v in model.balconies.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"tokens \(the number of training tokens\) must be positive, got {tokens}"):
+        train(model, data=_corpus(), tokens=tokens, progress=False)
+    assert model.tokens_trained == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.balconies.state_dict().items())
+
+
 def test_affine_baseline_trains_on_the_same_batches_and_resumes(tmp_path):
     from balcony_ext.evaluate import evaluate
 

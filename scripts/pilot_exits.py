@@ -36,6 +36,30 @@ def parse_mix(items):
     return out
 
 
+def write_table(pilots, path):
+    """docs/results/pilots.md: one row per pilot and exit."""
+    lines = ["# Pilot runs of the exit-training recipe", "",
+             "Written by `scripts/pilot_exits.py`; the figures are in `pilots.json`. Chat: held-out instructions, "
+             "teacher-forced along the full model's greedy answers (top-1 agreement, KL) and free answers (share of "
+             "repeated 4-grams, token F1 with the full model's answer); Shakespeare: held-out plays, perplexity "
+             "relative to the full model's.", "",
+             "| pilot | recipe | tokens | exit | rel cost | chat top-1 | chat KL | rep 4-gram | F1 | Shakespeare ppl / full |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pilots:
+        recipe = (f"{' '.join(p['mix'])}; init {p['init']}, norm {p['norm_init']}; lr {p['lr']:g}"
+                  + ("; loss on prompts too" if p.get("learn_prompt") else ""))
+        full = next(r for r in p["rows"] if r["method"] == "full")
+        for r in p["rows"]:
+            if r["method"] == "full":
+                continue
+            cell = lambda key, fmt: format(r[key], fmt) if key in r else "-"
+            lines.append(f"| {p['name']} | {recipe} | {p['tokens']:,} | {r['method']} {r['exit']} | {r['rel_cost']:.2f} | "
+                         f"{cell('chat_top1', '.3f')} | {cell('chat_kl', '.2f')} | {cell('chat_rep4', '.3f')} | "
+                         f"{cell('chat_f1', '.3f')} | {r['shakespeare_ppl_ratio']:.2f} |")
+        lines.append(f"| {p['name']} | | | full {full['exit']} | 1.00 | 1 | 0 | {full.get('chat_rep4', 0):.3f} | 1 | 1 |")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
@@ -44,7 +68,7 @@ def main():
     ap.add_argument("--mix", nargs="+", default=["chat=1"], help="data=weight, e.g. chat=0.7 shakespeare=0.3")
     ap.add_argument("--prompts", type=int, default=2000, help="chat instructions (answers from the cache)")
     ap.add_argument("--learn-prompt", action="store_true", help="also learn on the prompt tokens of chat data")
-    ap.add_argument("--init", default="last", choices=["last", "random"])
+    ap.add_argument("--init", default="last", choices=["last", "next", "random"])
     ap.add_argument("--norm-init", default="final", choices=["final", "next"])
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=float, default=0.01)
@@ -92,7 +116,9 @@ def main():
                          shakespeare_top1=r["top1"], **c))
     for r in rows:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    entry = dict(name=args.name, exits=args.exits, tokens=model.tokens_trained, mix=args.mix, prompts=args.prompts,
+    entry = dict(name=args.name, exits=args.exits, tokens=model.tokens_trained, mix=args.mix,
+                 chat_data=dict(prompts=len(chat.train_examples),
+                                answer_tokens=sum(len(e.answer_ids) for e in chat.train_examples)),
                  learn_prompt=args.learn_prompt, init=args.init, norm_init=args.norm_init, lr=args.lr,
                  warmup=args.warmup, batch=args.batch, seq=args.seq, step_seconds=round(seconds),
                  final_loss_per_exit=run["history"][-1]["loss_per_exit"], chat=chat_rows["_info"], rows=rows,
@@ -102,6 +128,7 @@ def main():
     pilots = [p for p in pilots if p["name"] != args.name] + [entry]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(pilots, indent=1)))
+    write_table(pilots, RESULTS.with_suffix(".md"))
     print(f"recorded pilot {args.name} in {RESULTS} ({time.time() - t0:.0f} s)")
 
 

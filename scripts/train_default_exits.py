@@ -1,77 +1,123 @@
 """Trains, evaluates and packages the exits shipped with balcony_ext for SmolLM2-135M-Instruct.
 
-    .venv/bin/python scripts/train_default_exits.py [--tokens 1000000] [--run-dir DIR]
+    .venv/bin/python scripts/train_default_exits.py [--tokens 3000000] [--run-dir DIR]
 
-Exits at depths 8, 15 and 22 of the 30 layers (27%, 50% and 73% of the depth, so that budgets
-across the range each buy a distinct exit; 15 is the half-depth exit), initialised from the
-last decoder layer with the final norm, trained by self-distillation on the Shakespeare corpus
-(two plays held out by document), bf16 autocast, lr 5e-4 cosine with 1% warm-up, 4 x 512-token
-batches. The learned affine exit (tuned lens) trains beside them on the very same batches.
+The recipe (chosen by the pilot runs in docs/results/pilots.json):
+  - data: the model's own answers to everyday instructions in its chat template (balcony_ext.chat_data:
+    --prompts instructions, answered at full depth by the frozen model in bfloat16, greedy and sampled,
+    loss on the answer tokens), mixed with human text so that general text does not get worse:
+    Shakespeare's plays and the Python tutorial/HOWTOs/FAQ (--mix);
+  - exits at --exits, initialised from the last decoder layer with the final norm;
+  - bf16 autocast, AdamW, lr 5e-4, 1% warm-up then cosine, 4 x 512-token batches;
+  - the learned affine exit (tuned lens) trains beside them on the very same batches.
 
-The run checkpoints every few steps into --run-dir; run the same command again after an
-interruption and it resumes where it stopped. When training is complete it evaluates every exit
-and the baselines on the held-out plays and writes
+Everything is cached or checkpointed outside the repository (--run-dir, the chat cache): run the same
+command again after an interruption and it resumes where it stopped (answer generation included).
+When training is complete it evaluates every exit on held-out instructions (chat agreement, KL, free
+answers), held-out Shakespeare plays and held-out Python documentation, and writes
   balcony_ext/exits/smollm2-135m-instruct.safetensors  (bf16, the exits `bx.load()` attaches)
-  balcony_ext/exits/smollm2-135m-instruct.eval.json (the held-out report `balcony demo` shows)
-  docs/results/default_exits.json, docs/results/default_exits.png
+  balcony_ext/exits/smollm2-135m-instruct.eval.json    (the report `balcony demo` shows)
+  docs/results/default_exits.json/.png, docs/results/default_exits_python_docs.json
+--evaluate-only evaluates the latest checkpoint as it stands (figures of a run still in progress).
 """
 
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
 import balcony_ext as bx
-from balcony_ext.data import prepare
+from balcony_ext.chat_data import chat_data
+from balcony_ext.data import Mixture, prepare
 from balcony_ext.loading import bundled_exits_path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXITS = [8, 15, 22]
+
+
+def parse_mix(items):
+    """["chat=0.7", "shakespeare=0.15"] -> [("chat", 0.7), ("shakespeare", 0.15)]"""
+    out = []
+    for it in items:
+        name, _, w = it.partition("=")
+        out.append((name, float(w or 1)))
+    return out
+
+
+def build_data(model, args):
+    """The training mixture; the chat answers are generated (or read from the cache) in bfloat16."""
+    gen_model = bx.load(exits=None, dtype=torch.bfloat16)
+    chat = chat_data(gen_model, prompts=args.prompts, batch_size=16)
+    del gen_model
+    print(chat.describe())
+    parts = [(chat.corpus() if name == "chat" else prepare(name, model.tokenizer), w) for name, w in parse_mix(args.mix)]
+    return chat, (parts[0][0] if len(parts) == 1 else Mixture(parts))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--tokens", type=int, default=3_000_000)
+    ap.add_argument("--exits", type=int, nargs="+", default=[12, 18, 24])
+    ap.add_argument("--mix", nargs="+", default=["chat=0.7", "shakespeare=0.15", "python-docs=0.15"])
+    ap.add_argument("--prompts", type=int, default=4000, help="chat instructions answered by the model")
     ap.add_argument("--run-dir", default=os.path.join(os.environ.get("BALCONY_CACHE", Path.home() / ".cache" / "balcony_ext"),
-                                                      "runs", "default-exits"))
+                                                      "runs", "default-exits-chat"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=32_768, help="held-out tokens to evaluate on (0: all)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-tokens", type=int, default=32_768, help="held-out tokens per text corpus")
+    ap.add_argument("--chat-prompts", type=int, default=64, help="held-out instructions in the chat evaluation")
     ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--evaluate-only", action="store_true", help="evaluate the latest checkpoint, train nothing")
     ap.add_argument("--out", default=str(bundled_exits_path()), help="where to write the packaged exits")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results" / "default_exits"))
     args = ap.parse_args()
 
     model = bx.load(exits=None)
-    bx.attach(model, EXITS, init="last", norm_init="final")
-    corpus = prepare("shakespeare", model.tokenizer)
-    run = bx.train(model, data=corpus, tokens=args.tokens, batch_size=args.batch, seq_len=args.seq, bf16=True,
-                   lr=5e-4, warmup=0.01, checkpoint_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
-                   affine_baseline=True)
+    bx.attach(model, args.exits, init="last", norm_init="final")
+    chat, data = build_data(model, args)
+    recipe = (f"{' '.join(args.mix)} ({args.prompts} instructions), bf16 autocast, lr {args.lr:g} cosine, 1% warm-up, "
+              f"{args.batch}x{args.seq} tokens per step, init last, norm final")
+    tokens = 0 if args.evaluate_only else args.tokens
+    if args.evaluate_only:
+        from balcony_ext.train import EXITS_FILE
+
+        bx.load_exits(model, Path(args.run_dir) / EXITS_FILE)
+        run = dict(history=[], affine=None)
+    else:
+        run = bx.train(model, data=data, tokens=tokens, batch_size=args.batch, seq_len=args.seq, bf16=True, lr=args.lr,
+                       warmup=0.01, checkpoint_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
+                       affine_baseline=True)
     hist = run["history"]
     seconds = sum(h["step_s"] for h in hist)
-    print(f"trained {model.tokens_trained:,} tokens in {seconds / 3600:.2f} h of steps "
-          f"({model.tokens_trained / max(seconds, 1e-9):.0f} tokens/s)")
+    print(f"trained {model.tokens_trained:,} tokens in {seconds / 3600:.2f} h of steps")
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bx.save_exits(model, out, dtype=torch.bfloat16,
-                  extra=dict(corpus=corpus.describe(), recipe="bf16 autocast, lr 5e-4 cosine, 1% warm-up, "
-                             f"{args.batch}x{args.seq} tokens per step, init last, norm final"))
-    # evaluate what users get: the exits as shipped (bf16 on disk, loaded into the fp32 model)
-    bx.load_exits(model, out)
+    if not args.evaluate_only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        bx.save_exits(model, out, dtype=torch.bfloat16, extra=dict(corpus=data.describe(), recipe=recipe))
+        bx.load_exits(model, out)  # evaluate what users get: the exits as shipped (bf16 on disk, fp32 model)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
-    report = bx.evaluate(model, data=corpus, seq_len=args.seq, max_tokens=args.eval_tokens or None, affine=run["affine"],
-                         json_path=results.with_suffix(".json"), plot_path=results.with_suffix(".png"))
-    report.info["training"] = dict(tokens=model.tokens_trained, step_seconds=seconds, batch=args.batch, seq_len=args.seq,
-                                   final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None)
+    t0 = time.time()
+    report = bx.evaluate(model, data="shakespeare", seq_len=args.seq, max_tokens=args.eval_tokens, affine=run["affine"],
+                         chat_prompts=args.chat_prompts)
+    docs = bx.evaluate(model, data="python-docs", seq_len=args.seq, max_tokens=args.eval_tokens, affine=run["affine"],
+                       baselines=())
+    training = dict(tokens=model.tokens_trained, step_seconds=seconds, batch=args.batch, seq_len=args.seq,
+                    recipe=recipe, chat_data=chat.describe(), final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None)
+    report.info["training"] = docs.info["training"] = training
+    report.info["python_docs"] = {f"{r['method']}@{r['exit']}": r["perplexity"] for r in docs.rows}
     report.to_json(results.with_suffix(".json"))
-    report.to_json(out.with_suffix(".eval.json"))
+    report.plot(results.with_suffix(".png"))
+    docs.to_json(results.parent / (results.name + "_python_docs.json"))
+    if not args.evaluate_only:
+        report.to_json(out.with_suffix(".eval.json"))
     print(report)
-    print(json.dumps(dict(exits=str(out), results=str(results.with_suffix(".json")))))
+    print(docs)
+    print(json.dumps(dict(exits=str(out), results=str(results.with_suffix(".json")), eval_s=round(time.time() - t0))))
 
 
 if __name__ == "__main__":
