@@ -18,7 +18,8 @@ answers), held-out Shakespeare plays and held-out Python documentation, and writ
   balcony_ext/exits/smollm2-135m-instruct.safetensors  (bf16, the exits `bx.load()` attaches)
   balcony_ext/exits/smollm2-135m-instruct.eval.json    (the report `balcony demo` shows)
   docs/results/default_exits.json/.png, docs/results/default_exits_python_docs.json
---evaluate-only evaluates the latest checkpoint as it stands (figures of a run still in progress).
+--from-checkpoint packages and evaluates the latest checkpoint as it stands, training nothing (to ship
+the exits of a run still in progress; the figures then say how many tokens they were trained on).
 """
 
 import argparse
@@ -49,11 +50,30 @@ def parse_mix(items):
 def build_data(model, args):
     """The training mixture; the chat answers are generated (or read from the cache) in bfloat16."""
     gen_model = bx.load(exits=None, dtype=torch.bfloat16)
-    chat = chat_data(gen_model, prompts=args.prompts, batch_size=16)
+    chat = chat_data(gen_model, prompts=args.prompts, batch_size=16, generate_missing=not args.from_checkpoint)
     del gen_model
     print(chat.describe())
     parts = [(chat.corpus() if name == "chat" else prepare(name, model.tokenizer), w) for name, w in parse_mix(args.mix)]
     return chat, (parts[0][0] if len(parts) == 1 else Mixture(parts))
+
+
+def from_checkpoint(model, run_dir: Path) -> dict:
+    """The exits, affine lenses and history of the latest checkpoint of a run (as train() returns them)."""
+    from balcony_ext.evaluate import new_affine_exits
+    from balcony_ext.train import STATE_FILE
+
+    state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    model.balconies.load_state_dict(state["exits"])
+    model.tokens_trained = state["tokens_trained"]
+    model.last_loss = state["history"][-1]["loss"] if state["history"] else None
+    affine = None
+    if "affine" in state:
+        affine = new_affine_exits(model, model.exits)
+        for k, lens in affine.items():
+            lens.load_state_dict(state["affine"][str(k)])
+            lens.eval()
+    print(f"checkpoint of {run_dir}: step {state['step']} of {state['settings']['total_steps']}")
+    return dict(history=state["history"], affine=affine)
 
 
 def main():
@@ -70,7 +90,8 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=32_768, help="held-out tokens per text corpus")
     ap.add_argument("--chat-prompts", type=int, default=64, help="held-out instructions in the chat evaluation")
     ap.add_argument("--checkpoint-every", type=int, default=10)
-    ap.add_argument("--evaluate-only", action="store_true", help="evaluate the latest checkpoint, train nothing")
+    ap.add_argument("--from-checkpoint", action="store_true",
+                    help="package and evaluate the latest checkpoint of --run-dir, train nothing")
     ap.add_argument("--out", default=str(bundled_exits_path()), help="where to write the packaged exits")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results" / "default_exits"))
     args = ap.parse_args()
@@ -78,27 +99,22 @@ def main():
     model = bx.load(exits=None)
     bx.attach(model, args.exits, init="last", norm_init="final")
     chat, data = build_data(model, args)
-    recipe = (f"{' '.join(args.mix)} ({args.prompts} instructions), bf16 autocast, lr {args.lr:g} cosine, 1% warm-up, "
-              f"{args.batch}x{args.seq} tokens per step, init last, norm final")
-    tokens = 0 if args.evaluate_only else args.tokens
-    if args.evaluate_only:
-        from balcony_ext.train import EXITS_FILE
-
-        bx.load_exits(model, Path(args.run_dir) / EXITS_FILE)
-        run = dict(history=[], affine=None)
+    recipe = (f"{' '.join(args.mix)} ({args.prompts} instructions), bf16 autocast, lr {args.lr:g} cosine over "
+              f"{args.tokens:,} tokens, 1% warm-up, {args.batch}x{args.seq} tokens per step, init last, norm final")
+    if args.from_checkpoint:
+        run = from_checkpoint(model, Path(args.run_dir))
     else:
-        run = bx.train(model, data=data, tokens=tokens, batch_size=args.batch, seq_len=args.seq, bf16=True, lr=args.lr,
-                       warmup=0.01, checkpoint_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
+        run = bx.train(model, data=data, tokens=args.tokens, batch_size=args.batch, seq_len=args.seq, bf16=True,
+                       lr=args.lr, warmup=0.01, checkpoint_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
                        affine_baseline=True)
     hist = run["history"]
     seconds = sum(h["step_s"] for h in hist)
     print(f"trained {model.tokens_trained:,} tokens in {seconds / 3600:.2f} h of steps")
 
     out = Path(args.out)
-    if not args.evaluate_only:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        bx.save_exits(model, out, dtype=torch.bfloat16, extra=dict(corpus=data.describe(), recipe=recipe))
-        bx.load_exits(model, out)  # evaluate what users get: the exits as shipped (bf16 on disk, fp32 model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bx.save_exits(model, out, dtype=torch.bfloat16, extra=dict(corpus=data.describe(), recipe=recipe))
+    bx.load_exits(model, out)  # evaluate what users get: the exits as shipped (bf16 on disk, fp32 model)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -113,8 +129,7 @@ def main():
     report.to_json(results.with_suffix(".json"))
     report.plot(results.with_suffix(".png"))
     docs.to_json(results.parent / (results.name + "_python_docs.json"))
-    if not args.evaluate_only:
-        report.to_json(out.with_suffix(".eval.json"))
+    report.to_json(out.with_suffix(".eval.json"))
     print(report)
     print(docs)
     print(json.dumps(dict(exits=str(out), results=str(results.with_suffix(".json")), eval_s=round(time.time() - t0))))
