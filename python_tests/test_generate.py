@@ -1,4 +1,8 @@
-"""generate(): the early-exit KV cache engine, its native decode step, budgets and errors."""
+"""generate(): the early-exit KV cache engine, its native decode step, budgets and errors.
+
+Tests that run the native kernels (the decode step, the prefill and catch-up ops) take the
+`cpu_capability` fixture: they run once per CPU instruction set this machine supports. The checks
+on the real default model are in test_generate_real.py (marked slow)."""
 
 import importlib
 
@@ -35,7 +39,7 @@ def _fresh_logits(model, ids, k):
 @pytest.mark.parametrize("model_type,dtype", [("llama", torch.float32), ("qwen2", torch.float32),
                                               ("qwen3", torch.float32), ("llama", torch.bfloat16)],
                          ids=["llama-fp32", "qwen2-bias-fp32", "qwen3-qknorm-fp32", "llama-bf16"])
-def test_native_step_matches_python_step(model_type, dtype):
+def test_native_step_matches_python_step(model_type, dtype, cpu_capability):
     m = _model(model_type, dtype)
     prompts = _prompts(4)
     B = len(prompts)
@@ -60,7 +64,7 @@ def test_native_step_matches_python_step(model_type, dtype):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_native_step_long_context_split_attention():
+def test_native_step_long_context_split_attention(cpu_capability):
     # contexts past 256 positions split the attention along the sequence (merge step included)
     m = tiny_balcony("llama", seed=0, layers=L, initializer_range=0.2, max_position_embeddings=1024)
     attach(m, EXITS, init="random", seed=1)
@@ -77,7 +81,7 @@ def test_native_step_long_context_split_attention():
 
 @pytest.mark.parametrize("lengths", [(5, 9, 3, 12), (8, 8, 8, 8)], ids=["ragged", "equal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_prefill_step_equals_catch_up_then_a_decode_step(lengths, dtype):
+def test_prefill_step_equals_catch_up_then_a_decode_step(lengths, dtype, cpu_capability):
     # the prefill computes the first token from its own last position (and only that position's
     # output at the last layer and the exits): the same state as filling the cache, then a step
     m = _model(dtype=dtype)
@@ -94,7 +98,11 @@ def test_prefill_step_equals_catch_up_then_a_decode_step(lengths, dtype):
     assert torch.equal(a.kv_len, b.kv_len)
     # bfloat16: a prefill of many rows runs its GEMMs in bfloat16 (activations rounded, as Hugging
     # Face's are), the decode step in float32 with widened weights: a few % of the scale apart
-    rel = 2e-5 if dtype == torch.float32 else 3e-2
+    # (measured: at most 2.8% under avx2/avx512/avx512bf16 and 3.2% under the baseline instruction set,
+    # both in the exit-4 keys of the equal-length case, where the prefill's passes (32 rows) run their
+    # GEMMs in bfloat16 and the catch-up's (28 rows) in float32; the baseline's float32 rms_norm differs
+    # from the others' by an ulp, which moves some bfloat16 roundings the tiny model's large weights amplify)
+    rel = 2e-5 if dtype == torch.float32 else 5e-2
     for x, y in zip([a.logits] + a.k_cache + a.v_cache + a.kept, [b.logits] + b.k_cache + b.v_cache + b.kept):
         assert (x - y).abs().max() <= rel * y.abs().max()
 
@@ -120,7 +128,7 @@ def test_prefill_float32_gemm_paths_agree(monkeypatch):
 
 
 @pytest.mark.parametrize("k", [2, 4, L])
-def test_logits_match_a_full_forward_at_every_exit(k):
+def test_logits_match_a_full_forward_at_every_exit(k, cpu_capability):
     m = _model()
     ids = _prompts(1)[0]
     out = bx.generate(m, ids, exit_layer=k, max_new_tokens=6, stop_tokens=[])
@@ -132,7 +140,7 @@ def test_logits_match_a_full_forward_at_every_exit(k):
     assert out.exit_layers == [k] * 6
 
 
-def test_full_depth_equals_hugging_face_generate():
+def test_full_depth_equals_hugging_face_generate(cpu_capability):
     m = _model()
     ids = _prompts(1)[0]
     ref = m.adapter.hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
@@ -142,7 +150,7 @@ def test_full_depth_equals_hugging_face_generate():
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
-def test_budget_switch_catch_up_matches_fresh_prefill(native):
+def test_budget_switch_catch_up_matches_fresh_prefill(native, cpu_capability):
     m = _model()
     ids = _prompts(1, lengths=(7,))[0]
     # shallow, deeper, full, back to an exit, deeper again
@@ -160,7 +168,7 @@ def test_budget_switch_catch_up_matches_fresh_prefill(native):
     assert g.engine.catch_up_tokens > 0
 
 
-def test_mixed_budgets_in_one_batch_equal_each_sequence_alone():
+def test_mixed_budgets_in_one_batch_equal_each_sequence_alone(cpu_capability):
     m = _model()
     prompts = _prompts(4)
     exits = [2, L, 4, 2]
