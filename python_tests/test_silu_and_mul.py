@@ -41,7 +41,7 @@ def test_silu_and_mul_autograd(cpu_capability, device, dtype, shape):
     grad = torch.randn(shape, device=device, dtype=dtype)
     got = _grad_of(ops.silu_and_mul, x, grad)
     assert got.shape == x.shape and got.dtype == dtype
-    assert_close(got, _grad_of(reference_silu_and_mul, x, grad), scale=2)
+    assert_close(got, _grad_of(reference_silu_and_mul, x, grad))
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -49,9 +49,11 @@ def test_silu_and_mul_extreme_values(cpu_capability, device, dtype):
     # exp overflow/underflow inside the sigmoid: large gates of both signs, zeros, tiny values
     gate = torch.tensor([-1e4, -100.0, -88.5, -87.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 87.0, 88.5, 100.0, 1e4])
     x = torch.cat([gate, torch.linspace(-2, 2, gate.numel())]).to(device=device, dtype=dtype)[None]
-    assert_close(ops.silu_and_mul(x), reference_silu_and_mul(x))
+    # magnitude 1: outputs reach 2e4 here, and their u * max|out| would cover every other element; an
+    # elementwise output only carries its own rounding (rtol), the absolute part is for values near 0.
+    assert_close(ops.silu_and_mul(x), reference_silu_and_mul(x), magnitude=1.0)
     grad = torch.ones(1, gate.numel(), device=device, dtype=dtype)
-    assert_close(_grad_of(ops.silu_and_mul, x, grad), _grad_of(reference_silu_and_mul, x, grad), scale=2)
+    assert_close(_grad_of(ops.silu_and_mul, x, grad), _grad_of(reference_silu_and_mul, x, grad), magnitude=1.0)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -68,7 +70,7 @@ def test_silu_and_mul_non_contiguous(cpu_capability, device, dtype):
         assert_close(ops.silu_and_mul(x), reference_silu_and_mul(x))
         grad = torch.randn(x.shape[0], 2 * inter + 4, device=device, dtype=dtype)[:, 1 : 1 + inter]
         got = torch.ops.balcony.silu_and_mul_backward(grad, x)
-        assert_close(got, _grad_of(reference_silu_and_mul, x, grad), scale=2)
+        assert_close(got, _grad_of(reference_silu_and_mul, x, grad))
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -130,6 +132,9 @@ def test_silu_and_mul_errors():
         torch.ops.balcony.silu_and_mul_backward(torch.randn(4, 8), torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="must be even"):
         torch.ops.balcony.silu_and_mul_backward(torch.randn(4, 3), torch.randn(4, 7))
-    if torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="same device|must be on"):
-            torch.ops.balcony.silu_and_mul_backward(torch.randn(4, 4), torch.randn(4, 8).cuda())
+
+
+@pytest.mark.cuda
+def test_silu_and_mul_device_mismatch():
+    with pytest.raises(RuntimeError, match="same device|must be on"):
+        torch.ops.balcony.silu_and_mul_backward(torch.randn(4, 4), torch.randn(4, 8).cuda())
