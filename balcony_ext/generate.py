@@ -556,7 +556,7 @@ class GenerationOutput:
     tokens: list
     exit_layers: list  # the exit that produced each generated token
     tokens_per_second: float  # decode speed after the first token
-    time_to_first_token: float  # seconds
+    time_to_first_token: float  # seconds from the call (validation, cache allocation and prefill included)
     prompt_tokens: int
     finish_reason: str  # "stop" or "length"
     notes: list = field(default_factory=list)
@@ -680,6 +680,7 @@ class Generation:
     def __init__(self, model, prompts, single, budget=None, exit_layer=None, ms_per_token=None,
                  max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
                  stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto"):
+        self.t_start = time.perf_counter()  # the time to first token counts from the call
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         self.model = model
@@ -712,7 +713,8 @@ class Generation:
                              f"{max_new_tokens} needs {need} cache positions, past max_len={max_len}")
         cal = load_calibration(model) if calibration == "auto" else calibration
         self.budgets = _Budgets(model, B, budget, exit_layer, ms_per_token, cal)  # validates before any allocation
-        self.engine = Engine(model, B, max_len or need, native=native)
+        # the engine (its cache) is allocated when the generation starts, inside the time to first token
+        self.engine, self._engine_args = None, (B, max_len or need, native)
         self.max_new = max_new_tokens
         self.stop_ids = _stop_ids(model, stop_tokens)
         self.stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
@@ -725,7 +727,6 @@ class Generation:
         self.texts = [""] * B
         self.step_index = 0
         self.t_first = None
-        self.t_start = None
         self.t_end = None
 
     def set_budget(self, budget):
@@ -777,10 +778,11 @@ class Generation:
 
     def prefill(self):
         """Loads the prompts; the first call of _advance runs them through the model."""
+        B, max_len, native = self._engine_args
+        self.engine = Engine(self.model, B, max_len, native=native)
         self.engine.add_prompts(self.ids)
 
     def __iter__(self):
-        self.t_start = time.perf_counter()
         self.prefill()
         while not all(self.done):
             pieces = self._advance()  # the first call also sets t_first
@@ -795,7 +797,7 @@ class Generation:
     def result(self):
         end = self.t_end or time.perf_counter()
         outs = []
-        for b in range(self.engine.B):
+        for b in range(len(self.ids)):
             n = len(self.generated[b])
             decode_s = end - self.t_first if self.t_first else 0.0
             outs.append(GenerationOutput(
