@@ -3,7 +3,8 @@
 The runner executable is compiled from csrc/harness/*.cpp and the kernel headers with the host C++
 compiler, AddressSanitizer and UBSan, into build/cuda_harness/ under a name that hashes its sources and
 flags (so it is rebuilt exactly when they change). `run()` writes a case (parameters and buffers) to a
-temporary directory, runs the kernel once per scheduling seed, and returns each seed's output buffers.
+temporary directory, runs the kernel once per scheduling seed, and returns each seed's output buffers
+and the launch choices the entry reported (the op's own host logic, shared with csrc/cuda/*.cu).
 
 Environment: CXX (compiler, default c++), BALCONY_HARNESS_SANITIZE=0 (build without sanitizers, the
 harness's own shared-memory guards still on), BALCONY_HARNESS_SEEDS (e.g. "0,1,2,3,4,5,6,7").
@@ -107,6 +108,9 @@ class HarnessFailure(AssertionError):
 class Result:
     outputs: dict = field(default_factory=dict)  # seed -> {buffer name -> tensor (same shape and dtype as given)}
     log: str = ""
+    # What the entry reported of its launch choices (Case::report in csrc/harness/runner.h): the split
+    # count, block shape, path or fallback the op's host logic (csrc/include/balcony/*_launch.h) picked.
+    reports: dict = field(default_factory=dict)
 
     def __getitem__(self, seed):
         return self.outputs[seed]
@@ -148,6 +152,10 @@ def run(kernel: str, params: dict, inputs: dict, outputs: dict, seeds=SEEDS, tim
         if r.returncode != 0:
             raise HarnessFailure(kernel, r.returncode, log)
         res = Result(log=log)
+        for line in r.stdout.splitlines():
+            if line.startswith("report "):
+                _, key, value = line.split()
+                res.reports[key] = int(value)
         for s in seeds:
             res.outputs[s] = {}
             for name, t in outputs.items():

@@ -1,4 +1,5 @@
-// torch.ops.balcony.decode_attention on CUDA: checks, split choice, dtype dispatch, launcher call.
+// torch.ops.balcony.decode_attention on CUDA: checks, split choice (balcony/decode_attention_launch.h,
+// shared with the CPU execution harness), dtype dispatch, launcher call.
 // seq_lens stay on the GPU (no synchronisation): splits are cut from the cache capacity S, and a
 // split past a sequence's length does no work. The kernel clamps a length to [0, S] (the CPU op
 // raises on one outside it).
@@ -8,6 +9,7 @@
 
 #include "../attention_checks.h"
 #include "balcony/decode_attention.cuh"
+#include "balcony/decode_attention_launch.h"
 #include "cuda_utils.h"
 
 namespace balcony {
@@ -24,17 +26,6 @@ int sm_count(int device) {
   return counts[device];
 }
 
-// Enough blocks to fill the GPU a few times over, with splits of at least kMinChunk positions.
-// NOTE: each block streams its split with 4 warps; below ~64 positions per split the query load
-// and the partial write/merge outweigh the K/V reads.
-int choose_cuda_splits(int device, int64_t B, int64_t Hkv, int64_t head_groups, int64_t S) {
-  constexpr int64_t kMinChunk = 64;
-  const int64_t blocks = B * Hkv * head_groups;
-  const int64_t want = (4 * static_cast<int64_t>(sm_count(device)) + blocks - 1) / blocks;
-  const int64_t most = std::max<int64_t>(1, (S + kMinChunk - 1) / kMinChunk);
-  return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
-}
-
 at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& key_cache_in,
                                  const at::Tensor& value_cache_in, const at::Tensor& seq_lens_in, double scale,
                                  int64_t num_splits) {
@@ -43,25 +34,25 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& k
   const c10::cuda::CUDAGuard guard(query_in.device());
   const int64_t B = query_in.size(0), Hq = query_in.size(1), D = query_in.size(2);
   const int64_t Hkv = key_cache_in.size(1), S = key_cache_in.size(2), G = Hq / Hkv;
-  const int64_t pack = 16 / query_in.element_size();
-  TORCH_CHECK(D % pack == 0 && D <= 256, "decode_attention: the CUDA kernel needs the head dimension to be a ",
-              "multiple of ", pack, " (16 bytes) and at most 256 for dtype ", query_in.scalar_type(), ", got D = ", D);
+  const int64_t pack = cuda::decode_attention_pack(query_in.element_size());
+  TORCH_CHECK(cuda::decode_attention_head_dim_ok(D, query_in.element_size()),
+              "decode_attention: the CUDA kernel needs the head dimension to be a multiple of ", pack,
+              " (16 bytes) and at most 256 for dtype ", query_in.scalar_type(), ", got D = ", D);
   at::Tensor out = at::empty({B, Hq, D}, query_in.options());
   if (out.numel() == 0) return out;
   // The kernel reads 16-byte packs: strides must be multiples of a pack, bases 16-byte aligned.
   auto packed = [&](const at::Tensor& t) {
-    bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-    for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && t.stride(d) % pack == 0;
+    const bool ok = cuda::decode_attention_packed(t.data_ptr(), t.strides().data(), static_cast<int>(t.dim()), pack);
     return ok ? t : t.contiguous();
   };
   const at::Tensor query = packed(query_in), key_cache = packed(key_cache_in), value_cache = packed(value_cache_in);
   const at::Tensor seq_lens = seq_lens_in.contiguous();
 
-  const int64_t head_groups = (G + 7) / 8;
   const int device = query.get_device();
-  int64_t splits = num_splits > 0 ? num_splits : choose_cuda_splits(device, B, Hkv, head_groups, S);
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, std::max<int64_t>(1, S)));
-  TORCH_CHECK(splits <= 65535, "decode_attention: num_splits must be at most 65535 on CUDA, got ", splits);
+  const cuda::DecodeAttentionSplits plan = cuda::decode_attention_splits(num_splits, sm_count(device), B, Hkv, G, S);
+  const int64_t splits = plan.num_splits;
+  TORCH_CHECK(splits <= cuda::kDecodeMaxSplits, "decode_attention: num_splits must be at most ", cuda::kDecodeMaxSplits,
+              " on CUDA, got ", splits);
   at::Tensor part_ml, part_o;
   if (splits > 1) {
     part_ml = at::empty({B, Hq, splits, 2}, query.options().dtype(at::kFloat));
@@ -79,7 +70,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& k
     p.seq_lens_64 = seq_lens.scalar_type() == at::kLong;
     p.Hkv = static_cast<int>(Hkv), p.G = static_cast<int>(G), p.D = static_cast<int>(D), p.S = static_cast<int>(S);
     p.num_splits = static_cast<int>(splits);
-    p.chunk = static_cast<int>((S + splits - 1) / splits);
+    p.chunk = static_cast<int>(plan.chunk);
     p.scale = static_cast<float>(scale);
     p.out = static_cast<scalar_t*>(out.data_ptr());
     p.part_ml = splits > 1 ? part_ml.data_ptr<float>() : nullptr;

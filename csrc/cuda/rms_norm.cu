@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "balcony/rms_norm.cuh"
+#include "balcony/rms_norm_launch.h"
 #include "../rms_norm_args.h"
 #include "cuda_utils.h"
 
@@ -56,10 +57,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
     const auto* xp = static_cast<const scalar_t*>(x.data_ptr());
     const auto* wp = static_cast<const scalar_t*>(w.data_ptr());
     auto* gxp = static_cast<scalar_t*>(grad_x.data_ptr());
-    const bool vec = cuda::rms_norm_backward_vectorized(gp, g.stride(0), xp, x.stride(0), wp, gxp, grad_x.stride(0),
-                                                        static_cast<int>(hidden));
-    const auto shape = cuda::rms_norm_backward_shape<scalar_t>(rows, static_cast<int>(hidden), vec, sm_count);
-    if (shape.k == 0) {
+    // Kernel, shape or fallback: balcony/rms_norm_launch.h, shared with the CPU execution harness.
+    const auto plan = cuda::rms_norm_backward_plan<scalar_t>(
+        gp, g.stride(0), xp, x.stride(0), wp, gxp, grad_x.stride(0), rows, static_cast<int>(hidden), sm_count);
+    const auto& shape = plan.shape;
+    if (plan.aten_fallback()) {
       // Past the register-resident kernel's reach (hidden > 16384 for 16-bit types, 8192 for
       // float32; half that when rows are unaligned): the same formula in ATen ops, float32.
       const at::Tensor xf = x.to(at::kFloat), gf = g.to(at::kFloat), wf = w.to(at::kFloat);

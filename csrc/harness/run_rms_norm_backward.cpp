@@ -1,11 +1,16 @@
 // Harness entry for balcony/rms_norm.cuh's backward: launch_rms_norm_backward (per-block partials of
-// grad_w plus grad_x, then the fixed-order reduction of the partials). The launch shape comes from
-// rms_norm_backward_shape (as in csrc/cuda/rms_norm.cu) for `sm_count`; the test states the k and
-// threads it expects (checked here, so a case cannot miss its path) and the number of blocks `parts`
-// (at most the shape's: fewer blocks give each block several rows), which sizes `partial`.
-#include <cstdio>
+// grad_w plus grad_x, then the fixed-order reduction of the partials), with the kernel, shape and
+// fallback chosen by the op's own host logic (rms_norm_backward_plan, balcony/rms_norm_launch.h, as in
+// csrc/cuda/rms_norm.cu) for `sm_count` SMs (default: the modelled device's). Reports vec, k, threads,
+// parts (the op's choice), aten_fallback, and blocks (what was launched). Optional `max_blocks` caps
+// the blocks below the op's choice, so that small cases give each block several rows (the op does
+// that only when rows exceed what the GPU holds); `plan_only` = 1 reports without launching. The
+// float32 `partial` scratch [blocks, hidden] is allocated here. With the ATen fallback nothing is
+// launched (the op computes in ATen ops).
+#include <algorithm>
 
 #include "balcony/rms_norm.cuh"
+#include "balcony/rms_norm_launch.h"
 #include "runner.h"
 
 BALCONY_HARNESS_ENTRY(rms_norm_backward) {
@@ -18,16 +23,22 @@ BALCONY_HARNESS_ENTRY(rms_norm_backward) {
     T* grad_x = c.ptr<T>("grad_x", c.i("offset", 0));
     const long long stride = c.i("stride"), rows = c.i("rows");
     const int hidden = int(c.i("hidden"));
-    const bool vec = bc::rms_norm_backward_vectorized(g, stride, x, stride, w, grad_x, stride, hidden);
-    bc::RmsNormBackwardShape shape = bc::rms_norm_backward_shape<T>(rows, hidden, vec, int(c.i("sm_count")));
-    if (vec != (c.i("vec") != 0) || shape.k != c.i("k") || shape.threads != c.i("threads") ||
-        c.i("parts") > shape.parts) {
-      fprintf(stderr, "rms_norm_backward entry: shape vec=%d k=%d threads=%d parts=%d, not what the test expects\n",
-              int(vec), shape.k, shape.threads, shape.parts);
-      return cudaErrorInvalidValue;
-    }
-    shape.parts = int(c.i("parts"));
-    return bc::launch_rms_norm_backward<T>(g, stride, x, stride, w, grad_x, stride, c.ptr<T>("grad_w"),
-                                           c.ptr<float>("partial"), shape, rows, hidden, float(c.f("eps")), nullptr);
+    int sm_count = 0;
+    cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, 0);
+    sm_count = int(c.i("sm_count", sm_count));
+    const bc::RmsNormBackwardPlan plan =
+        bc::rms_norm_backward_plan<T>(g, stride, x, stride, w, grad_x, stride, rows, hidden, sm_count);
+    c.report("vec", plan.vec);
+    c.report("k", plan.shape.k);
+    c.report("threads", plan.shape.threads);
+    c.report("parts", plan.shape.parts);
+    c.report("aten_fallback", plan.aten_fallback());
+    if (plan.aten_fallback() || c.i("plan_only", 0) != 0) return cudaSuccess;
+    bc::RmsNormBackwardShape shape = plan.shape;
+    shape.parts = int(std::min<long long>(shape.parts, c.i("max_blocks", shape.parts)));
+    c.report("blocks", shape.parts);
+    float* partial = c.scratch<float>(size_t(shape.parts) * size_t(hidden));
+    return bc::launch_rms_norm_backward<T>(g, stride, x, stride, w, grad_x, stride, c.ptr<T>("grad_w"), partial, shape,
+                                           rows, hidden, float(c.f("eps")), nullptr);
   });
 }

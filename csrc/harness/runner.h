@@ -27,6 +27,8 @@ struct Buffer {
 struct Case {
   std::map<std::string, std::string> params;
   std::map<std::string, Buffer> buffers;
+  std::map<std::string, long long> reports;  // what the entry chose (report()), printed after the first seed
+  std::vector<void*> scratch_blocks;         // scratch() allocations of the current run, freed after it
 
   bool has(const std::string& key) const { return params.count(key) != 0; }
   long long i(const std::string& key) const;
@@ -40,6 +42,17 @@ struct Case {
     return base ? reinterpret_cast<T*>(base) + offset : nullptr;
   }
   char* raw(const std::string& name, bool optional) const;
+  // A launch choice the test can read back (Result.reports in python_tests/cuda_harness.py): the entry
+  // reports what the op's shared host logic chose (split count, block shape, path, fallback).
+  void report(const std::string& key, long long value) { reports[key] = value; }
+  // Scratch the op allocates itself (sized by its host logic, not by the test): `count` elements of T,
+  // their own heap block of exactly that size (so AddressSanitizer catches overruns), filled with 0xFF
+  // bytes (NaN as float), freed after the run.
+  template <typename T>
+  T* scratch(size_t count) {
+    return reinterpret_cast<T*>(scratch_raw(count * sizeof(T)));
+  }
+  char* scratch_raw(size_t bytes);
 };
 
 using Entry = cudaError_t (*)(Case&);

@@ -7,10 +7,13 @@
 //   buffer NAME in|out FILE      buffer with initial contents FILE (relative to CASE_DIR); `out` ones are
 //                                written back after each seed as CASE_DIR/NAME.seedS.bin
 // Every run gets fresh buffers, each its own heap block of exactly its size (so AddressSanitizer
-// catches overruns). Exit status: 0 all seeds ran; 3 the harness found a bug or the launcher failed
-// (message on stderr); 2 usage or input error. Sanitizer reports abort with their own status.
+// catches overruns). An entry's reports (Case::report: the launch choices it made) are printed after
+// the first seed's run as "report KEY VALUE" lines. Exit status: 0 all seeds ran; 3 the harness found
+// a bug or the launcher failed (message on stderr); 2 usage or input error. Sanitizer reports abort
+// with their own status.
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -46,6 +49,13 @@ const std::string& Case::str(const std::string& key) const {
   auto it = params.find(key);
   if (it == params.end()) usage_error("missing parameter '" + key + "'");
   return it->second;
+}
+char* Case::scratch_raw(size_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) usage_error("out of memory");
+  memset(p, 0xFF, bytes);
+  scratch_blocks.push_back(p);
+  return static_cast<char*>(p);
 }
 char* Case::raw(const std::string& name, bool optional) const {
   auto it = buffers.find(name);
@@ -101,7 +111,10 @@ int main(int argc, char** argv) {
       b.data = static_cast<char*>(p);
     }
     set_seed(seed);
+    c.reports.clear();
     const cudaError_t err = it->second(c);
+    for (void* p : c.scratch_blocks) free(p);
+    c.scratch_blocks.clear();
     if (failed() || err != cudaSuccess) {
       fprintf(stderr, "balcony_cuda_harness: %s failed with seed %llu: %s (%s)\n", kernel.c_str(), seed,
               failed() ? failure_message() : "the entry returned an error", cudaGetErrorString(err));
@@ -115,6 +128,8 @@ int main(int argc, char** argv) {
       free(b.data);
       b.data = nullptr;
     }
+    if (seed == seeds.front())
+      for (const auto& [key, value] : c.reports) printf("report %s %lld\n", key.c_str(), value);
     printf("ok %s seed %llu\n", kernel.c_str(), seed);
   }
   return 0;

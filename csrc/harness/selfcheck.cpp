@@ -1,7 +1,8 @@
 // The harness's own tests: correct kernels, and deliberately broken ones the harness must catch
 // (python_tests/test_cuda_harness_selfcheck.py). Each broken kernel is its correct twin with one
-// typical GPU bug: a missing barrier, an off-by-one tail, a wrong shuffle mask, a shared-memory
-// overflow, a barrier in divergent code, a missing __syncwarp, a misaligned vector load.
+// typical GPU bug: a missing barrier, an off-by-one tail, a wrong shuffle mask, a shuffle reading
+// outside its mask, lanes of one mask meeting in different primitives / masks / widths, a
+// shared-memory overflow, a barrier in divergent code, a missing __syncwarp, a misaligned vector load.
 #include <string>
 
 #include "balcony/device.h"
@@ -24,7 +25,9 @@ BALCONY_DEVICE float reduce_sum(float v, float* scratch) {
   return total;
 }
 
-// out[2 * row] = sum(in[row]), out[2 * row + 1] = sum(in[row]^2)
+// Every warp w of block `row` writes the block totals it sees: out[2 * (row * warps + w)] = sum(in[row]),
+// out[2 * (row * warps + w) + 1] = sum(in[row]^2). (Checking every warp's copy, not only warp 0's,
+// makes the broken twins fail under every warp-greedy schedule: see the test.)
 template <bool kFirstBarrier, bool kTrailingBarrier>
 __global__ void row_sums_kernel(const float* __restrict__ in, float* __restrict__ out, int n) {
   BALCONY_SHARED(float, scratch, 32);
@@ -36,9 +39,10 @@ __global__ void row_sums_kernel(const float* __restrict__ in, float* __restrict_
   }
   s = reduce_sum<kFirstBarrier, kTrailingBarrier>(s, scratch);
   q = reduce_sum<kFirstBarrier, kTrailingBarrier>(q, scratch);
-  if (threadIdx.x == 0) {
-    out[2 * blockIdx.x] = s;
-    out[2 * blockIdx.x + 1] = q;
+  if (threadIdx.x % kWarpSize == 0) {
+    const int64_t at = int64_t(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+    out[2 * at] = s;
+    out[2 * at + 1] = q;
   }
 }
 
@@ -72,6 +76,42 @@ __global__ void warp_sums_kernel(const float* __restrict__ in, float* __restrict
       for (int o = 8; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
   }
   if (lane == 0) out[t / 32] = v;
+}
+
+// ----- half-warp sums: out[t / 16] = sum of the 16 values of the half-warp (masks 0x0000ffff, 0xffff0000) -----
+template <bool kReadsOutsideMask>
+__global__ void half_sums_kernel(const float* __restrict__ in, float* __restrict__ out) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x % 32;
+  const unsigned half = lane < 16 ? 0x0000ffffu : 0xffff0000u;
+  float v = in[t];
+  // The broken twin keeps the full-warp loop's first step: offset 16 reads a lane of the other half,
+  // outside the mask (undefined on a GPU).
+  for (int o = kReadsOutsideMask ? 16 : 8; o > 0; o >>= 1) v += __shfl_xor_sync(half, v, o);
+  if (lane % 16 == 0) out[t / 16] = v;
+}
+
+// ----- lane-pair swap through a shuffle: out[t] = in[t ^ 1] -----
+// The broken twins give the same values if run in lock-step, but break the rule that every lane a
+// mask names calls the same primitive with the same mask and width (undefined on a GPU).
+enum Pair { kPairOk, kPairMixedPrimitives, kPairMixedMasks, kPairMixedWidths };
+template <Pair kPair>
+__global__ void pair_shfl_kernel(const float* __restrict__ in, float* __restrict__ out) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x % 32;
+  const float v = in[t];
+  float r;
+  if constexpr (kPair == kPairOk) {
+    r = __shfl_xor_sync(kFullMask, v, 1);
+  } else if constexpr (kPair == kPairMixedPrimitives) {
+    // even lanes take from above, odd lanes from below: two different primitives under one mask
+    r = lane % 2 == 0 ? __shfl_down_sync(kFullMask, v, 1) : __shfl_up_sync(kFullMask, v, 1);
+  } else if constexpr (kPair == kPairMixedMasks) {
+    // half-warp masks built off by one: each half's mask names one lane of the other half
+    r = __shfl_xor_sync(lane < 16 ? 0x0001ffffu : 0xffff8000u, v, 1);
+  } else {
+    // a width chosen per lane: the lower half says 16, the upper half 32
+    r = __shfl_xor_sync(kFullMask, v, 1, lane < 16 ? 16 : 32);
+  }
+  out[t] = r;
 }
 
 // ----- block reverse through shared memory: out[b*n + i] = in[b*n + n-1-i] (n == blockDim.x) -----
@@ -179,6 +219,12 @@ BALCONY_HARNESS_ENTRY(selfcheck) {
   if (k == "warp_sums") LAUNCH(warp_sums_kernel<kShflOk>, rows, threads, 0, in, out);
   if (k == "warp_sums_mask_too_narrow") LAUNCH(warp_sums_kernel<kShflMaskTooNarrow>, rows, threads, 0, in, out);
   if (k == "warp_sums_lanes_absent") LAUNCH(warp_sums_kernel<kShflLanesAbsent>, rows, threads, 0, in, out);
+  if (k == "half_sums") LAUNCH(half_sums_kernel<false>, rows, threads, 0, in, out);
+  if (k == "half_sums_reads_outside_mask") LAUNCH(half_sums_kernel<true>, rows, threads, 0, in, out);
+  if (k == "pair_shfl") LAUNCH(pair_shfl_kernel<kPairOk>, rows, threads, 0, in, out);
+  if (k == "pair_shfl_mixed_primitives") LAUNCH(pair_shfl_kernel<kPairMixedPrimitives>, rows, threads, 0, in, out);
+  if (k == "pair_shfl_mixed_masks") LAUNCH(pair_shfl_kernel<kPairMixedMasks>, rows, threads, 0, in, out);
+  if (k == "pair_shfl_mixed_widths") LAUNCH(pair_shfl_kernel<kPairMixedWidths>, rows, threads, 0, in, out);
   if (k == "reverse") LAUNCH(reverse_kernel<kSmemOk>, rows, threads, dyn, in, out);
   if (k == "reverse_static_overflow") LAUNCH(reverse_kernel<kSmemStaticOverflow>, rows, threads, dyn, in, out);
   if (k == "reverse_dynamic_overflow") LAUNCH(reverse_kernel<kSmemDynamicOverflow>, rows, threads, dyn, in, out);
