@@ -58,7 +58,14 @@ def test_train_then_eval(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo(capsys):
-    assert main(["demo", "--budgets", "0.6", "1.0", "--max-new-tokens", "8"]) == 0
+    assert main(["demo", "--max-new-tokens", "8"]) == 0  # one budget per exit, and 1
     out = capsys.readouterr().out
-    assert "exits at [8, 15, 22]" in out and "speed-up" in out and "held-out ppl" in out
+    import json
+
+    from balcony_ext.loading import bundled_exits_path
+
+    exits = json.loads(bundled_exits_path().with_suffix(".eval.json").read_text())["info"]["exits"]
+    assert f"exits at {exits}" in out and "speed-up" in out and "held-out ppl" in out and "chat top-1" in out
     assert "budget 1: exit 30 (full model)" in out
+    for k in exits:  # every exit answers at its own budget, with its chat agreement
+        assert f": exit {k}, " in out and "agrees with the full model on" in out

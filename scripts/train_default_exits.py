@@ -36,6 +36,7 @@ from balcony_ext.data import Mixture, prepare
 from balcony_ext.loading import bundled_exits_path
 
 ROOT = Path(__file__).resolve().parent.parent
+CHECK_TOKENS = 2048
 
 
 def parse_mix(items):
@@ -126,6 +127,10 @@ def main():
                     recipe=recipe, chat_data=chat.describe(), final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None)
     report.info["training"] = docs.info["training"] = training
     report.info["python_docs"] = {f"{r['method']}@{r['exit']}": r["perplexity"] for r in docs.rows}
+    # a small sample the test suite re-evaluates with the shipped file (python_tests/test_loading.py)
+    check = bx.evaluate(model, data="shakespeare", seq_len=args.seq, max_tokens=CHECK_TOKENS, baselines=(), progress=False)
+    report.info["check"] = dict(data="shakespeare", seq_len=args.seq, max_tokens=CHECK_TOKENS,
+                                perplexity={str(r["exit"]): r["perplexity"] for r in check.rows})
     report.to_json(results.with_suffix(".json"))
     report.plot(results.with_suffix(".png"))
     docs.to_json(results.parent / (results.name + "_python_docs.json"))
