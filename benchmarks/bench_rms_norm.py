@@ -1,5 +1,7 @@
 """RMSNorm microbenchmark: torch.ops.balcony.rms_norm, fused_add_rms_norm and rms_norm_backward against
-PyTorch eager (the reference functions, and torch.nn.functional.rms_norm where it exists).
+PyTorch eager: the float32 reference functions ("ref"), and the best stock PyTorch path in the op's own
+dtype where it exists ("F.rms_norm": torch.nn.functional.rms_norm, after an in-place add for the fused
+op, and its autograd for the backward).
 
     python benchmarks/bench_rms_norm.py                 # GPU if present, else CPU; bfloat16
     python benchmarks/bench_rms_norm.py --dtype float32 --device cpu
@@ -48,7 +50,8 @@ def main():
         gbs = nbytes / t / 1e9
         fresh = dev == "cpu" and out_bytes >= FRESH_BYTES
         results.append(dict(op=op, rows=rows, hidden=hidden, us=t * 1e6, ref_us=t_ref * 1e6, torch_us=t_torch * 1e6,
-                            gbs=gbs, frac_copy=gbs / copy_gbs, speedup=t_ref / t, large=nbytes > LARGE_BYTES and not fresh,
+                            gbs=gbs, frac_copy=gbs / copy_gbs, speedup=t_ref / t, vs_stock=t_torch / t,
+                            large=nbytes > LARGE_BYTES and not fresh,
                             fresh=fresh))
 
     for hidden in args.hidden:
@@ -61,19 +64,27 @@ def main():
                 lambda: reference_rms_norm(x, w, eps), (lambda: F.rms_norm(x, (hidden,), w, eps)) if has_f_rms else None,
                 out_bytes=n)
             xc, rc = x.clone(), r.clone()
+            xs, rs = x.clone(), r.clone()
             add("fused_add_rms_norm", rows, hidden, 4 * n + hidden * es, lambda: ops.fused_add_rms_norm(xc, rc, w, eps),
-                lambda: reference_fused_add_rms_norm(x, r, w, eps))
+                lambda: reference_fused_add_rms_norm(x, r, w, eps),
+                (lambda: F.rms_norm(rs.add_(xs), (hidden,), w, eps)) if has_f_rms else None)
         rows = max(args.rows)  # training shape
         x = torch.randn(rows, hidden, device=dev, dtype=dtype)
         g = torch.randn(rows, hidden, device=dev, dtype=dtype)
+        stock = None
+        if has_f_rms:  # autograd of F.rms_norm in the op's dtype: the gradients of x and of the weight
+            xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            y = F.rms_norm(xg, (hidden,), wg, eps)
+            stock = lambda: torch.autograd.grad(y, (xg, wg), g, retain_graph=True)  # noqa: E731
         add("rms_norm_backward", rows, hidden, 3 * rows * hidden * es + 2 * hidden * es,
             lambda: torch.ops.balcony.rms_norm_backward(g, x, w, eps), lambda: reference_rms_norm_backward(g, x, w, eps),
-            out_bytes=rows * hidden * es)
+            stock, out_bytes=rows * hidden * es)
 
     print(f"# {machine()}, device {dev}, dtype {args.dtype}, copy bandwidth {copy_gbs:.1f} GB/s")
     print_table(results, [("op", "op", None), ("rows", "rows", "d"), ("hidden", "hidden", "d"), ("us", "ours us", ".1f"),
                           ("ref_us", "ref us", ".1f"), ("torch_us", "F.rms_norm us", ".1f"), ("gbs", "GB/s", ".1f"),
-                          ("frac_copy", "of copy", ".0%"), ("speedup", "vs ref", ".2f"), ("large", "large", None),
+                          ("frac_copy", "of copy", ".0%"), ("speedup", "vs ref", ".2f"),
+                          ("vs_stock", "vs F.rms_norm", ".2f"), ("large", "large", None),
                           ("fresh", "fresh", None)])
     large = [r for r in results if r["large"]]
     emit_json(dict(bench="rms_norm", device=dev, dtype=args.dtype, machine=machine(), copy_gbs=copy_gbs,
