@@ -35,24 +35,6 @@ def _load_with_exits(args):
     return model
 
 
-def _data_arg(items: list):
-    """--data values -> a data spec: one item as is, several paths as a list, and NAME=WEIGHT items
-    (e.g. chat=0.7 shakespeare=0.3) as a mixture."""
-    def weight(item):
-        name, sep, w = item.rpartition("=")
-        try:
-            return (name, float(w)) if sep and name else None
-        except ValueError:
-            return None
-
-    mix = [weight(i) for i in items]
-    if all(mix):
-        return mix
-    if any(mix):
-        raise ValueError(f"--data mixes weighted and unweighted items: {items}; give every item a weight")
-    return items if len(items) > 1 else items[0]
-
-
 def cmd_info(args) -> int:
     import balcony_ext as bx
 
@@ -64,6 +46,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .data import data_spec
     from .exits_io import save_exits
     from .model import attach
     from .train import train
@@ -74,7 +57,7 @@ def cmd_train(args) -> int:
     if not model.exits:
         print("balcony train: no exits: pass --exits K [K ...] or --exits-file FILE", file=sys.stderr)
         return 2
-    data = _data_arg(args.data)
+    data = data_spec(args.data)
     run = train(model, data=data, tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                 grad_accum=args.grad_accum, bf16=args.bf16, checkpoint_dir=args.checkpoint_dir,
                 checkpoint_every=args.checkpoint_every, seed=args.seed)
@@ -84,12 +67,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .data import data_spec
     from .evaluate import evaluate
 
     model = _load_with_exits(args)
     if model is None:
         return 2
-    report = evaluate(model, data=_data_arg(args.data), seq_len=args.seq_len, max_tokens=args.max_tokens,
+    report = evaluate(model, data=data_spec(args.data), seq_len=args.seq_len, max_tokens=args.max_tokens,
                       affine_tokens=args.affine_tokens, chat_prompts=args.chat_prompts, json_path=args.json,
                       plot_path=args.plot)
     print(report)

@@ -230,6 +230,24 @@ class Mixture:
         return "mixture of " + "; ".join(f"{w:.0%} {c.describe()}" for c, w in self.parts)
 
 
+def data_spec(items: list):
+    """Command-line data arguments -> a data spec: one item as is, several paths as a list, and
+    NAME=WEIGHT items (e.g. chat=0.7 shakespeare=0.3) as a mixture [(name, weight), ...]."""
+    def weighted(item):
+        name, sep, w = item.rpartition("=")
+        try:
+            return (name, float(w)) if sep and name else None
+        except ValueError:
+            return None
+
+    mix = [weighted(i) for i in items]
+    if all(mix):
+        return mix
+    if any(mix):
+        raise ValueError(f"data arguments mix weighted and unweighted items: {items}; give every item a weight")
+    return items if len(items) > 1 else items[0]
+
+
 def _is_mixture(data) -> bool:
     return (isinstance(data, (list, tuple)) and bool(data) and
             all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], (int, float)) for p in data))

@@ -101,3 +101,14 @@ def test_heldout_sample_spreads_over_documents(tmp_path):
     assert sorted(bytes(b[:4].tolist()).decode() for b in blocks) == sorted(f"[{x.split('doc')[-1][:2]}]" for x in c.heldout_docs)
     everything, _ = c.heldout_sample(16)
     assert torch.equal(everything, c.heldout_blocks(16))
+
+
+def test_command_line_data_specs():
+    from balcony_ext.data import data_spec
+
+    assert data_spec(["shakespeare"]) == "shakespeare"
+    assert data_spec(["a/", "b.txt"]) == ["a/", "b.txt"]
+    assert data_spec(["chat=0.7", "shakespeare=0.3"]) == [("chat", 0.7), ("shakespeare", 0.3)]
+    assert data_spec(["dir=with=equals=1"]) == [("dir=with=equals", 1.0)]
+    with pytest.raises(ValueError, match="mix weighted and unweighted"):
+        data_spec(["chat=0.7", "shakespeare"])

@@ -20,20 +20,11 @@ import torch
 
 import balcony_ext as bx
 from balcony_ext.chat_data import chat_data
-from balcony_ext.data import Mixture, prepare
+from balcony_ext.data import Mixture, data_spec, prepare
 from balcony_ext.exits_io import _atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "pilots.json"
-
-
-def parse_mix(items):
-    """["chat=0.7", "shakespeare=0.3"] -> [("chat", 0.7), ("shakespeare", 0.3)]"""
-    out = []
-    for it in items:
-        name, _, w = it.partition("=")
-        out.append((name, float(w or 1)))
-    return out
 
 
 def write_table(pilots, path):
@@ -88,7 +79,7 @@ def main():
     del gen_model
     print(chat.describe())
     parts = []
-    for name, w in parse_mix(args.mix):
+    for name, w in data_spec(args.mix):
         corpus = chat.corpus(learn_prompt=args.learn_prompt) if name == "chat" else prepare(name, model.tokenizer)
         parts.append((corpus, w))
     data = parts[0][0] if len(parts) == 1 else Mixture(parts)

@@ -33,20 +33,11 @@ import torch
 
 import balcony_ext as bx
 from balcony_ext.chat_data import chat_data
-from balcony_ext.data import Mixture, prepare
+from balcony_ext.data import Mixture, data_spec, prepare
 from balcony_ext.loading import bundled_exits_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK_TOKENS = 2048
-
-
-def parse_mix(items):
-    """["chat=0.7", "shakespeare=0.15"] -> [("chat", 0.7), ("shakespeare", 0.15)]"""
-    out = []
-    for it in items:
-        name, _, w = it.partition("=")
-        out.append((name, float(w or 1)))
-    return out
 
 
 def build_data(model, args):
@@ -55,7 +46,7 @@ def build_data(model, args):
     chat = chat_data(gen_model, prompts=args.prompts, batch_size=16, generate_missing=not args.from_checkpoint)
     del gen_model
     print(chat.describe())
-    parts = [(chat.corpus() if name == "chat" else prepare(name, model.tokenizer), w) for name, w in parse_mix(args.mix)]
+    parts = [(chat.corpus() if name == "chat" else prepare(name, model.tokenizer), w) for name, w in data_spec(args.mix)]
     return chat, (parts[0][0] if len(parts) == 1 else Mixture(parts))
 
 
