@@ -53,7 +53,7 @@ def test_decode_attention(cpu_capability, device, dtype, case):
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 0])
-def test_decode_attention_splits_agree(device, dtype, num_splits):
+def test_decode_attention_splits_agree(cpu_capability, device, dtype, num_splits):
     """Any split count gives the reference's answer (more splits than positions included)."""
     q, kc, vc, lens = make_inputs(3, 12, 4, 64, 517, [517, 5, 300], device, dtype, seed=1)
     lens = lens.long()
@@ -62,7 +62,7 @@ def test_decode_attention_splits_agree(device, dtype, num_splits):
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
-def test_decode_attention_zero_length_and_large_scores(device, dtype):
+def test_decode_attention_zero_length_and_large_scores(cpu_capability, device, dtype):
     q, kc, vc, lens = make_inputs(2, 4, 2, 64, 40, [0, 40], device, dtype, seed=2)
     kc[1] *= 30  # scores in the thousands: the online softmax must stay finite
     got = ops.decode_attention(q, kc, vc, lens, 1.0, num_splits=3)
@@ -71,7 +71,7 @@ def test_decode_attention_zero_length_and_large_scores(device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
-def test_decode_attention_strided_views(device, dtype):
+def test_decode_attention_strided_views(cpu_capability, device, dtype):
     """query a view of [B, Hq, 2D]; caches batch slices of a larger buffer."""
     B, Hq, Hkv, D, S = 3, 6, 2, 64, 90
     q_big, kc_big, vc_big, _ = make_inputs(B + 2, Hq, Hkv, 2 * D, S, [S] * (B + 2), device, dtype, poison=False)

@@ -170,7 +170,7 @@ def test_fused_linear_kl_check_rejects_planted_errors(device, dtype, n, h, v, te
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("teacher_is_logits", [False, True])
-def test_fused_linear_kl_chunk_sizes_agree(device, dtype, teacher_is_logits):
+def test_fused_linear_kl_chunk_sizes_agree(cpu_capability, device, dtype, teacher_is_logits):
     """Every chunk size gives the same loss and gradient (up to the GEMM's summation order)."""
     student, weight, teacher = make(33, 64, 1000, device, dtype, teacher_is_logits, seed=3)
     results = []
@@ -200,7 +200,7 @@ def test_fused_linear_kl_no_grad_path():
         assert_close(ops.fused_linear_kl(student.requires_grad_(), weight, teacher), loss)
 
 
-def test_fused_linear_kl_identical_distributions_is_zero():
+def test_fused_linear_kl_identical_distributions_is_zero(cpu_capability):
     student, weight, _ = make(7, 64, 1000, "cpu", torch.float32, False)
     s = student.clone().requires_grad_()
     loss = ops.fused_linear_kl(s, weight, student, reduction="sum")
@@ -209,7 +209,7 @@ def test_fused_linear_kl_identical_distributions_is_zero():
     assert grad.abs().max().item() < 1e-6
 
 
-def test_fused_linear_kl_grad_output_scaling():
+def test_fused_linear_kl_grad_output_scaling(cpu_capability):
     student, weight, teacher = make(7, 17, 127, "cpu", torch.float32, True)
     s = student.clone().requires_grad_()
     (grad,) = torch.autograd.grad(3.0 * ops.fused_linear_kl(s, weight, teacher, True), s)

@@ -29,7 +29,7 @@ def test_linear_rows_matches_reference(cpu_capability, wdtype, shape, bias):
     torch.testing.assert_close(acc, expected, atol=1e-4 * K ** 0.5, rtol=1e-5)
 
 
-def test_linear_rows_rows_are_independent():
+def test_linear_rows_rows_are_independent(cpu_capability):
     # a row's result does not depend on the other rows in the batch (bitwise): the property that
     # makes mixed-budget batches give each sequence exactly its solo tokens
     g = torch.Generator().manual_seed(0)

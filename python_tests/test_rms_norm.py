@@ -80,7 +80,7 @@ def test_rms_norm_backward_non_contiguous(cpu_capability, device, dtype):
     assert_close(got[1], want[1], scale=4)  # float32: a sum over 21 rows (as in test_rms_norm_autograd)
 
 
-def test_rms_norm_backward_deterministic():
+def test_rms_norm_backward_deterministic(cpu_capability):
     torch.manual_seed(5)
     x, g = torch.randn(2, 999, 576), torch.randn(2, 999, 576)
     w = torch.randn(576)

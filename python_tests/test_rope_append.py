@@ -85,7 +85,7 @@ def test_rope_append_fused_qkv_views(cpu_capability, device, dtype):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_rope_append_matches_hf_rotate_half(device):
+def test_rope_append_matches_hf_rotate_half(cpu_capability, device):
     """cos/sin built from an inv_freq as HF does (cat(c, c)), applied the HF way."""
     B, T, H, D, S = 2, 3, 4, 64, 12
     inv_freq = 1.0 / (100000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
