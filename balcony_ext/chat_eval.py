@@ -81,13 +81,13 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
     under ("full", num_layers) with its own chat_rep4."""
     from tqdm.auto import tqdm
 
-    from .generate import _stop_ids, encode_prompt, generate
+    from .generate import stop_token_ids, encode_prompt, generate
 
     if model.tokenizer is None:
         raise ValueError("the chat evaluation needs the model's tokenizer")
     texts = heldout_instructions(prompts, n_instructions, seed=seed) if isinstance(prompts, int) else list(prompts)
     L = model.num_layers
-    stop = _stop_ids(model, None)
+    stop = stop_token_ids(model)
     ids = [encode_prompt(model.tokenizer, t, chat=True) for t in texts]
     chunks = [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
     steps = len(chunks) * (2 + (len(model.exits) if free else 0))

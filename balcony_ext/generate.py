@@ -596,7 +596,8 @@ def encode_prompt(tok, prompt, chat=None) -> list:
     return tok(prompt)["input_ids"]
 
 
-def _stop_ids(model, stop_tokens):
+def stop_token_ids(model, stop_tokens=None) -> set:
+    """The token ids that end a sequence: `stop_tokens` when given, else the model's end-of-sequence ids."""
     ids = set()
     tok = model.tokenizer
     if stop_tokens is None:
@@ -716,7 +717,7 @@ class Generation:
         # the engine (its cache) is allocated when the generation starts, inside the time to first token
         self.engine, self._engine_args = None, (B, max_len or need, native)
         self.max_new = max_new_tokens
-        self.stop_ids = _stop_ids(model, stop_tokens)
+        self.stop_ids = stop_token_ids(model, stop_tokens)
         self.stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
         gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (1 << 63))
         self.gen = gen
