@@ -134,8 +134,8 @@ def test_checksum_is_canonical_and_files_without_one_load(tmp_path):
     dst = tiny_balcony()
     load_exits(dst, tmp_path / "old.safetensors")
     assert dst.exits == [1, 3]
-    _, shipped = read_exits(bundled_exits_path())  # the bundled exits predate the checksum
-    assert "tensors_sha256" not in shipped and shipped["exits"]
+    _, shipped = read_exits(bundled_exits_path())  # the bundled exits carry it, and it verifies
+    assert "tensors_sha256" in shipped and shipped["exits"]
 
 
 def test_wrong_shapes_and_foreign_format_refused(tmp_path):
