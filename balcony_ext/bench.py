@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from .evaluate import costs
+from .budgets import costs
 from .generate import generate
 
 

@@ -97,7 +97,7 @@ def cmd_generate(args) -> int:
     else:
         kw["budget"] = args.budget
     if args.calibration:
-        from .generate import load_calibration
+        from .budgets import load_calibration
 
         kw["calibration"] = load_calibration(model, args.calibration)
         if kw["calibration"] is None:
@@ -115,7 +115,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .generate import calibrate, calibration_path
+    from .budgets import calibration_path
+    from .generate import calibrate
 
     model = _load_with_exits(args)
     if model is None:
@@ -162,7 +163,7 @@ def cmd_demo(args) -> int:
           f"(trained on {model.tokens_trained:,} tokens); prompt: {args.prompt!r}\n")
     budgets = args.budgets
     if budgets is None:  # one budget per exit: its relative cost, rounded up to a hundredth
-        from .generate import exit_costs, load_calibration
+        from .budgets import exit_costs, load_calibration
 
         budgets = sorted({math.ceil(c * 100 - 1e-6) / 100 for c in exit_costs(model, load_calibration(model)).values()})
     runs = []

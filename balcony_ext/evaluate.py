@@ -18,65 +18,18 @@ the same loss on the training split: the tuned lens; only when affine_tokens > 0
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .data import prepare
-from .exits_io import _atomic_write
+from .files import atomic_write
+from .affine import new_affine_exits
+from .budgets import costs
 from .train import distill_loss, lr_factor, micro_batch
-
-
-class AffineExit(nn.Module):
-    """The tuned-lens baseline: h -> norm(h @ A^T + b), A initialised to the identity."""
-
-    def __init__(self, hidden: int, norm: nn.Module):
-        super().__init__()
-        self.proj = nn.Linear(hidden, hidden)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.eye(hidden))
-            self.proj.bias.zero_()
-        self.norm = norm
-
-    def forward(self, h):
-        return self.norm(self.proj(h))
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def costs(model) -> dict:
-    """Parameters read per token by each method at each depth, and by the full model."""
-    a = model.adapter
-    layer = [_count(l) for l in a.layers]
-    head = a.lm_head.weight.numel()
-    norm = _count(a.final_norm)
-    exit_params = _count(model.exit_module(model.exits[0])) if model.exits else layer[-1] + norm
-    hidden = a.hidden_size
-    out = {"full": sum(layer) + norm + head}
-    for k in range(1, model.num_layers):
-        base = sum(layer[:k]) + head
-        out[("balcony", k)] = base + exit_params
-        out[("untrained", k)] = base + exit_params
-        out[("truncation", k)] = base + norm
-        out[("affine", k)] = base + hidden * hidden + hidden + norm
-    return out
-
-
-def new_affine_exits(model, depths) -> dict:
-    """{depth: AffineExit} at identity, each with a trainable copy of the final norm."""
-    a = model.adapter
-    lenses = {k: AffineExit(a.hidden_size, copy.deepcopy(a.final_norm)).to(model.device, model.dtype) for k in depths}
-    for lens in lenses.values():
-        for p in lens.parameters():
-            p.requires_grad_(True)
-    return lenses
 
 
 def train_affine(model, corpus, depths, tokens: int, seq_len: int, batch_size: int, lr: float = 1e-3,
@@ -142,7 +95,7 @@ class Report:
 
     def to_json(self, path) -> Path:
         blob = json.dumps(dict(info=self.info, rows=self.rows), indent=2)
-        _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(blob))
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(blob))
         return Path(path)
 
     def plot(self, path) -> Path:

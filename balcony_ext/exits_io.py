@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .files import atomic_write
 from .model import BalconyModel
 
 FORMAT = "balcony_exits"
@@ -83,20 +82,6 @@ def base_identity(model: BalconyModel) -> dict:
     )
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_exits(model: BalconyModel, path, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Writes the exits (only the balcony parameters) and their metadata to `path`, atomically.
     dtype: store the tensors in this dtype (e.g. torch.bfloat16 to halve the file); loading
@@ -121,7 +106,7 @@ def save_exits(model: BalconyModel, path, extra: dict | None = None, dtype: torc
     }
     if extra:
         meta["extra"] = json.dumps(extra, default=str)
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
     return Path(path)
 
 

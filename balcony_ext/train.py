@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .data import prepare
-from .exits_io import _atomic_write, save_exits
+from .exits_io import save_exits
+from .files import atomic_write
 
 STATE_FILE = "train_state.pt"
 # data="self" samples at most this many tokens (then trains on them for several epochs); sampling
@@ -127,7 +128,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     every optimiser step (an exception it raises stops training, as an interruption would).
     loss_impl: "fused" (the native fused_linear_kl: the student logits never exist in full) or
     "reference" (plain PyTorch on the full logits; the same loss, for comparison and debugging).
-    affine_baseline: also train the learned affine exit (the tuned lens, evaluate.AffineExit) at
+    affine_baseline: also train the learned affine exit (the tuned lens, affine.AffineExit) at
     every exit depth on the very same batches with the same loss and schedule, sharing the frozen
     forward; it is checkpointed with the exits and returned as "affine" for evaluate(affine=...).
     Data parallel: under torchrun (a torch.distributed process group, e.g. NCCL on GPUs or gloo on
@@ -173,7 +174,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     params = model.balcony_parameters()
     lenses = None
     if affine_baseline:
-        from .evaluate import new_affine_exits
+        from .affine import new_affine_exits
 
         lenses = new_affine_exits(model, exits)
         settings["affine_baseline"] = True
@@ -209,7 +210,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
         if lenses is not None:
             state["affine"] = {str(k): lens.state_dict() for k, lens in lenses.items()}
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(ckpt_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        atomic_write(ckpt_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
         save_exits(model, ckpt_dir / EXITS_FILE)
 
     weight = model.adapter.lm_head.weight

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import balcony_ext as bx
-from balcony_ext.generate import Engine, choose_exit, exit_costs
+from balcony_ext.budgets import choose_exit, exit_costs
+from balcony_ext.engine import Engine
 from balcony_ext.model import attach
 from tiny_models import tiny_balcony
 
@@ -58,9 +59,9 @@ def test_native_step_matches_python_step(model_type, dtype, cpu_capability):
         for e in engines:
             for b in range(B):
                 e.append(b, int(nxt[1][b]))
-    for a, b in zip(engines[0].k_cache, engines[1].k_cache):
+    for a, b in zip(engines[0].cache.k, engines[1].cache.k):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    for a, b in zip(engines[0].kept, engines[1].kept):
+    for a, b in zip(engines[0].cache.kept, engines[1].cache.kept):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -103,13 +104,13 @@ def test_prefill_step_equals_catch_up_then_a_decode_step(lengths, dtype, cpu_cap
     # GEMMs in bfloat16 and the catch-up's (28 rows) in float32; the baseline's float32 rms_norm differs
     # from the others' by an ulp, which moves some bfloat16 roundings the tiny model's large weights amplify)
     rel = 2e-5 if dtype == torch.float32 else 5e-2
-    for x, y in zip([a.logits] + a.k_cache + a.v_cache + a.kept, [b.logits] + b.k_cache + b.v_cache + b.kept):
+    for x, y in zip([a.logits] + a.cache.k + a.cache.v + a.cache.kept, [b.logits] + b.cache.k + b.cache.v + b.cache.kept):
         assert (x - y).abs().max() <= rel * y.abs().max()
 
 
 def test_prefill_float32_gemm_paths_agree(monkeypatch):
     # the float32 prefill GEMMs go through oneDNN where torch has it; the default path gives the same
-    gen = importlib.import_module("balcony_ext.generate")  # the module (bx.generate is the function)
+    gen = importlib.import_module("balcony_ext.engine")
 
     m = _model()
     prompts = _prompts(4, lengths=(8, 8, 8, 8))
@@ -123,7 +124,7 @@ def test_prefill_float32_gemm_paths_agree(monkeypatch):
         e.prefill_step(exits, *sampling)
         engines.append(e)
     torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=1e-4, rtol=1e-4)
-    for x, y in zip(engines[0].k_cache, engines[1].k_cache):
+    for x, y in zip(engines[0].cache.k, engines[1].cache.k):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
@@ -323,15 +324,15 @@ def test_native_step_rejects_bad_arguments():
     w = e.w
     with pytest.raises(RuntimeError, match="neither attached"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([3]), e.exits, w.embed,
-                                      w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
+                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
                                       e.sin, w.eps, w.scale, e.workspace, e.logits, *args(), e.next_tokens)
     with pytest.raises(RuntimeError, match="past the cache"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([16]), torch.tensor([2]), e.exits, w.embed,
-                                      w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
+                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
                                       e.sin, w.eps, w.scale, e.workspace, e.logits, *args(), e.next_tokens)
     with pytest.raises(RuntimeError, match="workspace"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
-                                      w.base, w.exit, w.final_norm, w.head, e.k_cache, e.v_cache, e.kept, e.cos,
+                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
                                       e.sin, w.eps, w.scale, e.workspace[:10], e.logits, *args(), e.next_tokens)
 
 

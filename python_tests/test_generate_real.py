@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import balcony_ext as bx
-from balcony_ext.generate import Engine
+from balcony_ext.engine import Engine
 
 pytestmark = pytest.mark.slow
 

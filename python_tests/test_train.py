@@ -156,7 +156,7 @@ def test_affine_baseline_trains_on_the_same_batches_and_resumes(tmp_path):
     lenses = ref_out["affine"]
     assert sorted(lenses) == [1, 3]
     # the lenses learned: on held-out text they are closer to the full model than at initialisation
-    from balcony_ext.evaluate import new_affine_exits
+    from balcony_ext.affine import new_affine_exits
 
     trained = evaluate(ref, data=corpus, seq_len=16, batch_size=2, baselines=(), affine=lenses, progress=False)
     initial = evaluate(ref, data=corpus, seq_len=16, batch_size=2, baselines=(),

@@ -21,7 +21,7 @@ import torch
 import balcony_ext as bx
 from balcony_ext.chat_data import chat_data
 from balcony_ext.data import Mixture, data_spec, prepare
-from balcony_ext.exits_io import _atomic_write
+from balcony_ext.files import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "pilots.json"
@@ -118,7 +118,7 @@ def main():
     pilots = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     pilots = [p for p in pilots if p["name"] != args.name] + [entry]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(pilots, indent=1)))
+    atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(pilots, indent=1)))
     write_table(pilots, RESULTS.with_suffix(".md"))
     print(f"recorded pilot {args.name} in {RESULTS} ({time.time() - t0:.0f} s)")
 

@@ -52,7 +52,7 @@ def build_data(model, args):
 
 def from_checkpoint(model, run_dir: Path) -> dict:
     """The exits, affine lenses and history of the latest checkpoint of a run (as train() returns them)."""
-    from balcony_ext.evaluate import new_affine_exits
+    from balcony_ext.affine import new_affine_exits
     from balcony_ext.train import STATE_FILE
 
     state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)

@@ -2,6 +2,7 @@
 torch.compile and autograd for the ops used in training. Each op lives in its own module,
 beside its plain-PyTorch reference (`reference_<op>`), which is the op's specification."""
 
+from .decode_step import decode_step, decode_step_workspace
 from .decode_attention import decode_attention, reference_decode_attention
 from .linear_rows import linear_rows, reference_linear_rows
 from .fused_linear_kl import fused_linear_kl, reference_fused_linear_kl
@@ -20,6 +21,8 @@ __all__ = [
     "reference_rope_append",
     "decode_attention",
     "reference_decode_attention",
+    "decode_step",
+    "decode_step_workspace",
     "silu_and_mul",
     "reference_silu_and_mul",
     "fused_linear_kl",

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../torch_utils.h"
+#include "balcony/layer_layout.h"
 #include "capability.h"
 #include "cpu_ops.h"
 
@@ -38,8 +39,6 @@ BALCONY_CPU_KERNEL(void, silu_and_mul,
 namespace balcony {
 namespace {
 
-constexpr int64_t kPerLayer = 14;  // tensors per decoder layer in the weight lists
-enum Slot : int64_t { IN_NORM, Q_W, Q_B, K_W, K_B, V_W, V_B, Q_NORM, K_NORM, O_W, POST_NORM, GATE_W, UP_W, DOWN_W };
 
 const float* opt_f32(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
@@ -123,10 +122,10 @@ void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& k
                double scale) {
   static auto rope = c10::Dispatcher::singleton().findSchemaOrThrow("balcony::rope_append", "").typed<RopeAppendFn>();
   const int64_t B = d.B, H = d.H, QD = d.Hq * d.D, KD = d.Hkv * d.D, I = d.I;
-  norm_rows(w.x, H, lw[IN_NORM], w.xn, H, B, H, eps);
-  linear_into(w.xn, H, B, lw[Q_W], opt_f32(lw[Q_B]), w.q, QD, false);
-  linear_into(w.xn, H, B, lw[K_W], opt_f32(lw[K_B]), w.k, KD, false);
-  linear_into(w.xn, H, B, lw[V_W], opt_f32(lw[V_B]), w.v, KD, false);
+  norm_rows(w.x, H, lw[INPUT_NORM], w.xn, H, B, H, eps);
+  linear_into(w.xn, H, B, lw[Q_PROJ], opt_f32(lw[Q_BIAS]), w.q, QD, false);
+  linear_into(w.xn, H, B, lw[K_PROJ], opt_f32(lw[K_BIAS]), w.k, KD, false);
+  linear_into(w.xn, H, B, lw[V_PROJ], opt_f32(lw[V_BIAS]), w.v, KD, false);
   if (lw[Q_NORM].numel()) norm_rows(w.q, d.D, lw[Q_NORM], w.q, d.D, B * d.Hq, d.D, eps);
   if (lw[K_NORM].numel()) norm_rows(w.k, d.D, lw[K_NORM], w.k, d.D, B * d.Hkv, d.D, eps);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
@@ -139,12 +138,12 @@ void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& k
   const int64_t splits = std::min(decode_attention_cpu_splits(B, d.Hkv, max_len, 0), w.max_splits);
   decode_attention_cpu_into(q.view({B, d.Hq, d.D}), key_cache, value_cache, w.llen, max_len, scale, splits, w.attn,
                             w.part_ml, w.part_o, w.attn_scratch);
-  linear_into(w.attn, QD, B, lw[O_W], nullptr, w.x, H, true);
+  linear_into(w.attn, QD, B, lw[O_PROJ], nullptr, w.x, H, true);
   norm_rows(w.x, H, lw[POST_NORM], w.xn, H, B, H, eps);
-  linear_into(w.xn, H, B, lw[GATE_W], nullptr, w.gu, 2 * I, false);
-  linear_into(w.xn, H, B, lw[UP_W], nullptr, w.gu + I, 2 * I, false);
+  linear_into(w.xn, H, B, lw[GATE_PROJ], nullptr, w.gu, 2 * I, false);
+  linear_into(w.xn, H, B, lw[UP_PROJ], nullptr, w.gu + I, 2 * I, false);
   BALCONY_CPU_DISPATCH(silu_and_mul)(ScalarKind::F32, w.gu, 2 * I, w.act, I, I, 0, B);
-  linear_into(w.act, I, B, lw[DOWN_W], nullptr, w.x, H, true);
+  linear_into(w.act, I, B, lw[DOWN_PROJ], nullptr, w.x, H, true);
 }
 
 void check_layer(const std::vector<at::Tensor>& lw, int64_t at, const Dims& d, const char* what, int64_t index) {
@@ -162,20 +161,20 @@ void check_layer(const std::vector<at::Tensor>& lw, int64_t at, const Dims& d, c
                 what, " ", index, " ", name, " must be a contiguous float32 [", n, "], got ", t.scalar_type(), " ",
                 t.sizes());
   };
-  vec(IN_NORM, d.H, "input norm", false);
-  mat(Q_W, d.Hq * d.D, d.H, "q_proj");
-  vec(Q_B, d.Hq * d.D, "q bias", true);
-  mat(K_W, d.Hkv * d.D, d.H, "k_proj");
-  vec(K_B, d.Hkv * d.D, "k bias", true);
-  mat(V_W, d.Hkv * d.D, d.H, "v_proj");
-  vec(V_B, d.Hkv * d.D, "v bias", true);
+  vec(INPUT_NORM, d.H, "input norm", false);
+  mat(Q_PROJ, d.Hq * d.D, d.H, "q_proj");
+  vec(Q_BIAS, d.Hq * d.D, "q bias", true);
+  mat(K_PROJ, d.Hkv * d.D, d.H, "k_proj");
+  vec(K_BIAS, d.Hkv * d.D, "k bias", true);
+  mat(V_PROJ, d.Hkv * d.D, d.H, "v_proj");
+  vec(V_BIAS, d.Hkv * d.D, "v bias", true);
   vec(Q_NORM, d.D, "q norm", true);
   vec(K_NORM, d.D, "k norm", true);
-  mat(O_W, d.H, d.Hq * d.D, "o_proj");
+  mat(O_PROJ, d.H, d.Hq * d.D, "o_proj");
   vec(POST_NORM, d.H, "post-attention norm", false);
-  mat(GATE_W, d.I, d.H, "gate_proj");
-  mat(UP_W, d.I, d.H, "up_proj");
-  mat(DOWN_W, d.H, d.I, "down_proj");
+  mat(GATE_PROJ, d.I, d.H, "gate_proj");
+  mat(UP_PROJ, d.I, d.H, "up_proj");
+  mat(DOWN_PROJ, d.H, d.I, "down_proj");
 }
 
 }  // namespace
@@ -220,8 +219,8 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
   Dims d{};
   d.B = B, d.H = embed.size(1), d.V = head.size(0);
   d.Hkv = key_caches[0].size(1), d.S = key_caches[0].size(2), d.D = key_caches[0].size(3);
-  d.Hq = base_weights[Q_W].size(0) / d.D;
-  d.I = base_weights[GATE_W].size(0);
+  d.Hq = base_weights[Q_PROJ].size(0) / d.D;
+  d.I = base_weights[GATE_PROJ].size(0);
   TORCH_CHECK(head.size(1) == d.H && head.is_contiguous(), "decode_step: head must be contiguous [V, ", d.H, "], got ",
               head.sizes());
   TORCH_CHECK(final_norm.numel() == d.H && final_norm.scalar_type() == at::kFloat, "decode_step: final_norm must be "

@@ -1,0 +1,361 @@
+"""Continuous batching: requests join the running batch at any token boundary and leave when done.
+
+    batcher = Batcher(model, max_batch=8)
+    req = batcher.submit(Request(prompt_ids, budget=0.6, max_new_tokens=64, on_piece=print))
+    while batcher.busy: batcher.iterate()          # or batcher.start() for a background thread
+    req.text, req.exit_layers, req.finish_reason
+
+One `iterate()` is one token boundary: waiting requests take free cache rows; prompts are prefilled in
+chunks of at most `prefill_chunk` tokens per iteration, each on its own row (`Engine.row`) as if it
+ran alone; then every running sequence decodes one token at its own exit in one batched step
+(`Engine.step`, the mixed-exit native step), after the KV catch-up of the rows whose exit moved.
+Finished and cancelled requests free their rows at once. A prompt that fits in one chunk, its first
+token and every later token are computed exactly as `bx.generate` computes them for that prompt alone
+(greedy and seeded sampling give the same tokens).
+
+The load controller (`slo_ms_per_token`): after each step it compares the measured step time (an
+exponential average) with the target; above it, every sequence that may go cheaper moves one exit
+down the ladder (never below its request's `min_budget`), below 80% of it one exit back up towards
+what its request asked for. Moves wait a few steps for the average to reflect the last one; every
+move is exact (catch-up).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .budgets import choose_exit, exit_for_latency, load_calibration
+from .engine import Engine
+from .generate import Sequence, stop_token_ids
+
+
+@dataclass
+class Request:
+    """One generation request. Give at most one of budget, exit_layer and ms_per_token (none: full
+    depth); min_budget is the floor the load controller never goes below (default: the request's
+    own exit, i.e. never lowered)."""
+
+    prompt_ids: list
+    max_new_tokens: int = 128
+    budget: float | None = None
+    exit_layer: int | None = None
+    ms_per_token: float | None = None
+    min_budget: float | None = None
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list = field(default_factory=list)
+    stop_tokens: list | None = None
+    on_piece: object = None  # called (request, piece, token) from the batcher's thread for every token
+    on_done: object = None  # called (request) once the request has finished, been cancelled or failed
+
+    # state, filled in by the batcher
+    id: int = -1
+    target_exit: int = 0  # the exit the request asked for
+    floor_exit: int = 0  # the lowest exit the controller may give it
+    exit: int = 0  # the exit its next token is decoded at
+    row: int = -1
+    seq: Sequence | None = None
+    notes: list = field(default_factory=list)
+    state: str = "new"  # new, waiting, prefill, decode, done
+    prefilled: int = 0  # prompt tokens in the cache
+    cancelled: bool = False
+    error: str | None = None
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_done: float | None = None
+    _gen: torch.Generator | None = None
+    _done_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def text(self) -> str:
+        return self.seq.text if self.seq else ""
+
+    @property
+    def tokens(self) -> list:
+        return self.seq.tokens if self.seq else []
+
+    @property
+    def exit_layers(self) -> list:
+        return self.seq.exit_layers if self.seq else []
+
+    @property
+    def finish_reason(self) -> str:
+        if self.cancelled:
+            return "cancelled"
+        if self.error:
+            return "error"
+        return self.seq.finish if self.seq else "length"
+
+    def wait(self, timeout=None) -> bool:
+        return self._done_event.wait(timeout)
+
+
+class Batcher:
+    def __init__(self, model, max_batch: int = 8, max_len: int = 2048, prefill_chunk: int = 256,
+                 slo_ms_per_token: float | None = None, native: bool | None = None, calibration="auto"):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be positive, got {max_batch} and {prefill_chunk}")
+        self.model = model
+        self.engine = Engine(model, max_batch, max_len, native=native)
+        self.cache = self.engine.cache
+        self.max_len, self.prefill_chunk = max_len, prefill_chunk
+        self.calibration = load_calibration(model) if calibration == "auto" else calibration
+        self.ladder = sorted(model.exits) + [model.num_layers]  # exits, cheapest first
+        self.slo_s = slo_ms_per_token / 1000.0 if slo_ms_per_token else None
+        self.waiting: deque = deque()
+        self.rows: dict = {}  # row -> Request
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self._ids = itertools.count()
+        self._thread = None
+        self._stopping = False
+        self.draining = False
+        # statistics (read by the server's /metrics)
+        self.step_ema_s = None
+        self.cooldown = 0
+        self.tokens_by_exit = {k: 0 for k in self.ladder}
+        self.steps = 0
+        self.generated_tokens = 0
+        self.moves = {"down": 0, "up": 0}
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests, by how they ended
+
+    # -- requests
+    def resolve_exit(self, req: Request) -> tuple:
+        """(exit, floor exit, notes) of a request; raises ValueError for a bad budget or exit."""
+        m = self.model
+        given = [x is not None for x in (req.budget, req.exit_layer, req.ms_per_token)]
+        if sum(given) > 1:
+            raise ValueError("give one of budget, exit_layer and ms_per_token")
+        notes = []
+        if req.exit_layer is not None:
+            k = req.exit_layer
+            if isinstance(k, bool) or not isinstance(k, int) or (k != m.num_layers and k not in m.exits):
+                raise ValueError(f"exit_layer {k!r} is not attached to the model (exits: {m.exits}; "
+                                 f"{m.num_layers} is the full model)")
+        elif req.ms_per_token is not None:
+            k, note = exit_for_latency(m, req.ms_per_token, self.calibration)
+            notes += [note] if note else []
+        else:
+            k, note = choose_exit(m, 1.0 if req.budget is None else req.budget, self.calibration)
+            notes += [note] if note else []
+        floor = k
+        if req.min_budget is not None:
+            floor, _ = choose_exit(m, req.min_budget, self.calibration)
+            floor = min(floor, k)
+        return k, floor, notes
+
+    def submit(self, req: Request) -> Request:
+        """Validates the request and queues it; raises ValueError (nothing queued) for a bad one."""
+        ids = list(req.prompt_ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        self.model.check_token_ids(ids)
+        if isinstance(req.max_new_tokens, bool) or not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {req.max_new_tokens!r}")
+        if len(ids) + req.max_new_tokens > self.max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={req.max_new_tokens} it needs "
+                             f"{len(ids) + req.max_new_tokens} positions, past the context of {self.max_len}")
+        if not (req.temperature >= 0 and req.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
+        if not 0 < req.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
+        if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or req.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {req.top_k!r}")
+        req.target_exit, req.floor_exit, req.notes = self.resolve_exit(req)
+        req.exit = req.target_exit
+        req.prompt_ids = ids
+        stop_ids = stop_token_ids(self.model, req.stop_tokens)
+        req.seq = Sequence(self.model.tokenizer, req.max_new_tokens, stop_ids, list(req.stop or []))
+        req._gen = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed() % (1 << 63))
+        with self.lock:
+            if self.draining:
+                raise RuntimeError("the server is shutting down and admits no new requests")
+            req.id, req.state, req.t_submit = next(self._ids), "waiting", time.perf_counter()
+            self.waiting.append(req)
+            self.wake.notify_all()
+        return req
+
+    def cancel(self, req: Request):
+        """Stops a request; its row is freed at the next token boundary (at once if it is waiting)."""
+        with self.lock:
+            req.cancelled = True
+            if req.state == "waiting":
+                self.waiting.remove(req)
+                self._finish(req)
+            self.wake.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    # -- one token boundary
+    @torch.no_grad()
+    def iterate(self) -> bool:
+        """Admits, prefills one chunk, decodes one token for every running sequence. Returns whether
+        there was anything to do."""
+        with self.lock:
+            for req in [r for r in self.rows.values() if r.cancelled]:
+                self._finish(req)
+            while self.waiting and self.cache.rows_in_use < self.cache.B:
+                req = self.waiting.popleft()
+                req.row = self.cache.alloc()
+                self.cache.set_tokens(req.row, req.prompt_ids)
+                req.state, self.rows[req.row] = "prefill", req
+            if not self.rows:
+                return False
+        self._prefill()
+        self._decode()
+        return True
+
+    def _prefill(self):
+        budget = self.prefill_chunk
+        for req in sorted((r for r in self.rows.values() if r.state == "prefill"), key=lambda r: r.id):
+            if budget <= 0:
+                break
+            e = self.engine.row(req.row)
+            n = len(req.prompt_ids)
+            if n - req.prefilled > budget:  # a chunk of the prompt, the last token not yet
+                upto = min(req.prefilled + budget, n - 1)
+                e.catch_up([req.exit], upto=torch.tensor([upto]))
+                budget -= upto - req.prefilled
+                req.prefilled = upto
+                continue
+            budget -= n - req.prefilled
+            one = lambda x, dt: torch.tensor([x], dtype=dt)  # noqa: E731
+            nxt = e.prefill_step([req.exit], one(req.temperature, torch.float32), one(req.top_k, torch.long),
+                                 one(req.top_p, torch.float32), torch.rand(1, generator=req._gen))
+            req.prefilled = n
+            req.t_first = time.perf_counter()
+            req.state = "decode"
+            self._take(req, int(nxt[0]))
+
+    def _decode(self):
+        # (a row whose first token came from this iteration's prefill takes its second one here)
+        reqs = [r for r in self.rows.values() if r.state == "decode"]
+        if not reqs:
+            return
+        B = self.cache.B
+        exits = [0] * B
+        temperature, top_k, top_p = torch.zeros(B), torch.zeros(B, dtype=torch.long), torch.ones(B)
+        uniform = torch.full((B,), 0.5)
+        for r in reqs:
+            exits[r.row] = r.exit
+            temperature[r.row], top_k[r.row], top_p[r.row] = r.temperature, r.top_k, r.top_p
+            uniform[r.row] = torch.rand(1, generator=r._gen)[0]
+        t0 = time.perf_counter()
+        self.engine.catch_up(exits)
+        nxt = self.engine.step(exits, temperature, top_k, top_p, uniform)
+        self._observe(time.perf_counter() - t0)
+        for r in reqs:
+            self._take(r, int(nxt[r.row]))
+        self.steps += 1
+        self._control()
+
+    def _take(self, req: Request, token: int):
+        """The request's next token: recorded, streamed, and the row either extended or freed."""
+        piece = req.seq.add(token, req.exit)
+        self.tokens_by_exit[req.exit] += 1
+        self.generated_tokens += 1
+        if req.on_piece is not None:
+            req.on_piece(req, piece, token)
+        if req.seq.done:
+            with self.lock:
+                self._finish(req)
+        else:
+            self.cache.append(req.row, token)
+
+    def _finish(self, req: Request):
+        if req.row >= 0 and self.rows.get(req.row) is req:
+            del self.rows[req.row]
+            self.cache.free(req.row)
+        req.state, req.t_done = "done", time.perf_counter()
+        self.finished[req.finish_reason] += 1
+        if req.on_done is not None:
+            req.on_done(req)
+        req._done_event.set()
+
+    # -- the load controller
+    def _observe(self, seconds: float):
+        self.step_ema_s = seconds if self.step_ema_s is None else 0.7 * self.step_ema_s + 0.3 * seconds
+
+    def _control(self):
+        if self.slo_s is None or self.step_ema_s is None:
+            return
+        if self.cooldown > 0:
+            self.cooldown -= 1
+            return
+        reqs = [r for r in self.rows.values() if r.state == "decode"]
+        moved = False
+        if self.step_ema_s > self.slo_s:
+            for r in reqs:
+                i = self.ladder.index(r.exit)
+                if i > 0 and self.ladder[i - 1] >= r.floor_exit:
+                    r.exit = self.ladder[i - 1]
+                    moved = True
+            self.moves["down"] += moved
+        elif self.step_ema_s < 0.8 * self.slo_s:
+            for r in reqs:
+                if r.exit < r.target_exit:
+                    r.exit = self.ladder[self.ladder.index(r.exit) + 1]
+                    moved = True
+            self.moves["up"] += moved
+        if moved:
+            self.cooldown = 3
+
+    # -- the background thread
+    def start(self):
+        """Runs iterate() in a daemon thread until stop()."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="balcony-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stopping:
+            try:
+                worked = self.iterate()
+            except Exception as exc:  # a fault fails the running requests, not the server
+                self._fail_running(exc)
+                worked = True
+            if not worked:
+                with self.lock:
+                    if not self.busy and not self._stopping:
+                        self.wake.wait(0.5)
+
+    def _fail_running(self, exc):
+        with self.lock:
+            for req in list(self.rows.values()):
+                req.error = f"{type(exc).__name__}: {exc}"
+                self._finish(req)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stops admitting new requests and waits until the running and waiting ones finish."""
+        with self.lock:
+            self.draining = True
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.busy:
+            if end is not None and time.monotonic() > end:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stop(self):
+        self._stopping = True
+        with self.lock:
+            self.wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

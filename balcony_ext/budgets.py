@@ -1,0 +1,164 @@
+"""What a token may cost: the relative cost of each exit, calibrations, and budgets turned into exits.
+
+A budget in (0, 1] is the fraction of the full model's per-token cost the caller allows; the deepest
+exit whose cost fits is taken (1.0 is the full model). Costs come from a calibration (measured
+milliseconds per token of each exit on this machine, `balcony calibrate`), else from the parameters
+read per token. `exit_layer=k` picks an exit directly, `ms_per_token=x` the deepest exit whose
+calibrated latency fits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from torch import nn
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def costs(model) -> dict:
+    """Parameters read per token by each method at each depth, and by the full model."""
+    a = model.adapter
+    layer = [_count(l) for l in a.layers]
+    head = a.lm_head.weight.numel()
+    norm = _count(a.final_norm)
+    exit_params = _count(model.exit_module(model.exits[0])) if model.exits else layer[-1] + norm
+    hidden = a.hidden_size
+    out = {"full": sum(layer) + norm + head}
+    for k in range(1, model.num_layers):
+        base = sum(layer[:k]) + head
+        out[("balcony", k)] = base + exit_params
+        out[("untrained", k)] = base + exit_params
+        out[("truncation", k)] = base + norm
+        out[("affine", k)] = base + hidden * hidden + hidden + norm
+    return out
+
+
+def calibration_path(model) -> Path:
+    root = Path(os.environ.get("BALCONY_CACHE", Path.home() / ".cache" / "balcony_ext"))
+    return root / "calibration" / f"{model.name}.json"
+
+
+def exit_costs(model, calibration: dict | None = None) -> dict:
+    """{depth: relative per-token cost} for every attached exit and the full model (num_layers: 1.0).
+    From a calibration's measured ms/token when given, else from parameters read per token
+    (layers run + exit + LM head), which is bytes read up to the element size."""
+    L = model.num_layers
+    if calibration is not None:
+        ms = {int(k): float(v) for k, v in calibration["ms_per_token"].items()}
+        missing = [k for k in model.exits + [L] if k not in ms]
+        if missing:
+            raise ValueError(f"the calibration has no figure for exits {missing}; run `balcony calibrate` again")
+        return {k: ms[k] / ms[L] for k in model.exits + [L]}
+    c = costs(model)
+    out = {k: c[("balcony", k)] / c["full"] for k in model.exits}
+    out[L] = 1.0
+    return out
+
+
+def load_calibration(model, path=None) -> dict | None:
+    """The saved calibration for this model (None if there is none)."""
+    p = Path(path) if path is not None else calibration_path(model)
+    if not p.exists():
+        return None
+    try:
+        cal = json.loads(p.read_text())
+        if cal.get("model") != model.name or "ms_per_token" not in cal:
+            return None
+        return cal
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the calibration file {p} is damaged ({exc}); run `balcony calibrate` again") from exc
+
+
+def choose_exit(model, budget: float, calibration: dict | None = None) -> tuple:
+    """(exit depth, note): the deepest exit whose relative cost fits the budget in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a number in (0, 1], got {type(budget).__name__} {budget!r}")
+    if not 0.0 < float(budget) <= 1.0 or math.isnan(budget):
+        raise ValueError(f"budget must be in (0, 1] (a fraction of the full model's per-token cost), got {budget}")
+    costs = exit_costs(model, calibration)
+    fitting = [k for k, c in costs.items() if c <= budget + 1e-9]
+    if fitting:
+        return max(fitting), None
+    k = min(costs, key=costs.get)
+    return k, f"budget {budget:g} is below the cheapest exit (depth {k}, cost {costs[k]:.3f}); using it"
+
+
+def exit_for_latency(model, ms_per_token: float, calibration: dict | None) -> tuple:
+    if calibration is None:
+        raise ValueError("a latency target needs a calibration of this machine: run `balcony calibrate` "
+                         "(or balcony_ext.calibrate(model)) first")
+    if not ms_per_token > 0:
+        raise ValueError(f"ms_per_token must be positive, got {ms_per_token}")
+    ms = {int(k): float(v) for k, v in calibration["ms_per_token"].items() if int(k) in model.exits + [model.num_layers]}
+    fitting = [k for k, v in ms.items() if v <= ms_per_token]
+    if fitting:
+        return max(fitting), None
+    k = min(ms, key=ms.get)
+    return k, f"{ms_per_token:g} ms/token is below the fastest exit (depth {k}, {ms[k]:.2f} ms/token); using it"
+
+
+class Budgets:
+    """Turns budget / exit_layer / ms_per_token (numbers, per-sequence lists, schedules or
+    callables of the step) into the exit of every row at every step."""
+
+    def __init__(self, model, B, budget, exit_layer, ms_per_token, calibration):
+        given = [x is not None for x in (budget, exit_layer, ms_per_token)]
+        if sum(given) > 1:
+            raise ValueError("give one of budget, exit_layer and ms_per_token")
+        if not any(given):
+            budget = 1.0
+        self.model, self.B, self.cal = model, B, calibration
+        self.kind = "budget" if budget is not None else "exit" if exit_layer is not None else "latency"
+        self.notes = [[] for _ in range(B)]
+        self.set(budget if budget is not None else exit_layer if exit_layer is not None else ms_per_token, 0)
+
+    def set(self, value, step: int):
+        """Uses `value` from `step` on. It is resolved for that step first: a bad value raises and changes
+        nothing (the resolution is kept for that step, so a callable is still called once per step)."""
+        resolved = self._resolve(value, step)
+        self.value, self._resolved = value, (step, resolved)
+
+    def _one(self, v, b):
+        m = self.model
+        if self.kind == "exit":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"exit_layer must be an int, got {v!r}")
+            if v != m.num_layers and v not in m.exits:
+                raise ValueError(f"exit {v} is not attached to the model (exits: {m.exits}; "
+                                 f"{m.num_layers} is the full model)")
+            return v, None
+        if self.kind == "latency":
+            return exit_for_latency(m, float(v), self.cal)
+        return choose_exit(m, v, self.cal)
+
+    def _resolve(self, v, step: int) -> list:
+        """[(exit, note or None)] of every row at `step` for the value v; raises for a bad value."""
+        if callable(v):
+            v = v(step)
+        elif isinstance(v, dict):  # schedule {from_step: value}
+            keys = sorted(k for k in v if k <= step)
+            if not keys:
+                raise ValueError(f"the budget schedule {v} has no entry for step {step} (start it at 0)")
+            v = v[keys[-1]]
+        if isinstance(v, (list, tuple)):
+            if len(v) != self.B:
+                raise ValueError(f"{len(v)} per-sequence values for {self.B} prompts")
+            vals = list(v)
+        else:
+            vals = [v] * self.B
+        return [self._one(x, b) for b, x in enumerate(vals)]
+
+    def exits(self, step: int) -> list:
+        at, resolved = self._resolved
+        out = []
+        for b, (k, note) in enumerate(resolved if at == step else self._resolve(self.value, step)):
+            if note and note not in self.notes[b]:
+                self.notes[b].append(note)
+            out.append(k)
+        return out

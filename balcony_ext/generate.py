@@ -1,0 +1,285 @@
+"""Generation under a compute budget: the public call.
+
+    out = bx.generate(model, "Why is the sky blue?", budget=0.5, max_new_tokens=128)
+    out.text, out.exit_layers, out.tokens_per_second, out.time_to_first_token
+    for piece in bx.generate(model, prompt, budget=0.3, stream=True): print(piece, end="")
+    outs = bx.generate(model, [p1, p2, p3], budget=[0.3, 0.6, 1.0])
+
+A budget in (0, 1] is the fraction of the full model's per-token cost the caller allows; the deepest
+exit whose cost fits is taken (budgets.py). The batch runs on one Engine (engine.py) over an
+early-exit KV cache allocated for the call (kv_cache.py); `Generation._advance` is one token for
+every sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import reprlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .budgets import Budgets, calibration_path, load_calibration
+from .engine import Engine
+from .files import atomic_write
+
+@dataclass
+class GenerationOutput:
+    text: str
+    tokens: list
+    exit_layers: list  # the exit that produced each generated token
+    tokens_per_second: float  # decode speed after the first token
+    time_to_first_token: float  # seconds from the call (validation, cache allocation and prefill included)
+    prompt_tokens: int
+    finish_reason: str  # "stop" or "length"
+    notes: list = field(default_factory=list)
+
+    def __str__(self):
+        return self.text
+
+
+def _is_token_ids(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
+def _prompt_type_error(prompt) -> TypeError:
+    return TypeError("a prompt must be a str, a list of str, or token ids (a list of ints, or a list of lists "
+                     f"of ints), got {type(prompt).__name__} {reprlib.repr(prompt)}")
+
+
+def encode_prompt(tok, prompt, chat=None) -> list:
+    """Token ids of a prompt: a list of ids as is; a string through the chat template when `chat` (default:
+    when the tokenizer has one), else plainly tokenised."""
+    if _is_token_ids(prompt):
+        return list(prompt)
+    if not isinstance(prompt, str):
+        raise _prompt_type_error(prompt)
+    if not prompt:
+        return []  # reported by the caller, which knows the prompt's index
+    if tok is None:
+        raise ValueError("the model has no tokenizer; pass prompts as lists of token ids")
+    if chat is None:
+        chat = bool(getattr(tok, "chat_template", None))
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tok(prompt)["input_ids"]
+
+
+def stop_token_ids(model, stop_tokens=None) -> set:
+    """The token ids that end a sequence: `stop_tokens` when given, else the model's end-of-sequence ids."""
+    ids = set()
+    tok = model.tokenizer
+    if stop_tokens is None:
+        gen = getattr(model.adapter.hf, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else getattr(tok, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(eos)
+    else:
+        ids.update(int(t) for t in stop_tokens)
+    return ids
+
+
+class Sequence:
+    """One sequence's generated tokens, the exit of each, its text, and whether it is done: a stop
+    token, a stop string (cut from the text) or max_new tokens end it."""
+
+    def __init__(self, tokenizer, max_new: int, stop_ids: set, stop_strings: list):
+        self.tokenizer, self.max_new, self.stop_ids, self.stop_strings = tokenizer, max_new, stop_ids, stop_strings
+        self.tokens, self.exit_layers = [], []
+        self.text, self.done, self.finish = "", False, "length"
+
+    def add(self, token: int, exit_layer: int) -> str:
+        """Takes the next token; returns the new piece of text (empty while a character is incomplete)."""
+        self.tokens.append(token)
+        self.exit_layers.append(exit_layer)
+        tok = self.tokenizer
+        text = tok.decode(self.tokens, skip_special_tokens=True) if tok is not None else ""
+        piece, self.text = text[len(self.text):], text
+        if token in self.stop_ids:
+            self.done, self.finish = True, "stop"
+        elif any(s in text for s in self.stop_strings):
+            cut = min(text.index(s) for s in self.stop_strings if s in text)
+            piece = piece[: max(0, len(piece) - (len(text) - cut))]
+            self.text = text[:cut]
+            self.done, self.finish = True, "stop"
+        elif len(self.tokens) >= self.max_new:
+            self.done = True
+        return piece
+
+
+class Generation:
+    """A running generation: iterate it for text pieces (streaming) or call .run(); change the
+    budget at any time with set_budget()."""
+
+    def __init__(self, model, prompts, single, budget=None, exit_layer=None, ms_per_token=None,
+                 max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
+                 stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto"):
+        self.t_start = time.perf_counter()  # the time to first token counts from the call
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        self.model = model
+        self.ids = [encode_prompt(model.tokenizer, p, chat) for p in prompts]
+        for b, ids in enumerate(self.ids):
+            if not ids:
+                raise ValueError(f"prompt {b} is empty" if len(prompts) > 1 else "the prompt is empty")
+            model.check_token_ids(ids)
+        self.single = single
+        B = len(self.ids)
+
+        def rows(name, v, dtype, ok, allowed):
+            v = list(v) if isinstance(v, (list, tuple)) else [v] * B
+            if len(v) != B:
+                raise ValueError(f"{len(v)} per-sequence {name} values for {B} prompts")
+            for x in v:
+                if isinstance(x, bool) or not ok(x):
+                    raise ValueError(f"{name} must be {allowed}, got {x!r}")
+            return torch.tensor(v, dtype=dtype)
+
+        real = lambda x: isinstance(x, numbers.Real)  # noqa: E731
+        self.temperature = rows("temperature", temperature, torch.float32,
+                                lambda x: real(x) and math.isfinite(x) and x >= 0, "a finite number >= 0 (0: greedy)")
+        self.top_k = rows("top_k", top_k, torch.long, lambda x: isinstance(x, numbers.Integral) and x >= 0,
+                          "an int >= 0 (0: no top-k cut)")
+        self.top_p = rows("top_p", top_p, torch.float32, lambda x: real(x) and 0 < x <= 1, "in (0, 1]")
+        need = max(len(i) for i in self.ids) + max_new_tokens
+        if max_len is not None and need > max_len:
+            raise ValueError(f"a prompt of {max(len(i) for i in self.ids)} tokens plus max_new_tokens="
+                             f"{max_new_tokens} needs {need} cache positions, past max_len={max_len}")
+        cal = load_calibration(model) if calibration == "auto" else calibration
+        self.budgets = Budgets(model, B, budget, exit_layer, ms_per_token, cal)  # validates before any allocation
+        # the engine (its cache) is allocated when the generation starts, inside the time to first token
+        self.engine, self._engine_args = None, (B, max_len or need, native)
+        stop_ids = stop_token_ids(model, stop_tokens)
+        stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
+        self.seqs = [Sequence(model.tokenizer, max_new_tokens, stop_ids, stop_strings) for _ in range(B)]
+        self.gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (1 << 63))
+        self.step_index = 0
+        self.t_first = None
+        self.t_end = None
+
+    def set_budget(self, budget):
+        """Changes the budget from the next token on (a number, per-sequence list, schedule or callable).
+        A value that does not resolve to exits for the next token raises; the generation is then unchanged."""
+        self.budgets.set(budget, self.step_index)
+
+    # per-sequence views (tests and callers read them)
+    generated = property(lambda self: [q.tokens for q in self.seqs])
+    exit_layers = property(lambda self: [q.exit_layers for q in self.seqs])
+    done = property(lambda self: [q.done for q in self.seqs])
+
+    def _advance(self) -> list:
+        """One token for every unfinished row; returns the new text of each row."""
+        e = self.engine
+        exits = self.budgets.exits(self.step_index)
+        # finished rows stay idle (exit 0: no layer runs for them)
+        exits = [0 if self.done[b] else exits[b] for b in range(e.B)]
+        uniform = torch.rand(e.B, generator=self.gen)
+        if self.step_index == 0:
+            nxt = e.prefill_step(exits, self.temperature, self.top_k, self.top_p, uniform)
+        else:
+            e.catch_up(exits)
+            nxt = e.step(exits, self.temperature, self.top_k, self.top_p, uniform)
+        pieces = [""] * e.B
+        for b, q in enumerate(self.seqs):
+            if not q.done:
+                pieces[b] = q.add(int(nxt[b]), exits[b])
+                if not q.done:
+                    e.append(b, q.tokens[-1])
+        if self.step_index == 0:
+            self.t_first = time.perf_counter()
+        self.step_index += 1
+        return pieces
+
+    def prefill(self):
+        """Loads the prompts; the first call of _advance runs them through the model."""
+        B, max_len, native = self._engine_args
+        self.engine = Engine(self.model, B, max_len, native=native)
+        self.engine.add_prompts(self.ids)
+
+    def __iter__(self):
+        self.prefill()
+        while not all(self.done):
+            pieces = self._advance()  # the first call also sets t_first
+            yield pieces[0] if self.single else pieces
+        self.t_end = time.perf_counter()
+
+    def run(self):
+        for _ in self:
+            pass
+        return self.result()
+
+    def result(self):
+        end = self.t_end or time.perf_counter()
+        outs = []
+        for b, q in enumerate(self.seqs):
+            decode_s = end - self.t_first if self.t_first else 0.0
+            outs.append(GenerationOutput(
+                text=q.text, tokens=list(q.tokens), exit_layers=list(q.exit_layers),
+                tokens_per_second=(max(self.step_index - 1, 0) / decode_s) if decode_s > 0 else float("nan"),
+                time_to_first_token=(self.t_first - self.t_start) if self.t_first else float("nan"),
+                prompt_tokens=len(self.ids[b]), finish_reason=q.finish, notes=list(self.budgets.notes[b])))
+        return outs[0] if self.single else outs
+
+
+@torch.no_grad()
+def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, max_new_tokens: int = 128,
+             temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None, stop_tokens=None, chat=None,
+             stream: bool = False, max_len=None, native=None, calibration="auto"):
+    """Generates from one prompt (or a list of prompts, as one batch) at the exit the budget buys.
+
+    budget: in (0, 1], a number, a per-sequence list, a schedule {from_step: budget} or a callable
+    step -> budget (the exit may change from token to token). Or exit_layer=k, or
+    ms_per_token=x (needs a calibration). temperature 0 is greedy; top_k, top_p and seed for
+    sampling; stop: strings that end a sequence (not included); stop_tokens: ids (default: the
+    model's end-of-sequence tokens); chat: wrap a string prompt in the tokenizer's chat template
+    (default: when it has one). stream=True returns a Generation to iterate for text pieces (its
+    set_budget() changes the budget mid-generation); otherwise a GenerationOutput (a list for a
+    list of prompts).
+    """
+    if not isinstance(prompt, (str, list, tuple)):
+        raise _prompt_type_error(prompt)
+    if not prompt and not isinstance(prompt, str):
+        raise ValueError("no prompts given")
+    single = isinstance(prompt, str) or _is_token_ids(prompt)
+    prompts = [prompt] if single else list(prompt)
+    g = Generation(model, prompts, single, budget=budget, exit_layer=exit_layer, ms_per_token=ms_per_token,
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   stop=stop, stop_tokens=stop_tokens, chat=chat, max_len=max_len, native=native,
+                   calibration=calibration)
+    if stream:
+        return g
+    return g.run()
+
+
+@torch.no_grad()
+def calibrate(model, tokens: int = 32, context: int = 64, repeats: int = 3, path=None, progress: bool = True) -> dict:
+    """Measures each exit's (and the full model's) decode milliseconds per token on this machine at
+    batch 1 and saves them (default: the cache directory) for budgets and latency targets."""
+    from tqdm.auto import tqdm
+
+    prompt = list(range(100, 100 + context))
+    ms = {}
+    depths = list(model.exits) + [model.num_layers]
+    for k in tqdm(depths, desc="calibrating", disable=not progress):
+        best = float("inf")
+        for _ in range(repeats):
+            out = generate(model, prompt, exit_layer=k, max_new_tokens=tokens, stop_tokens=[], calibration=None)
+            best = min(best, 1000.0 / out.tokens_per_second)
+        ms[str(k)] = best
+    cal = dict(model=model.name, ms_per_token=ms, threads=torch.get_num_threads(), context=context,
+               measured=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    p = Path(path) if path is not None else calibration_path(model)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(cal, indent=2)))
+    return cal

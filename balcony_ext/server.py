@@ -1,0 +1,349 @@
+"""`balcony serve`: an OpenAI-compatible HTTP server where every request carries its own budget.
+
+    balcony serve [--model DIR] [--exits-file FILE] [--host 127.0.0.1] [--port 8000] [--slo-ms-per-token X]
+
+POST /v1/completions and /v1/chat/completions (OpenAI's request and response shapes, streaming as
+server-sent events), GET /v1/models, /health and /metrics (Prometheus). Beyond OpenAI's fields a
+request may give `budget` (in (0, 1]), `exit_layer` or `max_ms_per_token`, `min_budget` (the floor
+under load) and `top_k`; the OpenAI client passes them with `extra_body`. Responses add `exit_layers`
+(the exit of every generated token) and `exits` (tokens per exit). All requests run on one
+continuous-batching Batcher in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict
+
+from .batcher import Batcher, Request
+from .generate import encode_prompt
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = 0
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: dict | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    # beyond OpenAI
+    budget: float | None = None
+    exit_layer: int | None = None
+    max_ms_per_token: float | None = None
+    min_budget: float | None = None
+
+
+class CompletionBody(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | None = None
+
+
+class ChatBody(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def _error(status, message, param=None, code=None, kind="invalid_request_error"):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+class Metrics:
+    """Prometheus metrics: the batcher's state read at scrape time, latencies observed per token."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("balcony_time_to_first_token_seconds", "From request arrival to its first token",
+                              buckets=buckets, registry=self.registry)
+        self.itl = Histogram("balcony_inter_token_latency_seconds", "Between consecutive tokens of a request",
+                             buckets=buckets, registry=self.registry)
+        self.window = []  # (time, generated tokens) samples for tokens/s
+
+    def collect(self):
+        b = self.batcher
+        now = time.monotonic()
+        self.window = [(t, n) for t, n in self.window if now - t < 10.0] + [(now, b.generated_tokens)]
+        t0, n0 = self.window[0]
+        rate = (b.generated_tokens - n0) / (now - t0) if now > t0 else 0.0
+        yield GaugeMetricFamily("balcony_queue_depth", "Requests waiting for a cache row", value=len(b.waiting))
+        yield GaugeMetricFamily("balcony_running_sequences", "Sequences in the running batch", value=b.running)
+        yield GaugeMetricFamily("balcony_tokens_per_second", "Generated tokens per second over the last 10 s",
+                                value=rate)
+        yield GaugeMetricFamily("balcony_step_seconds", "Decode step time (exponential average)",
+                                value=b.step_ema_s or 0.0)
+        per_exit = CounterMetricFamily("balcony_generated_tokens", "Generated tokens by exit depth", labels=["exit"])
+        for k, n in b.tokens_by_exit.items():
+            per_exit.add_metric([str(k)], n)
+        yield per_exit
+        moves = CounterMetricFamily("balcony_controller_moves", "Load-controller exit moves", labels=["direction"])
+        for d, n in b.moves.items():
+            moves.add_metric([d], n)
+        yield moves
+        finished = CounterMetricFamily("balcony_requests_finished", "Finished requests by how they ended",
+                                       labels=["reason"])
+        for reason, n in b.finished.items():
+            finished.add_metric([reason], n)
+        yield finished
+
+
+def create_app(model, batcher: Batcher, model_id: str | None = None) -> FastAPI:
+    """The FastAPI app serving `model` through `batcher` (started and drained with the app)."""
+    model_id = model_id or model.name
+    metrics = Metrics(batcher)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await asyncio.to_thread(batcher.drain)  # shutdown: admit nothing new, finish what runs
+        batcher.stop()
+
+    app = FastAPI(title="balcony_ext", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
+        return _error(400, f"invalid request: {param or 'body'}: {first.get('msg', 'invalid')}", param=param)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return _error(exc.status, exc.message, exc.param, exc.code, exc.kind)
+
+    @app.get("/health")
+    async def health():
+        if batcher.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok", "running": batcher.running, "waiting": len(batcher.waiting)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry).decode(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "balcony_ext", "exits": list(model.exits),
+                                            "num_layers": model.num_layers}]}
+
+    def request_from(body: _Common, ids: list, max_tokens: int | None) -> Request:
+        if body.model is not None and body.model != model_id:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_id!r}",
+                           param="model", code="model_not_found")
+        if body.n not in (None, 1):
+            raise APIError(400, f"n={body.n} is not supported: one choice per request", param="n")
+        if max_tokens is not None and max_tokens <= 0:
+            raise APIError(400, f"max_tokens must be positive, got {max_tokens}", param="max_tokens")
+        if max_tokens is None:
+            max_tokens = max(1, batcher.max_len - len(ids))
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return Request(ids, max_new_tokens=max_tokens, budget=body.budget, exit_layer=body.exit_layer,
+                       ms_per_token=body.max_ms_per_token, min_budget=body.min_budget,
+                       temperature=1.0 if body.temperature is None else body.temperature,
+                       top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
+                       stop=stop)
+
+    async def run(http: HTTPRequest, req: Request, stream: bool, shape):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        last = [None]
+
+        def on_piece(r, piece, token):
+            now = time.perf_counter()
+            if last[0] is None:
+                metrics.ttft.observe(now - r.t_submit)
+            else:
+                metrics.itl.observe(now - last[0])
+            last[0] = now
+            loop.call_soon_threadsafe(events.put_nowait, ("piece", piece, r.exit_layers[-1]))
+
+        req.on_piece = on_piece
+        req.on_done = lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", None, None))
+        try:
+            batcher.submit(req)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        except RuntimeError as exc:
+            raise APIError(503, str(exc), kind="server_error", code="shutting_down") from None
+        if stream:
+            return StreamingResponse(shape.stream(req, events, batcher), media_type="text/event-stream")
+        while True:  # the answer in one piece; a client that goes away cancels its request
+            try:
+                kind, _, _ = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    batcher.cancel(req)
+                    return JSONResponse({}, status_code=499)
+                continue
+            if kind == "done":
+                break
+        if req.error:
+            raise APIError(500, f"generation failed: {req.error}", kind="server_error")
+        return shape.full(req)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest):
+        if body.echo or body.logprobs or (body.best_of or 1) > 1:
+            raise APIError(400, "echo, logprobs and best_of > 1 are not supported", param="echo")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, f"{len(prompt)} prompts in one request: send one prompt per request",
+                               param="prompt")
+            prompt = prompt[0]
+        try:
+            ids = encode_prompt(model.tokenizer, prompt, chat=False)
+        except (TypeError, ValueError) as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+        req = request_from(body, ids, 16 if body.max_tokens is None else body.max_tokens)
+        return await run(http, req, bool(body.stream), _Shape("text_completion", model_id, body, len(ids)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, http: HTTPRequest):
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported", param="logprobs")
+        tok = model.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+        if not body.messages:
+            raise APIError(400, "messages is empty", param="messages")
+        msgs = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+        try:
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # the template's own complaint (e.g. roles out of order)
+            raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        req = request_from(body, list(ids), max_tokens)
+        return await run(http, req, bool(body.stream), _Shape("chat.completion", model_id, body, len(ids)))
+
+    return app
+
+
+class _Shape:
+    """OpenAI's response and stream-chunk shapes for completions and chat completions."""
+
+    def __init__(self, kind, model_id, body, prompt_tokens):
+        self.kind, self.model_id, self.body, self.prompt_tokens = kind, model_id, body, prompt_tokens
+        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def usage(self, req):
+        n = len(req.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+    @staticmethod
+    def exits(req):
+        counts = {}
+        for k in req.exit_layers:
+            counts[str(k)] = counts.get(str(k), 0) + 1
+        return counts
+
+    def full(self, req):
+        if self.kind == "chat.completion":
+            choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
+                      "finish_reason": req.finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": req.text, "finish_reason": req.finish_reason, "logprobs": None}
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model_id,
+                "choices": [choice], "usage": self.usage(req), "exit_layers": list(req.exit_layers),
+                "exits": self.exits(req), "notes": list(req.notes)}
+
+    def chunk(self, text=None, finish=None, exit_layer=None, first=False):
+        if self.kind == "chat.completion":
+            delta = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model_id, "choices": [choice]}
+        if exit_layer is not None:
+            out["exit_layer"] = exit_layer
+        return out
+
+    async def stream(self, req, events, batcher):
+        import json
+
+        def sse(obj):
+            return f"data: {json.dumps(obj)}\n\n"
+
+        first, finished = True, False
+        try:
+            while True:
+                kind, piece, exit_layer = await events.get()
+                if kind == "done":
+                    finished = True
+                    break
+                if piece or first:
+                    yield sse(self.chunk(piece, exit_layer=exit_layer, first=first))
+                    first = False
+            if req.error:
+                yield sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error",
+                                     "param": None, "code": None}})
+                return
+            last = self.chunk(finish=req.finish_reason)
+            last["exit_layers"], last["exits"] = list(req.exit_layers), self.exits(req)
+            yield sse(last)
+            if (self.body.stream_options or {}).get("include_usage"):
+                tail = self.chunk()
+                tail["choices"], tail["usage"] = [], self.usage(req)
+                yield sse(tail)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # the client went away mid-stream: free its row now
+                batcher.cancel(req)
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_len: int | None = None,
+          prefill_chunk: int = 256, slo_ms_per_token: float | None = None, log_level: str = "info"):
+    """Serves `model` until SIGINT/SIGTERM (then: no new requests, the running ones finish)."""
+    import uvicorn
+
+    from .weights import native_weights
+
+    max_len = max_len or min(2048, native_weights(model).max_positions)
+    batcher = Batcher(model, max_batch=max_batch, max_len=max_len, prefill_chunk=prefill_chunk,
+                      slo_ms_per_token=slo_ms_per_token)
+    app = create_app(model, batcher)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,165 @@
+"""Continuous batching (balcony_ext.batcher): exactness against generate() alone, chunked prefill,
+cancellation, the load controller and bad requests."""
+
+import time
+
+import pytest
+import torch
+
+import balcony_ext as bx
+from balcony_ext.batcher import Batcher, Request
+from balcony_ext.model import attach
+from tiny_models import tiny_balcony
+
+L = 6
+EXITS = [2, 4]
+
+
+def _model():
+    m = tiny_balcony("llama", seed=0, layers=L, initializer_range=0.2)
+    attach(m, EXITS, init="random", seed=1)
+    return m
+
+
+def _ids(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 250, (n,), generator=g).tolist()
+
+
+def _alone(m, req):
+    return bx.generate(m, req.prompt_ids, exit_layer=req.target_exit, max_new_tokens=req.max_new_tokens,
+                       temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop_tokens=[],
+                       calibration=None)
+
+
+def test_continuous_batching_equals_each_request_alone(cpu_capability):
+    m = _model()
+    b = Batcher(m, max_batch=5, max_len=64, prefill_chunk=64, calibration=None)
+    specs = []
+    for i in range(18):
+        kw = [dict(budget=1.0), dict(exit_layer=2), dict(exit_layer=4), dict(budget=0.3)][i % 4]
+        sampled = dict(temperature=0.9, top_k=20, top_p=0.9, seed=100 + i) if i % 3 == 2 else {}
+        specs.append(Request(_ids(3 + (7 * i) % 13, seed=i), max_new_tokens=4 + (5 * i) % 9, stop_tokens=[],
+                             **kw, **sampled))
+    reqs, arrivals = [], {0: 6, 2: 4, 3: 3, 7: 5}  # iteration -> requests arriving then
+    it = 0
+    while len(reqs) < len(specs) or b.busy:
+        for _ in range(arrivals.get(it, 0)):
+            reqs.append(b.submit(specs[len(reqs)]))
+        b.iterate()
+        it += 1
+        assert b.running <= 5
+    assert b.cache.rows_in_use == 0
+    for r in reqs:
+        alone = _alone(m, r)
+        assert r.tokens == alone.tokens, f"request {r.id}"
+        assert r.exit_layers == alone.exit_layers
+        assert r.finish_reason == "length"
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps():
+    m = _model()
+    b = Batcher(m, max_batch=3, max_len=96, prefill_chunk=8, calibration=None)
+    short = b.submit(Request(_ids(4, 1), max_new_tokens=20, stop_tokens=[]))
+    b.iterate()  # the short request is running
+    long_ = b.submit(Request(_ids(40, 2), max_new_tokens=5, stop_tokens=[]))
+    steps_before_first = 0
+    while long_.t_first is None:
+        b.iterate()
+        steps_before_first += 1
+        assert len(short.tokens) == 2 + steps_before_first  # the short one never stalls
+    assert steps_before_first == 5  # 40 tokens in chunks of 8
+    while b.busy:
+        b.iterate()
+    assert short.tokens == _alone(m, short).tokens
+    # chunks attend over the cache instead of one causal pass: the same tokens (and logits to rounding)
+    assert long_.tokens == _alone(m, long_).tokens
+
+
+def test_cancel_frees_the_row_and_the_next_request_is_served():
+    m = _model()
+    b = Batcher(m, max_batch=1, max_len=64, calibration=None)
+    done = []
+    a = b.submit(Request(_ids(5, 3), max_new_tokens=50, stop_tokens=[], on_done=done.append))
+    nxt = b.submit(Request(_ids(6, 4), max_new_tokens=3, stop_tokens=[]))
+    for _ in range(3):
+        b.iterate()
+    assert b.cache.rows_in_use == 1 and nxt.state == "waiting"
+    b.cancel(a)
+    b.iterate()
+    assert done == [a] and a.finish_reason == "cancelled" and a.wait(0)
+    while b.busy:
+        b.iterate()
+    assert nxt.tokens == _alone(m, nxt).tokens
+    assert b.cache.rows_in_use == 0 and not b.rows
+    waiting = b.submit(Request(_ids(4, 5), max_new_tokens=3, stop_tokens=[]))
+    b.cancel(waiting)  # still waiting: done at once
+    assert waiting.state == "done" and not b.busy
+
+
+def test_load_controller_lowers_exits_under_load_and_restores_them(monkeypatch):
+    m = _model()
+    b = Batcher(m, max_batch=2, max_len=200, slo_ms_per_token=20, calibration=None)
+    slow = {"on": True}
+    step = b.engine.step
+
+    def slowed(*args, **kwargs):
+        if slow["on"]:
+            time.sleep(0.04)  # twice the target
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(b.engine, "step", slowed)
+    floor = b.submit(Request(_ids(5, 6), max_new_tokens=150, stop_tokens=[], budget=1.0, min_budget=0.01))
+    fixed = b.submit(Request(_ids(7, 7), max_new_tokens=150, stop_tokens=[], budget=1.0))  # no floor: never lowered
+    for _ in range(30):
+        b.iterate()
+    assert floor.exit == 2 and fixed.exit == L
+    assert set(floor.exit_layers) == {L, 4, 2}
+    slow["on"] = False
+    for _ in range(40):
+        b.iterate()
+    assert floor.exit == L and b.moves["down"] >= 2 and b.moves["up"] >= 2
+    while b.busy:
+        b.iterate()
+    # every move was exact: the tokens are those of generate() with the same exit per step
+    alone = bx.generate(m, floor.prompt_ids, exit_layer=lambda s: floor.exit_layers[s], max_new_tokens=150,
+                        stop_tokens=[], calibration=None)
+    assert floor.tokens == alone.tokens
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(prompt_ids=[]), "empty"),
+    (dict(max_new_tokens=0), "max_tokens"),
+    (dict(max_new_tokens=60), "past the context"),
+    (dict(budget=1.5), r"\(0, 1\]"),
+    (dict(budget=0.0), r"\(0, 1\]"),
+    (dict(exit_layer=3), "not attached"),
+    (dict(budget=0.5, exit_layer=2), "one of"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(prompt_ids=[5, 10_000]), "vocabulary"),
+    (dict(ms_per_token=5.0), "calibrat"),
+])
+def test_bad_requests_are_refused_and_nothing_is_queued(kw, match):
+    m = _model()
+    b = Batcher(m, max_batch=2, max_len=32, calibration=None)
+    args = dict(prompt_ids=_ids(5, 0), max_new_tokens=4) | kw
+    with pytest.raises(ValueError, match=match):
+        b.submit(Request(**args))
+    assert not b.busy
+
+
+def test_background_thread_and_drain():
+    m = _model()
+    b = Batcher(m, max_batch=2, max_len=64, calibration=None).start()
+    try:
+        reqs = [b.submit(Request(_ids(4 + i, i), max_new_tokens=6, stop_tokens=[], budget=[1.0, 0.3][i % 2]))
+                for i in range(5)]
+        assert b.drain(timeout=60)
+        assert all(r.wait(0) for r in reqs)
+        with pytest.raises(RuntimeError, match="shutting down"):
+            b.submit(Request(_ids(4, 9), max_new_tokens=2))
+    finally:
+        b.stop()
+    for r in reqs:
+        assert r.tokens == _alone(m, r).tokens

@@ -1,0 +1,226 @@
+"""`balcony serve`: a real server on 127.0.0.1 and the `openai` client against it (a tiny model)."""
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx  # the HTTP client the openai package is built on
+import openai
+import pytest
+import uvicorn
+import balcony_ext as bx
+from balcony_ext.batcher import Batcher
+from balcony_ext.budgets import choose_exit
+from balcony_ext.model import attach
+from tiny_models import tiny_chat_balcony
+
+
+L = 6
+EXITS = [2, 4]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model, **batcher_kw):
+        from balcony_ext.server import create_app
+
+        self.batcher = Batcher(model, calibration=None, **batcher_kw)
+        self.app = create_app(model, self.batcher)
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        end = time.time() + 30
+        while not self.server.started:
+            assert time.time() < end, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def close(self):
+        self.server.should_exit = True  # what uvicorn's SIGTERM handler does
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_chat_balcony(seed=0, layers=L, initializer_range=0.2)
+    attach(m, EXITS, init="random", seed=1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    s = Server(model, max_batch=4, max_len=128)
+    yield s
+    s.close()
+
+
+def _alone(model, prompt, chat, **kw):
+    return bx.generate(model, prompt, chat=chat, calibration=None, **kw)
+
+
+def test_completion_and_chat_completion(server, model):
+    c = server.client
+    r = c.completions.create(model=model.name, prompt="Hello there", max_tokens=8, temperature=0,
+                             extra_body={"budget": 0.6})
+    k, _ = choose_exit(model, 0.6)
+    alone = _alone(model, "Hello there", False, budget=0.6, max_new_tokens=8)
+    assert r.choices[0].text == alone.text
+    assert r.model_extra["exit_layers"] == alone.exit_layers == [k] * len(alone.tokens)
+    assert r.usage.completion_tokens == len(alone.tokens) and r.usage.prompt_tokens == 11
+    assert r.choices[0].finish_reason == alone.finish_reason
+
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    r = c.chat.completions.create(model=model.name, messages=msgs, max_tokens=12, temperature=0,
+                                  extra_body={"exit_layer": 2})
+    alone = _alone(model, "Why is the sky blue?", True, exit_layer=2, max_new_tokens=12)
+    assert r.choices[0].message.content == alone.text and r.choices[0].message.role == "assistant"
+    assert r.model_extra["exits"] == {"2": len(alone.tokens)}
+    assert c.models.list().data[0].id == model.name
+
+
+def test_streaming(server, model):
+    c = server.client
+    pieces, exits = [], []
+    for chunk in c.completions.create(model=model.name, prompt="Stream me", max_tokens=10, temperature=0,
+                                      stream=True, extra_body={"budget": 1.0}):
+        pieces.append(chunk.choices[0].text)
+        if chunk.model_extra.get("exit_layer") is not None:
+            exits.append(chunk.model_extra["exit_layer"])
+        last = chunk
+    alone = _alone(model, "Stream me", False, max_new_tokens=10)
+    assert "".join(pieces) == alone.text and last.choices[0].finish_reason == alone.finish_reason
+    assert set(exits) == {L}
+    chunks = list(c.chat.completions.create(model=model.name, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    alone = _alone(model, "Hi", True, max_new_tokens=6)
+    assert text == alone.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == len(alone.tokens)
+
+
+def test_concurrent_clients_equal_each_request_alone(server, model):
+    # 16 clients, different budgets, prompts, lengths and arrival times, on 4 cache rows
+    budgets = [1.0, 0.3, {"exit_layer": 4}, 0.6]
+    jobs = []
+    for i in range(16):
+        b = budgets[i % 4]
+        extra = b if isinstance(b, dict) else {"budget": b}
+        jobs.append((f"Question number {i}: " + "why " * (i % 5), 5 + (3 * i) % 11, extra, 0.02 * (i % 7)))
+
+    def call(job):
+        prompt, n, extra, delay = job
+        time.sleep(delay)
+        r = server.client.completions.create(model=model.name, prompt=prompt, max_tokens=n, temperature=0,
+                                             extra_body=extra)
+        return r.choices[0].text, r.model_extra["exit_layers"]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, jobs))
+    for (prompt, n, extra, _), (text, exit_layers) in zip(jobs, results):
+        kw = {"exit_layer": extra["exit_layer"]} if "exit_layer" in extra else {"budget": extra["budget"]}
+        alone = _alone(model, prompt, False, max_new_tokens=n, **kw)
+        assert text == alone.text and exit_layers == alone.exit_layers
+    assert server.batcher.cache.rows_in_use == 0
+
+
+def _slow_steps(monkeypatch, batcher, seconds):
+    step = batcher.engine.step
+
+    def slowed(*args, **kwargs):
+        time.sleep(seconds)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(batcher.engine, "step", slowed)
+
+
+def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeypatch):
+    _slow_steps(monkeypatch, server.batcher, 0.02)  # 100 tokens would take 2 s
+    cancelled = server.batcher.finished["cancelled"]
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        with h.stream("POST", "/v1/completions", json={"prompt": "go on", "max_tokens": 100, "temperature": 0,
+                                                       "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data:"):
+                    break  # one chunk, then hang up
+    end = time.time() + 10
+    while server.batcher.cache.rows_in_use and time.time() < end:
+        time.sleep(0.02)
+    assert server.batcher.cache.rows_in_use == 0 and not server.batcher.rows
+    assert server.batcher.finished["cancelled"] == cancelled + 1
+    r = server.client.completions.create(prompt="next", max_tokens=3, temperature=0, model=model.name)
+    assert r.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "no-such-model", "prompt": "x"}, 404, "does not exist"),
+    ({"prompt": "x", "budget": 1.5}, 400, "(0, 1]"),
+    ({"prompt": "x", "budget": 0}, 400, "(0, 1]"),
+    ({"prompt": "x", "exit_layer": 3}, 400, "not attached"),
+    ({"prompt": "x " * 200, "max_tokens": 8}, 400, "past the context"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ({"prompt": "x", "n": 2}, 400, "n=2"),
+    ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ({"prompt": ""}, 400, "empty"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"max_tokens": 3}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(server, model, body, status, needle):
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        if isinstance(body, bytes):
+            r = h.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            r = h.post("/v1/completions", json=body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert needle in err["message"] and err["type"]
+        ok = h.post("/v1/completions", json={"prompt": "still there?", "max_tokens": 2, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_health_and_metrics(server, model):
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        assert h.get("/health").json()["status"] == "ok"
+        h.post("/v1/completions", json={"prompt": "count me", "max_tokens": 4, "temperature": 0, "exit_layer": 2})
+        text = h.get("/metrics").text
+    for name in ("balcony_queue_depth", "balcony_running_sequences", "balcony_tokens_per_second",
+                 "balcony_time_to_first_token_seconds_bucket", "balcony_inter_token_latency_seconds_count"):
+        assert name in text
+    line = next(l for l in text.splitlines() if l.startswith('balcony_generated_tokens_total{exit="2"}'))
+    assert float(line.split()[-1]) >= 4
+
+
+def test_shutdown_finishes_running_requests_and_refuses_new_ones(model, monkeypatch):
+    s = Server(model, max_batch=2, max_len=256)
+    _slow_steps(monkeypatch, s.batcher, 0.005)  # 120 tokens take about 0.6 s
+    got = {}
+
+    def long_request():
+        r = s.client.completions.create(model=model.name, prompt="long", max_tokens=120, temperature=0,
+                                        extra_body={"exit_layer": 2})
+        got["r"] = r
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    end = time.time() + 20
+    while not s.batcher.rows and time.time() < end:
+        time.sleep(0.01)
+    assert s.batcher.running == 1
+    s.close()  # SIGTERM: stop admitting, finish the running request, exit
+    t.join(30)
+    assert got["r"].usage.completion_tokens == len(_alone(model, "long", False, exit_layer=2,
+                                                          max_new_tokens=120).tokens)
+    assert not s.thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(s.url + "/health", timeout=2)
