@@ -7,6 +7,7 @@
     balcony calibrate                              measure each exit's ms/token on this machine
     balcony bench                                  decode tokens/s per exit beside Hugging Face
     balcony demo                                   one prompt at several budgets, with the shipped exits
+    balcony serve --port 8000                      an OpenAI-compatible server, a budget per request
 
 --model is a local Hugging Face checkpoint directory; without it the bundled default
 (SmolLM2-135M-Instruct) is used.
@@ -192,6 +193,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        print(f"balcony serve: {exc.name} is missing: pip install 'balcony_ext[serve]'", file=sys.stderr)
+        return 2
+    model = _load(args, exits=args.exits_file)
+    print(f"serving {model.name} ({model.num_layers} layers, exits {model.exits}) at http://{args.host}:{args.port}/v1")
+    serve(model, host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len,
+          prefill_chunk=args.prefill_chunk, slo_ms_per_token=args.slo_ms_per_token)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="balcony", description="Balcony: one causal LM served at many speeds.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -269,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=32)
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server where every request carries a budget")
+    serve_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache rows)")
+    s.add_argument("--max-len", type=int, default=None, help="positions per sequence (default: 2048 or the model's)")
+    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
+    s.add_argument("--slo-ms-per-token", type=float, default=None,
+                   help="target step time: under load, requests that allow it (min_budget) move to cheaper exits")
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the default model with its shipped exits, one prompt at several budgets")
     d.add_argument("--model", default=None, help=argparse.SUPPRESS)
