@@ -9,7 +9,8 @@ One `iterate()` is one token boundary: waiting requests take free cache rows; pr
 chunks of at most `prefill_chunk` tokens per iteration, each on its own row (`Engine.row`) as if it
 ran alone; then every running sequence decodes one token at its own exit in one batched step
 (`Engine.step`, the mixed-exit native step), after the KV catch-up of the rows whose exit moved.
-Finished and cancelled requests free their rows at once. A prompt that fits in one chunk, its first
+Finished and cancelled requests free their rows at once; the rows in use are kept at the front of
+the cache (the last one moves into a freed row), so a step computes only the rows in use. A prompt that fits in one chunk, its first
 token and every later token are computed exactly as `bx.generate` computes them for that prompt alone
 (greedy and seeded sampling give the same tokens).
 
@@ -123,6 +124,7 @@ class Batcher:
         self.cooldown = 0
         self.tokens_by_exit = {k: 0 for k in self.ladder}
         self.steps = 0
+        self.row_moves = 0  # sequences moved to the front of the cache
         self.generated_tokens = 0
         self.moves = {"down": 0, "up": 0}
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests, by how they ended
@@ -246,20 +248,21 @@ class Batcher:
         reqs = [r for r in self.rows.values() if r.state == "decode"]
         if not reqs:
             return
-        B = self.cache.B
-        exits = [0] * B
-        temperature, top_k, top_p = torch.zeros(B), torch.zeros(B, dtype=torch.long), torch.ones(B)
-        uniform = torch.full((B,), 0.5)
+        n = self.cache.rows_in_use  # the rows in use are 0..n-1 (_finish keeps them at the front)
+        exits = [0] * n
+        temperature, top_k, top_p = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n)
+        uniform = torch.full((n,), 0.5)
         for r in reqs:
             exits[r.row] = r.exit
             temperature[r.row], top_k[r.row], top_p[r.row] = r.temperature, r.top_k, r.top_p
             uniform[r.row] = torch.rand(1, generator=r._gen)[0]
         t0 = time.perf_counter()
-        self.engine.catch_up(exits)
-        nxt = self.engine.step(exits, temperature, top_k, top_p, uniform)
+        engine = self.engine.prefix(n)
+        engine.catch_up(exits)
+        nxt = engine.step(exits, temperature, top_k, top_p, uniform)
         self._observe(time.perf_counter() - t0)
-        for r in reqs:
-            self._take(r, int(nxt[r.row]))
+        for r, token in [(r, int(nxt[r.row])) for r in reqs]:  # (taking one may move another's row)
+            self._take(r, token)
         self.steps += 1
         self._control()
 
@@ -280,6 +283,12 @@ class Batcher:
         if req.row >= 0 and self.rows.get(req.row) is req:
             del self.rows[req.row]
             self.cache.free(req.row)
+            last = self.cache.rows_in_use  # the rows in use stay 0..n-1: the last one fills the gap
+            if req.row < last:
+                moved = self.rows.pop(last)
+                self.cache.move(last, req.row)
+                moved.row, self.rows[req.row] = req.row, moved
+                self.row_moves += 1
         req.state, req.t_done = "done", time.perf_counter()
         self.finished[req.finish_reason] += 1
         if req.on_done is not None:

@@ -92,6 +92,16 @@ class Engine:
         as it would for that sequence generated alone)."""
         return Engine(self.model, 1, self.S, native=self.native, cache=self.cache.row(b))
 
+    def prefix(self, n: int) -> "Engine":
+        """An engine for the first n rows, over a view of this engine's cache (kept for reuse): a step
+        computes only the rows in use when they are kept at the front."""
+        if n == self.B:
+            return self
+        cached = self.__dict__.setdefault("_prefixes", {})
+        if n not in cached:
+            cached[n] = Engine(self.model, n, self.S, native=self.native, cache=self.cache.rows(0, n))
+        return cached[n]
+
     @property
     def kv_len(self) -> torch.Tensor:
         return self.cache.kv_len

@@ -30,16 +30,20 @@ class KVCache:
         self.in_use = [False] * batch
         self._masks = {}
 
-    def row(self, b: int) -> "KVCache":
-        """A one-row cache viewing row b's storage (writes go to this cache)."""
+    def rows(self, begin: int, end: int) -> "KVCache":
+        """A cache viewing rows begin..end-1 of this one's storage (writes go to this cache)."""
         view = KVCache.__new__(KVCache)
-        view.L, view.exits, view.B, view.S = self.L, self.exits, 1, self.S
-        view.k = [t[b:b + 1] for t in self.k]
-        view.v = [t[b:b + 1] for t in self.v]
-        view.kept = [t[b:b + 1] for t in self.kept]
-        view.kv_len, view.tokens, view.length = self.kv_len[:, b:b + 1], self.tokens[b:b + 1], self.length[b:b + 1]
-        view.in_use, view._masks = [self.in_use[b]], {}
+        view.L, view.exits, view.B, view.S = self.L, self.exits, end - begin, self.S
+        view.k = [t[begin:end] for t in self.k]
+        view.v = [t[begin:end] for t in self.v]
+        view.kept = [t[begin:end] for t in self.kept]
+        view.kv_len, view.tokens, view.length = self.kv_len[:, begin:end], self.tokens[begin:end], self.length[begin:end]
+        view.in_use, view._masks = self.in_use[begin:end], {}
         return view
+
+    def row(self, b: int) -> "KVCache":
+        """A one-row cache viewing row b's storage."""
+        return self.rows(b, b + 1)
 
     # -- rows
     def alloc(self) -> int:
@@ -55,6 +59,21 @@ class KVCache:
         self.kv_len[:, b] = 0
         self.length[b] = 0
         self.in_use[b] = False
+
+    def move(self, src: int, dst: int):
+        """Moves the sequence in row src (its valid entries) to the free row dst; src becomes free."""
+        if self.in_use[dst] or not self.in_use[src]:
+            raise RuntimeError(f"cannot move row {src} to row {dst}: the source must be in use and the target free")
+        n = int(self.length[src])
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
+        for t in self.kept:
+            t[dst, :n] = t[src, :n]
+        self.tokens[dst, :n] = self.tokens[src, :n]
+        self.kv_len[:, dst] = self.kv_len[:, src]
+        self.length[dst] = n
+        self.in_use[dst] = True
+        self.free(src)
 
     @property
     def rows_in_use(self) -> int:
