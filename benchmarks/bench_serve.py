@@ -15,7 +15,6 @@ Table, then a JSON line.
 import argparse
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
