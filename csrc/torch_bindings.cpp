@@ -86,9 +86,9 @@ TORCH_LIBRARY(balcony, m) {
   // One decode step of a Balcony model for one new token per sequence, in one native call: embedding,
   // base layers up to the deepest exit in use, each row's balcony layer + exit norm (or the final
   // norm at exit_of_row == L; 0 = an idle row, no layer runs), the LM head into logits [B,V], and the next tokens into next_tokens [B] (as sample_tokens).
-  // Weight lists: 14 tensors per decoder layer (input norm, q, q bias, k, k bias, v, v bias, q norm,
-  // k norm, o, post-attention norm, gate, up, down; empty tensors for absent ones), exits add their
-  // norm (15). Caches: float32 [B,Hkv,S,D] per slot (L base layers, then one per exit); kept:
+  // Weight lists: the tensors of balcony/layer_layout.h per decoder layer, in its order (input norm, q,
+  // q bias, k, k bias, v, v bias, q norm, k norm, o, post-attention norm, gate, up, down; empty tensors
+  // for absent ones; balcony_ext/weights.py names the same fields), exits add their norm. Caches: float32 [B,Hkv,S,D] per slot (L base layers, then one per exit); kept:
   // float32 [B,S,H] per exit, receives the hidden state after that depth at each row's position.
   m.def(
       "decode_step(Tensor tokens, Tensor positions, Tensor exit_of_row, int[] exit_depths, Tensor embed, "
