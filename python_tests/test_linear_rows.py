@@ -46,7 +46,7 @@ def test_linear_rows_errors():
         ops.linear_rows(x, torch.randn(3, 9))
     with pytest.raises(RuntimeError, match="x and out must be float32"):
         ops.linear_rows(x.double(), w.double())
-    with pytest.raises(RuntimeError, match="weight must be float32 or bfloat16"):
+    with pytest.raises(RuntimeError, match="weight must be float32, bfloat16 or Q8"):
         ops.linear_rows(x, w.half())
     with pytest.raises(RuntimeError, match="out must be"):
         ops.linear_rows(x, w, out=torch.empty(2, 4))
@@ -58,3 +58,57 @@ def test_linear_rows_opcheck():
     x, w, b = torch.randn(3, 40), torch.randn(9, 40), torch.randn(9)
     torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w, b, torch.empty(3, 9), False))
     torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w.bfloat16(), None, torch.empty(3, 9), True))
+
+
+# Q8 weights: K a multiple of 32; odd row counts and N, every CPU instruction set
+Q8_SHAPES = [(1, 1, 32), (1, 17, 64), (3, 769, 96), (8, 576, 1536), (9, 33, 576), (13, 127, 160)]
+
+
+@pytest.mark.parametrize("shape", Q8_SHAPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_rows_q8_matches_dequantised_reference(cpu_capability, shape, bias):
+    M, N, K = shape
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g)
+    w = ops.quantize_q8(torch.randn(N, K, generator=g))
+    b = torch.randn(N, generator=g) if bias else None
+    torch.testing.assert_close(ops.linear_rows(x, w, b), ops.reference_linear_rows(x, w, b), atol=1e-4 * K ** 0.5,
+                               rtol=1e-5)
+    acc = torch.randn(M, N, generator=g)
+    expected = acc + ops.reference_linear_rows(x, w, b)
+    ops.linear_rows(x, w, b, out=acc, accumulate=True)
+    torch.testing.assert_close(acc, expected, atol=1e-4 * K ** 0.5, rtol=1e-5)
+    for i in range(M):  # rows stay independent (bitwise)
+        assert torch.equal(ops.linear_rows(x[i:i + 1].contiguous(), w, b)[0], ops.linear_rows(x, w, b)[i])
+
+
+def test_quantize_q8_round_trip_and_layout():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 96, generator=g)
+    w[1, :32] = 0  # an all-zero block: scale 0, values 0
+    w[2, 40] = 1000.0  # one large weight sets its block's scale
+    q = ops.quantize_q8(w)
+    assert q.dtype == torch.uint8 and q.shape == (5, 96 + 6)
+    back = ops.dequantize_q8(q)
+    assert torch.equal(back[1, :32], torch.zeros(32))
+    blocks = w.reshape(5, 3, 32)
+    err = (back.reshape(5, 3, 32) - blocks).abs()
+    assert (err <= blocks.abs().amax(-1, keepdim=True) / 127 * 0.5 * 1.01 + 1e-7).all()  # half a step
+    # the layout: int8 values, then the float16 scales
+    assert torch.equal(q[:, :96].view(torch.int8).float().reshape(5, 3, 32) * q[:, 96:].view(torch.float16).float()
+                       .reshape(5, 3, 1), back.reshape(5, 3, 32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.quantize_q8(torch.randn(4, 33))
+
+
+def test_linear_rows_q8_errors():
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="whole blocks of 32"):
+        ops.linear_rows(x, torch.zeros(3, 35, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="K = 64 columns but weight has 32"):
+        ops.linear_rows(x, ops.quantize_q8(torch.randn(3, 32)))
+
+
+def test_linear_rows_q8_opcheck():
+    x, w = torch.randn(3, 64), ops.quantize_q8(torch.randn(9, 64))
+    torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w, None, torch.empty(3, 9), False))

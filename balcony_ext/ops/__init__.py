@@ -4,7 +4,7 @@ beside its plain-PyTorch reference (`reference_<op>`), which is the op's specifi
 
 from .decode_step import decode_step, decode_step_workspace
 from .decode_attention import decode_attention, reference_decode_attention
-from .linear_rows import linear_rows, reference_linear_rows
+from .linear_rows import dequantize_q8, linear_rows, quantize_q8, reference_linear_rows
 from .fused_linear_kl import fused_linear_kl, reference_fused_linear_kl
 from .rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
 from .rope_append import reference_rope_append, rope_append, rope_tables
@@ -29,6 +29,8 @@ __all__ = [
     "reference_fused_linear_kl",
     "sample_tokens",
     "linear_rows",
+    "quantize_q8",
+    "dequantize_q8",
     "reference_linear_rows",
     "reference_sample_tokens",
 ]

@@ -42,6 +42,23 @@ namespace {
 
 const float* opt_f32(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
+// A linear weight: float32 [N, K], bfloat16 [N, K], or Q8 blocks as uint8 [N, K + K/16] (balcony/dtypes.h).
+ScalarKind weight_kind(const at::Tensor& w, const char* what) {
+  if (w.scalar_type() == at::kByte) return ScalarKind::Q8;
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, what,
+              ": weight must be float32, bfloat16 or Q8 blocks (uint8), got ", w.scalar_type());
+  return w.scalar_type() == at::kFloat ? ScalarKind::F32 : ScalarKind::BF16;
+}
+
+// The weight's K (columns of x it multiplies); a Q8 row of K columns takes K + K/16 bytes.
+int64_t weight_cols(const at::Tensor& w, const char* what) {
+  if (weight_kind(w, what) != ScalarKind::Q8) return w.size(1);
+  const int64_t per_block = q8_row_bytes(kQ8Block);
+  TORCH_CHECK(w.size(1) % per_block == 0, what, ": a Q8 weight row holds whole blocks of ", kQ8Block, " columns (",
+              per_block, " bytes each), got ", w.size(1), " bytes");
+  return w.size(1) / per_block * kQ8Block;
+}
+
 void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& out,
                   const char* what) {
   BALCONY_CHECK_DEVICE(x, at::kCPU);
@@ -50,11 +67,10 @@ void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
               "2-D, got ", x.sizes(), ", ", w.sizes(), ", ", out.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, what,
               ": x and out must be float32, got ", x.scalar_type(), " and ", out.scalar_type());
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, what,
-              ": weight must be float32 or bfloat16, got ", w.scalar_type());
+  const int64_t K = weight_cols(w, what);
   TORCH_CHECK(w.is_contiguous(), what, ": weight must be contiguous");
   TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, what, ": x and out need unit stride in the last dimension");
-  TORCH_CHECK(x.size(1) == w.size(1), what, ": x has K = ", x.size(1), " columns but weight has ", w.size(1));
+  TORCH_CHECK(x.size(1) == K, what, ": x has K = ", x.size(1), " columns but weight has ", K);
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == w.size(0), what, ": out must be [", x.size(0), ", ",
               w.size(0), "], got ", out.sizes());
   if (bias.numel()) {
@@ -68,8 +84,8 @@ void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
 // out[:, :] (+)= x @ w^T (+ bias), split over the weight's rows.
 void linear_into(const float* x, int64_t x_stride, int64_t M, const at::Tensor& w, const float* bias, float* out,
                  int64_t out_stride, bool accumulate) {
-  const int64_t N = w.size(0), K = w.size(1);
-  const auto kind = cpu_scalar_kind(w, "weight");
+  const int64_t N = w.size(0), K = weight_cols(w, "weight");
+  const auto kind = weight_kind(w, "weight");
   auto kernel = BALCONY_CPU_DISPATCH(linear_rows);
   const void* wp = w.data_ptr();
   // blocks of 16 rows; enough blocks per task to amortise the hand-off
@@ -149,10 +165,12 @@ void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& k
 void check_layer(const std::vector<at::Tensor>& lw, int64_t at, const Dims& d, const char* what, int64_t index) {
   auto mat = [&](int64_t s, int64_t n, int64_t k, const char* name) {
     const at::Tensor& t = lw[at + s];
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == k && t.is_contiguous() &&
-                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+    const bool q8 = t.scalar_type() == at::kByte;
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == (q8 ? q8_row_bytes(k) : k) && t.is_contiguous() &&
+                    (q8 ? k % kQ8Block == 0 : t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
                 "decode_step: ", what, " ", index, " ", name, " must be a contiguous float32/bfloat16 [", n, ", ", k,
-                "] matrix, got ", t.scalar_type(), " ", t.sizes());
+                "] matrix or its Q8 blocks (uint8 [", n, ", ", q8_row_bytes(k), "]), got ", t.scalar_type(), " ",
+                t.sizes());
   };
   auto vec = [&](int64_t s, int64_t n, const char* name, bool optional) {
     const at::Tensor& t = lw[at + s];
@@ -221,7 +239,7 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
   d.Hkv = key_caches[0].size(1), d.S = key_caches[0].size(2), d.D = key_caches[0].size(3);
   d.Hq = base_weights[Q_PROJ].size(0) / d.D;
   d.I = base_weights[GATE_PROJ].size(0);
-  TORCH_CHECK(head.size(1) == d.H && head.is_contiguous(), "decode_step: head must be contiguous [V, ", d.H, "], got ",
+  TORCH_CHECK(weight_cols(head, "decode_step: head") == d.H && head.is_contiguous(), "decode_step: head must be contiguous [V, ", d.H, "], got ",
               head.sizes());
   TORCH_CHECK(final_norm.numel() == d.H && final_norm.scalar_type() == at::kFloat, "decode_step: final_norm must be "
               "float32 [", d.H, "]");

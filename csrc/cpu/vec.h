@@ -56,6 +56,45 @@ inline vfloat vload(const bf16_t* p) {
 #endif
   return (vfloat)u;  // same-size vector cast: reinterprets the bits
 }
+// int8 -> float: sign-extended to int32 (vpmovsxbd), then converted (vcvtdq2ps).
+// NOTE: __builtin_convertvector from int8 (to float, or to int32) compiled to a scalar insert or
+// conversion per lane; the sign extension is spelled out per width.
+inline vfloat vload(const int8_t* p) {
+  typedef char v16qi __attribute__((vector_size(16)));
+#if BALCONY_VEC_WIDTH == 16
+  v16qi b;
+  std::memcpy(&b, p, 16);
+  typedef int v16si __attribute__((vector_size(64)));
+  const vint i = (vint)__builtin_ia32_pmovsxbd512_mask(b, v16si{}, (unsigned short)0xffff);
+#elif BALCONY_VEC_WIDTH == 8
+  v16qi b{};
+  std::memcpy(&b, p, 8);
+  const vint i = (vint)__builtin_ia32_pmovsxbd256(b);
+#else
+  vint i;
+  for (int l = 0; l < kVecWidth; ++l) i[l] = p[l];
+#endif
+  return __builtin_convertvector(i, vfloat);
+}
+// n float16 values (raw bits, unaligned) -> float: 8 at a time with F16C in the AVX2 / AVX-512 builds.
+inline void halves_to_floats(const uint8_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if BALCONY_VEC_WIDTH >= 8
+  typedef short v8hi __attribute__((vector_size(16)));
+  typedef float v8sf __attribute__((vector_size(32)));
+  for (; i + 8 <= n; i += 8) {
+    v8hi h;
+    std::memcpy(&h, src + 2 * i, sizeof h);
+    const v8sf f = __builtin_ia32_vcvtph2ps256(h);
+    std::memcpy(dst + i, &f, sizeof f);
+  }
+#endif
+  for (; i < n; ++i) {
+    uint16_t bits;
+    std::memcpy(&bits, src + 2 * i, sizeof bits);
+    dst[i] = half_to_float(bits);
+  }
+}
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 // float -> bfloat16, round to nearest even, NaN kept quiet (the scalar float_to_bf16 rule).
 inline void vstore(bf16_t* p, vfloat v) {

@@ -5,8 +5,33 @@
 
 namespace balcony {
 
-// Element type of a tensor handed to a CPU kernel entry point.
-enum class ScalarKind : int { F32 = 0, BF16 = 1 };
+// Element type of a tensor handed to a CPU kernel entry point. Q8 (linear_rows weights only): each
+// weight row of K columns is K int8 values then K / 32 float16 scales (uint8 [N, K + K / 16]), one
+// scale per block of 32 consecutive columns: w[n, k] = int8[n, k] * scale[n, k / 32]. 8.5 bits per
+// weight, the bytes of llama.cpp's Q8_0.
+enum class ScalarKind : int { F32 = 0, BF16 = 1, Q8 = 2 };
+constexpr int64_t kQ8Block = 32;
+inline int64_t q8_row_bytes(int64_t K) { return K + K / kQ8Block * 2; }
+
+// IEEE float16 bits -> float (every value: normals, subnormals, infinities, NaN).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while (!(man & 0x400u)) man <<= 1, --exp;
+    u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 // bfloat16 as raw bits; layout-compatible with c10::BFloat16 and __nv_bfloat16.
 struct bf16_t {
