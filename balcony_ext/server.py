@@ -13,6 +13,7 @@ continuous-batching Batcher in a background thread.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -303,8 +304,6 @@ class _Shape:
         return out
 
     async def stream(self, req, events, batcher):
-        import json
-
         def sse(obj):
             return f"data: {json.dumps(obj)}\n\n"
 
