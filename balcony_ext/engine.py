@@ -1,9 +1,9 @@
 """The engine: a token's path through an early-exit model, over the KV cache (kv_cache.KVCache).
 
 Every prompt is prefilled in batched multi-token passes; every later token is one call of the native
-step (ops.decode_step) for the whole sub-model and the next-token choice (`Engine._python_step` is its
-plain-PyTorch specification, and the path on devices without it). A sequence that exits at depth k
-leaves layers past k without its token's keys; when it later moves deeper (or to another exit), the
+step (ops.decode_step) for the whole sub-model and the next-token choice (`Engine._composed_step`, the
+same step composed of the separate ops, is its reference and the path on devices without it). A
+sequence that exits at depth k leaves layers past k without its token's keys; when it later moves deeper (or to another exit), the
 missing entries are first filled exactly from the kept hidden states in one batched pass over the
 missing positions (`catch_up`), so its caches are those a fresh prefill at the new exit would have
 built.
@@ -50,7 +50,7 @@ def _linear_f32(x, w, b):
 def _linear(x, w, b=None):
     if w.dtype == torch.float32:
         return _linear_f32(x, w, b if b is not None and b.numel() else None)
-    if x.numel() // x.shape[-1] >= BF16_GEMM_ROWS:
+    if x.numel() // x.shape[-1] >= BF16_GEMM_ROWS or x.device.type != "cpu":  # (linear_rows is CPU-only)
         y = F.linear(x.to(w.dtype), w).float()
         return y + b if b is not None and b.numel() else y
     shape = x.shape
@@ -315,35 +315,56 @@ class Engine:
                 temperature, top_k, top_p, uniform, self.next_tokens)
             nxt = self.next_tokens
         else:
-            nxt = self._python_step(last.to(dev), pos.to(dev), exits, temperature, top_k, top_p, uniform)
+            nxt = self._composed_step(last.to(dev), pos.to(dev), exits, temperature, top_k, top_p, uniform)
         self.kv_len.copy_(torch.where(mask, pos + 1, self.kv_len))
         return nxt.cpu()
 
-    def _python_step(self, last, pos, exits, temperature, top_k, top_p, uniform):
-        """The decode step in plain PyTorch, layer by layer (the native step's reference, and the
-        path on devices without the native step)."""
-        B, L, w = self.B, self.L, self.w
-        x = w.embed[last].float().unsqueeze(1)  # [B,1,H]
-        fin = torch.zeros(B, w.H, dtype=torch.float32, device=x.device)
-        ex = torch.tensor(exits)
+    def _composed_step(self, last, pos, exits, temperature, top_k, top_p, uniform):
+        """The decode step composed of the balcony ops, for any device (the path off the CPU, and
+        native=False): every row runs every layer up to the deepest exit in use; masks built on the
+        device (a position of -1: no cache write, no attention) keep each row to the layers of its
+        own exit. Which layers run is decided on the host from `exits`; nothing reads the device."""
+        w, L, B, dev = self.w, self.L, self.B, last.device
+        ex = torch.tensor(exits, device=dev)
+        rows = torch.arange(B, device=dev)
+        x = w.embed[last].float()  # [B, H]
+        fin = torch.zeros(B, w.H, dtype=torch.float32, device=dev)
         for i in range(max(exits)):
-            counts = (ex > i).long()
-            x = self._span(i, x, pos.cpu(), counts)
+            x = self._decode_layer(i, x, torch.where(ex > i, pos, -1))
             k = i + 1
-            if k in self.exits:
+            if k in self.exits and max(exits) >= k:
                 e = self.exits.index(k)
-                for b in range(B):
-                    if exits[b] >= k:
-                        self.cache.kept[e][b, int(pos[b])] = x[b, 0]
-                rows = (ex == k).long()
-                if int(rows.sum()):
-                    y = self._span(self.cache.exit_slot(k), x, pos.cpu(), rows)
-                    normed = _rms(y[:, 0], w.exit_norms[e], w.eps)
-                    fin[ex == k] = normed[ex == k]
-        if (ex == L).any():
-            fin[ex == L] = _rms(x[:, 0], w.final_norm, w.eps)[ex == L]
+                kept = self.cache.kept[e]
+                kept[rows, pos] = torch.where((ex >= k).unsqueeze(1), x, kept[rows, pos])
+                if k in exits:
+                    y = self._decode_layer(self.cache.exit_slot(k), x, torch.where(ex == k, pos, -1))
+                    fin = torch.where((ex == k).unsqueeze(1), _rms(y, w.exit_norms[e], w.eps), fin)
+        if L in exits:
+            fin = torch.where((ex == L).unsqueeze(1), _rms(x, w.final_norm, w.eps), fin)
         self.logits.copy_(_linear(fin, w.head))
         return ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform)
+
+    def _decode_layer(self, slot: int, x, pos):
+        """One decoder layer (cache slot `slot`) for one token per row, x [B, H] float32 at positions
+        pos [B] (-1: the row writes no cache entry and attends to nothing; its output is unused)."""
+        w, lw, B = self.w, self.w.layer(slot), x.shape[0]
+        xn = _rms(x, lw.input_norm, w.eps)
+        q = _linear(xn, lw.q_proj, lw.q_bias).view(B, 1, w.Hq, w.D)
+        k = _linear(xn, lw.k_proj, lw.k_bias).view(B, 1, w.Hkv, w.D)
+        v = _linear(xn, lw.v_proj, lw.v_bias).view(B, 1, w.Hkv, w.D)
+        if lw.q_norm.numel():
+            q = _rms(q, lw.q_norm, w.eps)
+        if lw.k_norm.numel():
+            k = _rms(k, lw.k_norm, w.eps)
+        q = q.contiguous()
+        ops.rope_append(q, k.contiguous(), v.contiguous(), self.cache.k[slot], self.cache.v[slot], pos.view(B, 1),
+                        self.cos, self.sin)
+        att = ops.decode_attention(q.view(B, w.Hq, w.D), self.cache.k[slot], self.cache.v[slot], pos + 1, w.scale)
+        h = _linear(att.reshape(B, w.Hq * w.D), lw.o_proj)
+        x = x.clone()
+        ops.fused_add_rms_norm(h, x, lw.post_norm, w.eps)  # x += attention output; h = post-norm(x)
+        gu = torch.cat([_linear(h, lw.gate_proj), _linear(h, lw.up_proj)], dim=-1)
+        return x + _linear(ops.silu_and_mul(gu), lw.down_proj)
 
     # -- prompts
     def add_prompts(self, prompts: list):

@@ -40,7 +40,7 @@ def _fresh_logits(model, ids, k):
 @pytest.mark.parametrize("model_type,dtype", [("llama", torch.float32), ("qwen2", torch.float32),
                                               ("qwen3", torch.float32), ("llama", torch.bfloat16)],
                          ids=["llama-fp32", "qwen2-bias-fp32", "qwen3-qknorm-fp32", "llama-bf16"])
-def test_native_step_matches_python_step(model_type, dtype, cpu_capability):
+def test_native_step_matches_composed_step(model_type, dtype, cpu_capability):
     m = _model(model_type, dtype)
     prompts = _prompts(4)
     B = len(prompts)
@@ -63,6 +63,50 @@ def test_native_step_matches_python_step(model_type, dtype, cpu_capability):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     for a, b in zip(engines[0].cache.kept, engines[1].cache.kept):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# what the composed step may call: the balcony ops, linear maps and elementwise/indexing glue; no
+# host synchronisation (item, nonzero, scalar reads), no SDPA or repeat_interleave, no row loops
+COMPOSED_STEP_OPS = {
+    "balcony.rms_norm", "balcony.fused_add_rms_norm", "balcony.rope_append", "balcony.decode_attention",
+    "balcony.silu_and_mul", "balcony.sample_tokens", "balcony.linear_rows",
+    "aten.linear", "aten.addmm", "aten.mm", "aten.t", "aten.view", "aten._unsafe_view", "aten.reshape",
+    "aten.embedding", "aten.index", "aten.index_put_", "aten.index_put", "aten.where", "aten.gt", "aten.ge",
+    "aten.eq", "aten.add", "aten.clone", "aten.cat", "aten.zeros", "aten.zero_", "aten.unsqueeze", "aten.copy_",
+    "aten.arange", "aten.lift_fresh", "aten._to_copy", "aten.expand", "aten.slice", "aten.select",
+    "aten.scalar_tensor", "aten.empty", "aten.empty_like", "aten.new_empty", "aten.detach", "aten.alias",
+    "aten.contiguous", "aten.full", "aten.fill_", "aten.mkldnn._linear_pointwise", "mkldnn._linear_pointwise",
+}
+SYNCS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.equal", "aten.is_nonzero"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_composed_step_has_no_host_sync_and_only_allowed_ops(dtype):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(f"{func.namespace}.{func._opname}")
+            return func(*args, **(kwargs or {}))
+
+    m = _model(dtype=dtype)
+    prompts = _prompts(4)
+    e = Engine(m, 4, 32, native=False)
+    e.add_prompts(prompts)
+    exits = [2, 4, L, 0]
+    e.catch_up(exits)
+    pos = (e.cache.length - 1).clamp(min=0)
+    last = e.cache.tokens[torch.arange(4), pos]
+    sampling = (torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4))
+    with Record() as rec:
+        e._composed_step(last, pos, exits, *sampling)
+    assert not SYNCS & set(rec.ops), sorted(SYNCS & set(rec.ops))
+    assert set(rec.ops) <= COMPOSED_STEP_OPS, sorted(set(rec.ops) - COMPOSED_STEP_OPS)
+    assert "balcony.decode_attention" in rec.ops and "balcony.rope_append" in rec.ops
 
 
 def test_native_step_long_context_split_attention(cpu_capability):

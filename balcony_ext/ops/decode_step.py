@@ -6,8 +6,8 @@ in use, each row's balcony layer and exit norm (or the final norm for a row at t
 `next_tokens` [B] (chosen as sample_tokens chooses). Every row's keys and values go into the caches
 of the slots it runs, and the hidden state after each exit depth into `kept`. The weight lists are
 laid out as balcony_ext.weights describes (LAYER_FIELDS per layer, an exit's norm after its layer).
-Its plain-PyTorch specification is `Engine._python_step` (balcony_ext/engine.py), the path on devices
-without the native step; the tests hold the two to each other.
+Its reference is `Engine._composed_step` (balcony_ext/engine.py): the same step composed of the separate
+ops, the path on devices without the native step; the tests hold the two to each other.
 """
 
 import torch
