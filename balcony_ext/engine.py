@@ -315,17 +315,35 @@ class Engine:
                 temperature, top_k, top_p, uniform, self.next_tokens)
             nxt = self.next_tokens
         else:
-            nxt = self._composed_step(last.to(dev), pos.to(dev), exits, temperature, top_k, top_p, uniform)
+            nxt = self._composed_step(*self._device_inputs(last, pos, ex, temperature, top_k, top_p, uniform),
+                                      exits=exits)
         self.kv_len.copy_(torch.where(mask, pos + 1, self.kv_len))
-        return nxt.cpu()
+        return nxt.cpu()  # (on a GPU: the step's one synchronisation, reading the next tokens)
 
-    def _composed_step(self, last, pos, exits, temperature, top_k, top_p, uniform):
+    def _device_inputs(self, last, pos, ex, temperature, top_k, top_p, uniform) -> tuple:
+        """The step's per-row inputs (host tensors or numbers) on the model's device. On a GPU: two
+        copies from pinned host buffers, which do not wait for the device (a copy from ordinary host
+        memory would). The buffers are reused: the previous step's copies ended with its .cpu()."""
+        dev, B = self.model.device, self.B
+        if dev.type == "cpu":
+            return last, pos, ex, temperature, top_k, top_p, uniform
+        if getattr(self, "_pinned", None) is None:
+            self._pinned = (torch.empty(4, B, dtype=torch.long).pin_memory(), torch.empty(3, B).pin_memory())
+        ints, floats = self._pinned
+        for i, t in enumerate((last, pos, ex, top_k)):
+            ints[i].copy_(torch.as_tensor(t).expand(B))
+        for i, t in enumerate((temperature, top_p, uniform)):
+            floats[i].copy_(torch.as_tensor(t, dtype=torch.float32).expand(B))
+        di, df = ints.to(dev, non_blocking=True), floats.to(dev, non_blocking=True)
+        return di[0], di[1], di[2], df[0], di[3], df[1], df[2]
+
+    def _composed_step(self, last, pos, ex, temperature, top_k, top_p, uniform, exits: list):
         """The decode step composed of the balcony ops, for any device (the path off the CPU, and
         native=False): every row runs every layer up to the deepest exit in use; masks built on the
         device (a position of -1: no cache write, no attention) keep each row to the layers of its
-        own exit. Which layers run is decided on the host from `exits`; nothing reads the device."""
+        own exit. The row inputs are device tensors (ex: each row's exit); which layers run is decided on
+        the host from the same exits as a list; nothing reads the device."""
         w, L, B, dev = self.w, self.L, self.B, last.device
-        ex = torch.tensor(exits, device=dev)
         rows = torch.arange(B, device=dev)
         x = w.embed[last].float()  # [B, H]
         fin = torch.zeros(B, w.H, dtype=torch.float32, device=dev)

@@ -103,10 +103,93 @@ def test_composed_step_has_no_host_sync_and_only_allowed_ops(dtype):
     last = e.cache.tokens[torch.arange(4), pos]
     sampling = (torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4))
     with Record() as rec:
-        e._composed_step(last, pos, exits, *sampling)
+        e._composed_step(last, pos, torch.tensor(exits), *sampling, exits=exits)
     assert not SYNCS & set(rec.ops), sorted(SYNCS & set(rec.ops))
     assert set(rec.ops) <= COMPOSED_STEP_OPS, sorted(set(rec.ops) - COMPOSED_STEP_OPS)
     assert "balcony.decode_attention" in rec.ops and "balcony.rope_append" in rec.ops
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_composed_step_on_cuda_equals_the_native_cpu_step(dtype):
+    # the engine on a GPU: prefill, catch-up after exit switches and the composed step on the CUDA kernels
+    import copy
+
+    m = _model(dtype=dtype)
+    gpu_model = copy.deepcopy(m).cuda()
+    prompts = _prompts(4)
+    engines = [Engine(m, 4, 40, native=True), Engine(gpu_model, 4, 40)]
+    assert not engines[1].native
+    schedule = [[2, 4, L, 2]] * 3 + [[4, L, 2, L]] * 3 + [[L, 2, 4, 2]] * 2  # every row changes exit twice
+    for e in engines:
+        e.add_prompts(prompts)
+    tol = 2e-4 if dtype == torch.float32 else 1.5e-1
+    for step, exits in enumerate(schedule):
+        sampling = (torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4))
+        nxt = []
+        for e in engines:
+            if step == 0:
+                nxt.append(e.prefill_step(exits, *sampling))
+            else:
+                e.catch_up(exits)
+                nxt.append(e.step(exits, *sampling))
+        torch.testing.assert_close(engines[1].logits.cpu(), engines[0].logits, atol=tol, rtol=tol)
+        if dtype == torch.float32:  # (in bfloat16 the GPU's GEMMs round the activations: near ties may differ)
+            assert torch.equal(nxt[0], nxt[1]), f"step {step}"
+        for e in engines:
+            for b in range(4):
+                e.append(b, int(nxt[0][b]))
+
+
+@pytest.mark.cuda
+def test_generate_on_cuda_synchronises_at_most_twice_per_token():
+    # a mixed-budget batch at fixed budgets (an exit switch's catch-up still synchronises: see the README)
+    import warnings
+
+    m = _model().cuda()
+    prompts = _prompts(4)
+    bx.generate(m, prompts, budget=1.0, max_new_tokens=2, stop_tokens=[], calibration=None)  # warm-up
+    n = 24
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = bx.generate(m, prompts, budget=[1.0, 0.3, 0.6, 1.0], max_new_tokens=n, stop_tokens=[],
+                              calibration=None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where = sorted({f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in syncs})
+    assert all(len(o.tokens) == n for o in out)
+    assert len(syncs) <= 2 * n, f"{len(syncs)} synchronisations for {n} tokens, at {where}"
+
+
+@pytest.mark.cuda
+def test_decode_step_on_cuda_synchronises_once():
+    import warnings
+
+    m = _model().cuda()
+    e = Engine(m, 4, 32)
+    e.add_prompts(_prompts(4))
+    exits = [2, 4, L, 2]
+    sampling = (torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4))
+    e.prefill_step(exits, *sampling)
+    for b in range(4):
+        e.append(b, 7)
+    e.catch_up(exits)
+    e.step(exits, *sampling)  # warm-up (the pinned buffers)
+    for b in range(4):
+        e.append(b, 9)
+    e.catch_up(exits)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            e.step(exits, *sampling)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs  # reading the next tokens
 
 
 def test_native_step_long_context_split_attention(cpu_capability):

@@ -146,7 +146,6 @@ inline float dot_row(const float* q, const T* k, int64_t D) {
 // products of two bfloat16 values are exact in float). Positions past the last multiple of 32 come
 // from qf (q * scale in float).
 inline float dot_row_bf16_insn(const bf16_t* q, const float* qf, const bf16_t* k, int64_t D, float scale) {
-  typedef short v32bh __attribute__((vector_size(64)));
   constexpr int W = kVecWidth;
   vfloat s0 = vsplat(0.f), s1 = vsplat(0.f);
   int64_t i = 0;
@@ -154,12 +153,12 @@ inline float dot_row_bf16_insn(const bf16_t* q, const float* qf, const bf16_t* k
   for (; i + 4 * W <= D; i += 4 * W) {
     std::memcpy(&qa, q + i, sizeof qa), std::memcpy(&ka, k + i, sizeof ka);
     std::memcpy(&qb, q + i + 2 * W, sizeof qb), std::memcpy(&kb, k + i + 2 * W, sizeof kb);
-    s0 = __builtin_ia32_dpbf16ps_v16sf(s0, qa, ka);
-    s1 = __builtin_ia32_dpbf16ps_v16sf(s1, qb, kb);
+    s0 = dpbf16(s0, qa, ka);
+    s1 = dpbf16(s1, qb, kb);
   }
   if (i + 2 * W <= D) {
     std::memcpy(&qa, q + i, sizeof qa), std::memcpy(&ka, k + i, sizeof ka);
-    s0 = __builtin_ia32_dpbf16ps_v16sf(s0, qa, ka);
+    s0 = dpbf16(s0, qa, ka);
     i += 2 * W;
   }
   vfloat t = vsplat(0.f);
@@ -175,7 +174,6 @@ inline float dot_row_bf16_insn(const bf16_t* q, const float* qf, const bf16_t* k
 // With D = 32 * NC (NC = 2, 4, 8) in memory order, the query in NC registers (see dot_rows_w_seq).
 template <int NC>
 inline void dot_rows_w_bf16_insn_seq(const bf16_t* q, const bf16_t* k, int64_t ks, float scale, float* out) {
-  typedef short v32bh __attribute__((vector_size(64)));
   constexpr int W = kVecWidth;
   v32bh qr[NC], kr;
   vfloat acc[W];
@@ -184,7 +182,7 @@ inline void dot_rows_w_bf16_insn_seq(const bf16_t* q, const bf16_t* k, int64_t k
     vfloat s = vsplat(0.f);
     for (int c = 0; c < NC; ++c) {
       std::memcpy(&kr, k + r * ks + c * 2 * W, sizeof kr);
-      s = __builtin_ia32_dpbf16ps_v16sf(s, qr[c], kr);
+      s = dpbf16(s, qr[c], kr);
     }
     acc[r] = s;
   }
@@ -193,7 +191,6 @@ inline void dot_rows_w_bf16_insn_seq(const bf16_t* q, const bf16_t* k, int64_t k
 
 inline void dot_rows_w_bf16_insn(const bf16_t* q, const bf16_t* k, int64_t ks, int64_t D, float scale,
                                  float* out) {
-  typedef short v32bh __attribute__((vector_size(64)));
   constexpr int W = kVecWidth;
   switch (D) {
     case 64: return dot_rows_w_bf16_insn_seq<2>(q, k, ks, scale, out);
@@ -208,7 +205,7 @@ inline void dot_rows_w_bf16_insn(const bf16_t* q, const bf16_t* k, int64_t ks, i
     std::memcpy(&qa, q + i, sizeof qa);
     for (int r = 0; r < W; ++r) {
       std::memcpy(&ka, k + r * ks + i, sizeof ka);
-      acc[r] = __builtin_ia32_dpbf16ps_v16sf(acc[r], qa, ka);
+      acc[r] = dpbf16(acc[r], qa, ka);
     }
   }
   vstore(out, hsum_many(acc) * scale);
@@ -304,7 +301,6 @@ inline int64_t accumulate_v(const float* sc, const T* vblk, int64_t vs, int64_t 
 // loaded and stored through that permutation once per block. An odd last position uses plain FMAs.
 // NOTE: widening V and one FMA per head and vector made the bfloat16 kernel vector-bound at ~100
 // cycles per position for Llama-8B heads on one Zen 5 core (one 512-bit FMA per cycle).
-typedef short v32bh __attribute__((vector_size(64)));
 typedef int v16si __attribute__((vector_size(64)));
 
 inline v32bh interleave_lo(v32bh a, v32bh b) {
@@ -342,7 +338,7 @@ inline void accumulate_v_pairs_tile(const bf16_t* pb, const bf16_t* vblk, int64_
       int32_t word;
       std::memcpy(&word, pb + g * NB + jj, sizeof word);
       const v32bh pv = (v32bh)(v16si{} + word);
-      for (int c = 0; c < 2 * NC; ++c) a[g][c] = __builtin_ia32_dpbf16ps_v16sf(a[g][c], pv, b[c]);
+      for (int c = 0; c < 2 * NC; ++c) a[g][c] = dpbf16(a[g][c], pv, b[c]);
     }
   }
   for (int g = 0; g < GP; ++g)

@@ -60,13 +60,14 @@ inline vfloat vload(const bf16_t* p) {
 // NOTE: __builtin_convertvector from int8 (to float, or to int32) compiled to a scalar insert or
 // conversion per lane; the sign extension is spelled out per width.
 inline vfloat vload(const int8_t* p) {
-  typedef char v16qi __attribute__((vector_size(16)));
 #if BALCONY_VEC_WIDTH == 16
+  typedef char v16qi __attribute__((vector_size(16)));
   v16qi b;
   std::memcpy(&b, p, 16);
   typedef int v16si __attribute__((vector_size(64)));
   const vint i = (vint)__builtin_ia32_pmovsxbd512_mask(b, v16si{}, (unsigned short)0xffff);
 #elif BALCONY_VEC_WIDTH == 8
+  typedef char v16qi __attribute__((vector_size(16)));
   v16qi b{};
   std::memcpy(&b, p, 8);
   const vint i = (vint)__builtin_ia32_pmovsxbd256(b);
@@ -117,6 +118,19 @@ inline void vstore(bf16_t* p, vfloat v) {
 // whether the capability in force lets a kernel use the instructions; kernels keep a plain path.
 #ifdef BALCONY_CPU_BF16_INSN
 inline bool bf16_insn() { return capability() == Capability::AVX512_BF16; }
+// 32 bfloat16 values as the kernels hold them (16-bit integer lanes: loads, shuffles), and
+// acc += a . b pairwise with vdpbf16ps. The builtin's operands are vectors of __bf16 from GCC 13 on
+// (of short before), hence the bit cast.
+typedef short v32bh __attribute__((vector_size(64)));
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+typedef short bf16_operand_t;
+#else
+typedef __bf16 bf16_operand_t;
+#endif
+typedef bf16_operand_t v32bf_operand __attribute__((vector_size(64)));
+inline vfloat dpbf16(vfloat acc, v32bh a, v32bh b) {
+  return __builtin_ia32_dpbf16ps_v16sf(acc, __builtin_bit_cast(v32bf_operand, a), __builtin_bit_cast(v32bf_operand, b));
+}
 // float -> bfloat16 in one instruction (vcvtneps2bf16): round to nearest even and NaN kept quiet
 // like vstore, except that inputs below the smallest normal float (|x| < 2^-126) become +-0.
 inline void vstore_bf16_insn(bf16_t* p, vfloat v) {
