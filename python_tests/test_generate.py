@@ -142,26 +142,31 @@ def test_composed_step_on_cuda_equals_the_native_cpu_step(dtype):
 
 
 @pytest.mark.cuda
-def test_generate_on_cuda_synchronises_at_most_twice_per_token():
-    # a mixed-budget batch at fixed budgets (an exit switch's catch-up still synchronises: see the README)
+def test_generate_on_cuda_synchronises_once_per_token_after_the_prefill():
+    # a mixed-budget batch at fixed budgets. Measured on an H200: 55 synchronisations in the prefill
+    # (its multi-token pass indexes device tensors with host index tensors, one blocking copy each;
+    # an exit switch's catch-up does the same), then one per token (reading the next tokens).
     import warnings
 
     m = _model().cuda()
     prompts = _prompts(4)
-    bx.generate(m, prompts, budget=1.0, max_new_tokens=2, stop_tokens=[], calibration=None)  # warm-up
-    n = 24
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = bx.generate(m, prompts, budget=[1.0, 0.3, 0.6, 1.0], max_new_tokens=n, stop_tokens=[],
-                              calibration=None)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    where = sorted({f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in syncs})
-    assert all(len(o.tokens) == n for o in out)
-    assert len(syncs) <= 2 * n, f"{len(syncs)} synchronisations for {n} tokens, at {where}"
+
+    def count(n):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = bx.generate(m, prompts, budget=[1.0, 0.3, 0.6, 1.0], max_new_tokens=n, stop_tokens=[],
+                                  calibration=None)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(len(o.tokens) == n for o in out)
+        return [f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+    count(2)  # warm-up
+    prefill, whole = count(1), count(25)
+    assert len(prefill) <= 64, sorted(set(prefill))
+    assert len(whole) - len(prefill) <= 24, sorted(set(whole) - set(prefill))
 
 
 @pytest.mark.cuda
