@@ -58,14 +58,6 @@ def _linear(x, w, b=None):
     return y.view(*shape[:-1], w.shape[0])
 
 
-def _to(t: torch.Tensor, dev) -> torch.Tensor:
-    """A host tensor (row and position indices, counts) on `dev`: on a GPU through pinned memory, a
-    copy that does not wait for the device (a copy from ordinary host memory would)."""
-    if dev.type == "cpu" or t.device == dev:
-        return t
-    return t.pin_memory().to(dev, non_blocking=True)
-
-
 class Engine:
     """The computation over an early-exit KV cache (kv_cache.KVCache) of B rows of at most S tokens:
     multi-token passes (prefill, catch-up) and the one-token decode step."""
@@ -127,9 +119,8 @@ class Engine:
         lw = w.layer(slot)
         B, T, H = x.shape
         t = torch.arange(T, device=x.device)
-        counts_d, starts_d = _to(counts, x.device), _to(starts, x.device)
-        valid = t.unsqueeze(0) < counts_d.unsqueeze(1)
-        pos = torch.where(valid, starts_d.unsqueeze(1) + t, torch.full_like(valid, -1, dtype=torch.long))
+        valid = t.unsqueeze(0) < counts.to(x.device).unsqueeze(1)
+        pos = torch.where(valid, starts.to(x.device).unsqueeze(1) + t, torch.full_like(valid, -1, dtype=torch.long))
         # many rows with bfloat16 weights: the GEMMs run in bfloat16 (as Hugging Face's do), each
         # activation converted once; otherwise float32 activations (linear_rows widens the weights)
         low = lw.q_proj.dtype if lw.q_proj.dtype != torch.float32 and B * T >= BF16_GEMM_ROWS else None
@@ -160,7 +151,7 @@ class Engine:
         causal = outputs == "all" and P == T and bool((counts == T).all())  # a plain causal prefill
         if outputs == "last":  # the rest of the layer for each row's last position only
             rows = torch.arange(B, device=x.device)
-            end = (counts_d - 1).clamp(min=0)
+            end = (counts.to(x.device) - 1).clamp(min=0)
             q, x, pos, valid = q[rows, end, None], x[rows, end, None], pos[rows, end, None], valid[rows, end, None]
             T = 1
             low = low if B >= BF16_GEMM_ROWS else None
@@ -219,7 +210,7 @@ class Engine:
                 return
             if bool((counts[rows] == 0).any()):
                 raise RuntimeError("catch_up(last=...): a row's last position was computed before this pass")
-            idx = _to(rows.nonzero()[:, 0], dev)
+            idx = rows.nonzero()[:, 0]
             last[idx] = _rms(y[idx, 0], norm, self.w.eps)
 
         cur = None  # [B, S, H] hidden states entering the current layer, where computed this pass
@@ -234,9 +225,9 @@ class Engine:
             if cur is None:
                 cur = torch.zeros(B, self.S, self.w.H, dtype=torch.float32, device=dev)
             rows, pos, valid = self._grid(starts, counts)
-            vr, vp = _to(rows[valid], dev), _to(pos[valid], dev)  # the computed positions, as index lists
             if i == 0:
-                cur[vr, vp] = self.w.embed[_to(self.cache.tokens[rows[valid], pos[valid]], dev)].float()
+                r, p = rows[valid], pos[valid]
+                cur[r, p] = self.w.embed[self.cache.tokens[r, p].to(dev)].float()
             else:
                 # positions that passed layer i-1 before this pass left at exit i: kept
                 old = valid & (pos < prev_start.unsqueeze(1))
@@ -245,12 +236,12 @@ class Engine:
                         b = int(old.any(1).nonzero()[0])
                         raise RuntimeError(f"KV cache bookkeeping: layer {i} lacks positions {int(starts[b])}.."
                                            f"{int(prev_start[b]) - 1} of row {b} that no exit kept")
-                    r, p = _to(rows[old], dev), _to(pos[old], dev)
+                    r, p = rows[old], pos[old]
                     cur[r, p] = self.cache.kept[self.exits.index(i)][r, p]
             # the same positions in every row (a prefill of equal lengths): slices, not gathers
             s0, T = int(starts[0]), pos.shape[1]
             dense = bool((starts == s0).all()) and bool((counts == T).all())
-            x = cur[:, s0:s0 + T] if dense else cur[_to(rows, dev), _to(pos, dev)]
+            x = cur[:, s0:s0 + T] if dense else cur[rows, pos]
             y = self._span(i, x, starts, counts, "all" if i + 1 < L else tail)
             self.catch_up_tokens += int(counts.sum())
             if i + 1 < L:
@@ -260,10 +251,10 @@ class Engine:
                     if keep is not None:
                         keep[:, s0:s0 + T] = y
                 else:
-                    yv = y[vr, _to(valid.nonzero()[:, 1], dev)]
-                    cur[vr, vp] = yv
+                    r, p = rows[valid], pos[valid]
+                    cur[r, p] = y[valid]
                     if keep is not None:
-                        keep[vr, vp] = yv
+                        keep[r, p] = y[valid]
             else:
                 take_last(y, counts, tgt == L, self.w.final_norm)
             self.kv_len[i] = torch.where(counts > 0, upto, self.kv_len[i])
@@ -279,7 +270,7 @@ class Engine:
             if int(counts.sum()) == 0:
                 continue
             rows, pos, _ = self._grid(starts, counts)
-            y = self._span(slot, self.cache.kept[e][_to(rows, dev), _to(pos, dev)], starts, counts, tail)
+            y = self._span(slot, self.cache.kept[e][rows, pos], starts, counts, tail)
             take_last(y, counts, sel, self.w.exit_norms[e])
             self.catch_up_tokens += int(counts.sum())
             self.kv_len[slot] = torch.where(counts > 0, upto, self.kv_len[slot])
@@ -299,9 +290,7 @@ class Engine:
             ops.linear_rows(fin, w.head, out=self.logits)
         else:
             self.logits.copy_(_linear(fin, w.head))
-        dev = self.logits.device
-        sampling = [_to(torch.as_tensor(a), dev) for a in (temperature, top_k, top_p, uniform)]
-        return ops.sample_tokens(self.logits, *sampling).cpu()
+        return ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform).cpu()
 
     # -- one decode step
     def step(self, exits: list, temperature, top_k, top_p, uniform) -> torch.Tensor:
@@ -317,6 +306,7 @@ class Engine:
             b = int(bad.nonzero()[0])
             raise RuntimeError(f"KV cache bookkeeping: row {b} at exit {exits[b]} lacks cache entries "
                                f"before position {int(pos[b])}; call catch_up first")
+        dev = self.model.device
         if self.native:
             w = self.w
             ops.decode_step(
