@@ -306,7 +306,6 @@ class Engine:
             b = int(bad.nonzero()[0])
             raise RuntimeError(f"KV cache bookkeeping: row {b} at exit {exits[b]} lacks cache entries "
                                f"before position {int(pos[b])}; call catch_up first")
-        dev = self.model.device
         if self.native:
             w = self.w
             ops.decode_step(
