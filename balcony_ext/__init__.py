@@ -12,6 +12,7 @@ from .exits_io import load_exits, save_exits
 from .train import train
 from .evaluate import evaluate
 from .generate import GenerationOutput, calibrate, generate
+from .weights import quantize
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "generate",
     "calibrate",
     "GenerationOutput",
+    "quantize",
 ]

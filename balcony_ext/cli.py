@@ -24,7 +24,7 @@ def _load(args, exits="bundled"):
     from .loading import load
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    return load(args.model, dtype=dtype, exits=exits)
+    return load(args.model, dtype=dtype, exits=exits, weights=getattr(args, "weights", "float"))
 
 
 def _load_with_exits(args):
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", default=None, help="local Hugging Face checkpoint directory (default: bundled SmolLM2)")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         q.add_argument("--exits-file", default="bundled", help="saved exits (default: the shipped ones)")
+        q.add_argument("--weights", default="float", choices=["float", "int8"],
+                       help="int8: every matrix the decode step reads rounded to int8 blocks of 32 (8.5 bits per weight)")
 
     g = sub.add_parser("generate", help="generate at the exit a budget buys")
     serve_args(g)

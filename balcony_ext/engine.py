@@ -48,6 +48,8 @@ def _linear_f32(x, w, b):
 
 
 def _linear(x, w, b=None):
+    if w.dtype == torch.uint8 and (x.numel() // x.shape[-1] >= BF16_GEMM_ROWS or x.device.type != "cpu"):
+        w = ops.dequantize_q8(w)  # Q8 blocks: a multi-token pass runs a float32 GEMM on the values they hold
     if w.dtype == torch.float32:
         return _linear_f32(x, w, b if b is not None and b.numel() else None)
     if x.numel() // x.shape[-1] >= BF16_GEMM_ROWS or x.device.type != "cpu":  # (linear_rows is CPU-only)
@@ -123,7 +125,7 @@ class Engine:
         pos = torch.where(valid, starts.to(x.device).unsqueeze(1) + t, torch.full_like(valid, -1, dtype=torch.long))
         # many rows with bfloat16 weights: the GEMMs run in bfloat16 (as Hugging Face's do), each
         # activation converted once; otherwise float32 activations (linear_rows widens the weights)
-        low = lw.q_proj.dtype if lw.q_proj.dtype != torch.float32 and B * T >= BF16_GEMM_ROWS else None
+        low = lw.q_proj.dtype if lw.q_proj.dtype == torch.bfloat16 and B * T >= BF16_GEMM_ROWS else None
 
         def lin(a, wt, bias=None, widen=True):
             if low is None:

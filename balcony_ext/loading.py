@@ -129,13 +129,16 @@ def ensure_default_checkpoint() -> Path:
 
 
 def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device="cpu",
-         exits: str | os.PathLike | None = "bundled", name: str | None = None) -> BalconyModel:
+         exits: str | os.PathLike | None = "bundled", name: str | None = None, weights: str = "float") -> BalconyModel:
     """Loads a frozen base model as a BalconyModel.
 
     path: a local Hugging Face checkpoint directory (config.json + safetensors + tokenizer); None
     loads the bundled default (SmolLM2-135M-Instruct). Only local files are read.
     exits: "bundled" attaches the exits shipped in the package for the default model, if present;
     a path loads exits from that file; None attaches none.
+    weights: "float" (the checkpoint's, in `dtype`) or "int8" (every decoder matrix, the exits' too,
+    and the LM head rounded to int8 blocks of 32 with a float16 scale; the engine reads them as such:
+    weights.quantize).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,4 +170,8 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
         from .exits_io import load_exits
 
         load_exits(model, exits)
+    if weights != "float":
+        from .weights import quantize
+
+        quantize(model, weights)
     return model

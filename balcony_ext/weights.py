@@ -5,6 +5,11 @@ A decoder layer is handed to the engine as the tensors of `LayerWeights`, in the
 (csrc/include/layer_layout.h lists the same fields; a test checks the two agree). Matrices are the
 model's own tensors; norms and biases are small float32 copies; absent ones are empty tensors.
 An exit adds its norm after its layer's fields.
+
+Weight formats (`quantize(model, "int8")`, `bx.load(..., weights="int8")`): "float" hands the engine the
+model's own matrices (float32 or bfloat16); "int8" hands it every decoder matrix and the LM head as Q8
+blocks (ops.quantize_q8: int8 in blocks of 32 with a float16 scale, 8.5 bits per weight), read by the
+native step and linear_rows as they are and dequantised for the multi-token GEMMs.
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from .ops.linear_rows import Q8_BLOCK, dequantize_q8, quantize_q8
+
+WEIGHT_FORMATS = ("float", "int8")
 
 
 class LayerWeights(NamedTuple):
@@ -40,11 +49,13 @@ def _vec(t):
     return t.detach().float().contiguous() if t is not None else torch.empty(0)
 
 
-def _mat(t):
+def _mat(t, fmt: str = "float"):
+    if fmt == "int8" and t.shape[1] % Q8_BLOCK == 0:
+        return quantize_q8(t)
     return t.detach().contiguous()
 
 
-def layer_weights(layer) -> LayerWeights:
+def layer_weights(layer, fmt: str = "float") -> LayerWeights:
     """A Hugging Face Llama-family decoder layer's tensors (raises for what the engine does not run)."""
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(attn.o_proj, "bias", None) is not None or any(
@@ -56,13 +67,14 @@ def layer_weights(layer) -> LayerWeights:
     qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     return LayerWeights(
         input_norm=_vec(layer.input_layernorm.weight),
-        q_proj=_mat(attn.q_proj.weight), q_bias=_vec(attn.q_proj.bias),
-        k_proj=_mat(attn.k_proj.weight), k_bias=_vec(attn.k_proj.bias),
-        v_proj=_mat(attn.v_proj.weight), v_bias=_vec(attn.v_proj.bias),
+        q_proj=_mat(attn.q_proj.weight, fmt), q_bias=_vec(attn.q_proj.bias),
+        k_proj=_mat(attn.k_proj.weight, fmt), k_bias=_vec(attn.k_proj.bias),
+        v_proj=_mat(attn.v_proj.weight, fmt), v_bias=_vec(attn.v_proj.bias),
         q_norm=_vec(qn.weight if qn is not None else None), k_norm=_vec(kn.weight if kn is not None else None),
-        o_proj=_mat(attn.o_proj.weight),
+        o_proj=_mat(attn.o_proj.weight, fmt),
         post_norm=_vec(layer.post_attention_layernorm.weight),
-        gate_proj=_mat(mlp.gate_proj.weight), up_proj=_mat(mlp.up_proj.weight), down_proj=_mat(mlp.down_proj.weight),
+        gate_proj=_mat(mlp.gate_proj.weight, fmt), up_proj=_mat(mlp.up_proj.weight, fmt),
+        down_proj=_mat(mlp.down_proj.weight, fmt),
     )
 
 
@@ -75,15 +87,16 @@ class NativeWeights:
         c = a.config
         self.L = model.num_layers
         self.exits = list(model.exits)
-        self.layers = [layer_weights(layer) for layer in a.layers]
+        self.format = fmt = weight_format(model)
+        self.layers = [layer_weights(layer, fmt) for layer in a.layers]
         for k in self.exits:
-            self.layers.append(layer_weights(model.exit_module(k).layer))
+            self.layers.append(layer_weights(model.exit_module(k).layer, fmt))
         self.exit_norms = [_vec(model.exit_module(k).norm.weight) for k in self.exits]
         # the flat lists the native step takes
         self.base = [t for lw in self.layers[:self.L] for t in lw]
         self.exit = [t for e, lw in enumerate(self.layers[self.L:]) for t in (*lw, self.exit_norms[e])]
         self.embed = a.embed_tokens.weight.detach()
-        self.head = _mat(a.lm_head.weight)
+        self.head = _mat(a.lm_head.weight, fmt)
         self.final_norm = _vec(a.final_norm.weight)
         self.eps = a.rms_norm_eps
         self.H = a.hidden_size
@@ -120,10 +133,44 @@ class NativeWeights:
 
 def native_weights(model) -> NativeWeights:
     """Cached per model and exit set (rebuilt when exits are attached, loaded or trained)."""
-    key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype,
+    key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype, weight_format(model),
            tuple(p.data_ptr() for p in model.balcony_parameters()[:1]))
     cached = getattr(model, "_native_weights", None)
     if cached is None or cached[0] != key:
         cached = (key, NativeWeights(model))
         model._native_weights = cached
     return cached[1]
+
+
+def weight_format(model) -> str:
+    return getattr(model, "weight_format", "float")
+
+
+def _linear_layers(model):
+    a = model.adapter
+    layers = list(a.layers) + [model.exit_module(k).layer for k in model.exits]
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        yield from (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    yield a.lm_head
+
+
+@torch.no_grad()
+def quantize(model, weights: str = "int8"):
+    """Puts the model's weights in `weights` format for generation: "int8" rounds every decoder matrix
+    (base layers and the exits attached now) and the LM head to Q8 blocks, in place in the model too
+    (so evaluate() and training see the very weights the engine reads; the head is tied to the
+    embedding in most small models, which is then rounded as well), and the engine reads the Q8 blocks.
+    Matrices whose width is not a multiple of 32 stay as they are. Returns the model."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if weights == "int8":
+        for lin in _linear_layers(model):
+            w = lin.weight
+            if w.dim() == 2 and w.shape[1] % Q8_BLOCK == 0:
+                w.copy_(dequantize_q8(quantize_q8(w), w.dtype))
+    elif weight_format(model) != "float":
+        raise ValueError("the model's weights are already rounded to int8; load it again for float weights")
+    model.weight_format = weights
+    model._native_weights = None
+    return model

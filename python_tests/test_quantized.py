@@ -1,0 +1,81 @@
+"""int8 weights (weights.quantize / bx.load(weights="int8")): the engine reads Q8 blocks and computes
+what the model, whose weights quantize() rounded in place, computes."""
+
+import pytest
+import torch
+
+import balcony_ext as bx
+from balcony_ext import ops
+from balcony_ext.engine import Engine
+from balcony_ext.model import attach
+from tiny_models import tiny_balcony
+
+L = 6
+EXITS = [2, 4]
+
+
+def _model(seed=0):
+    m = tiny_balcony("llama", seed=seed, layers=L, initializer_range=0.2)
+    attach(m, EXITS, init="random", seed=1)
+    return m
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (5 + 3 * i,), generator=g).tolist() for i in range(n)]
+
+
+def test_quantize_rounds_the_model_and_the_engine_reads_q8_blocks():
+    m = _model()
+    w0 = m.adapter.layers[0].mlp.down_proj.weight.clone()
+    bx.quantize(m, "int8")
+    w1 = m.adapter.layers[0].mlp.down_proj.weight
+    assert not torch.equal(w0, w1) and torch.equal(w1, ops.dequantize_q8(ops.quantize_q8(w0)))
+    e = Engine(m, 2, 32)
+    assert e.w.format == "int8" and e.w.layer(0).down_proj.dtype == torch.uint8 and e.w.head.dtype == torch.uint8
+    assert e.w.layer(L).q_proj.dtype == torch.uint8  # the exits too
+    # the rounding is stable: the engine's blocks are those of the original weights
+    assert torch.equal(e.w.layer(0).down_proj, ops.quantize_q8(w0))
+    with pytest.raises(ValueError, match="weights must be one of"):
+        bx.quantize(m, "int4")
+    with pytest.raises(ValueError, match="already rounded"):
+        bx.quantize(m, "float")
+
+
+def test_int8_native_step_matches_the_composed_step(cpu_capability):
+    m = bx.quantize(_model(), "int8")
+    prompts = _prompts(4)
+    exits = [2, 4, L, 2]
+    engines = [Engine(m, 4, 32, native=True), Engine(m, 4, 32, native=False)]
+    for e in engines:
+        e.add_prompts(prompts)
+    for _ in range(4):
+        nxt = []
+        for e in engines:
+            e.catch_up(exits)
+            nxt.append(e.step(exits, torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4)))
+        torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=2e-4, rtol=2e-4)
+        assert torch.equal(nxt[0], nxt[1])
+        for e in engines:
+            for b in range(4):
+                e.append(b, int(nxt[0][b]))
+
+
+@pytest.mark.parametrize("k", [2, 4, L])
+def test_int8_generation_equals_the_rounded_models_own_forward(k):
+    m = bx.quantize(_model(), "int8")
+    ids = _prompts(1)[0]
+    out = bx.generate(m, ids, exit_layer=k, max_new_tokens=6, stop_tokens=[], calibration=None)
+    seq = ids + out.tokens
+    with torch.no_grad():
+        logits = m(torch.tensor([seq]), exits=[k])[k][0]
+    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
+
+
+def test_int8_is_close_to_float():
+    m, q = _model(), bx.quantize(_model(), "int8")
+    ids = torch.tensor([_prompts(1)[0]])
+    with torch.no_grad():
+        a, b = m(ids, exits=[L])[L], q(ids, exits=[L])[L]
+    pa, pb = a.softmax(-1), b.softmax(-1)
+    assert (pa - pb).abs().max() < 0.05
