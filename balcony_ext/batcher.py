@@ -33,7 +33,7 @@ import torch
 
 from .budgets import choose_exit, exit_for_latency, load_calibration
 from .engine import Engine
-from .generate import Sequence, stop_token_ids
+from .generate import Sequence, fresh_seed, stop_token_ids
 
 
 @dataclass
@@ -176,7 +176,7 @@ class Batcher:
         req.prompt_ids = ids
         stop_ids = stop_token_ids(self.model, req.stop_tokens)
         req.seq = Sequence(self.model.tokenizer, req.max_new_tokens, stop_ids, list(req.stop or []))
-        req._gen = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed() % (1 << 63))
+        req._gen = torch.Generator().manual_seed(req.seed if req.seed is not None else fresh_seed())
         with self.lock:
             if self.draining:
                 raise RuntimeError("the server is shutting down and admits no new requests")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import reprlib
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ def _is_token_ids(prompt) -> bool:
 def _prompt_type_error(prompt) -> TypeError:
     return TypeError("a prompt must be a str, a list of str, or token ids (a list of ints, or a list of lists "
                      f"of ints), got {type(prompt).__name__} {reprlib.repr(prompt)}")
+
+
+def fresh_seed() -> int:
+    """A seed from the OS for an unseeded generation (torch.seed() would reseed the global generator)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def encode_prompt(tok, prompt, chat=None) -> list:
@@ -163,7 +169,7 @@ class Generation:
         stop_ids = stop_token_ids(model, stop_tokens)
         stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
         self.seqs = [Sequence(model.tokenizer, max_new_tokens, stop_ids, stop_strings) for _ in range(B)]
-        self.gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (1 << 63))
+        self.gen = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
         self.step_index = 0
         self.t_first = None
         self.t_end = None

@@ -187,3 +187,16 @@ def test_cache_move_carries_a_sequence_to_another_row():
     e.append(0, 11)
     e.catch_up([4, 2, 0])
     e.step([4, 2, 0], torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3), torch.rand(3))
+
+
+def test_unseeded_sampling_leaves_the_global_generator_alone():
+    m = _model()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    bx.generate(m, _ids(4, 0), max_new_tokens=3, temperature=0.8, stop_tokens=[], calibration=None)
+    b = Batcher(m, max_batch=1, max_len=32, calibration=None)
+    b.submit(Request(_ids(4, 0), max_new_tokens=3, temperature=0.8, stop_tokens=[]))
+    while b.busy:
+        b.iterate()
+    assert torch.equal(torch.rand(3), expected)
