@@ -1,6 +1,14 @@
 """Python entry points of the native ops (torch.ops.balcony.*), with fake kernels for
 torch.compile and autograd for the ops used in training. Each op lives in its own module,
-beside its plain-PyTorch reference (`reference_<op>`), which is the op's specification."""
+beside its plain-PyTorch reference (`reference_<op>`), which is the op's specification.
+
+Who calls what: the engine (engine.py) runs rms_norm, fused_add_rms_norm, rope_append,
+decode_attention, silu_and_mul, linear_rows and sample_tokens (composed on devices without the
+native step; inside decode_step on the CPU); training runs fused_linear_kl (forward and backward).
+rms_norm and silu_and_mul are differentiable (their backward ops, rms_norm_backward and
+silu_and_mul_backward, serve that autograd), but the package trains its exits through the model's
+own Hugging Face modules: those two backward paths are library API for users' own modules, tested
+against their references, not used by bx.train."""
 
 from .decode_step import decode_step, decode_step_workspace
 from .decode_attention import decode_attention, reference_decode_attention
