@@ -118,13 +118,25 @@ def _read_records(path: Path) -> list:
     return records
 
 
+def exits_digest(model) -> str:
+    """A short sha256 of the model's exits (their weights as float32): which exits answered."""
+    from .exits_io import tensors_checksum
+
+    return tensors_checksum({n: t.float() for n, t in model.balconies.state_dict().items()})[:16]
+
+
 def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, max_new_tokens: int = 256,
               batch_size: int = 16, temperature: float = 0.8, top_p: float = 0.95, cache_dir=None,
-              generate_missing: bool = True, progress: bool = True) -> ChatData:
+              generate_missing: bool = True, progress: bool = True, answer_exits=None) -> ChatData:
     """The first `prompts` instructions of build_instructions(prompts, seed) and the frozen model's
     answers at full depth (generated now for those not yet in the cache). Held-out prompts (by
     prompt, fraction `heldout`) and every other training prompt are answered greedily, the others
-    sampled with `temperature` and `top_p`. generate_missing=False only reads what is cached."""
+    sampled with `temperature` and `top_p`. generate_missing=False only reads what is cached.
+
+    answer_exits: a list of the model's attached exits that answer instead of the full depth
+    (prompt i at answer_exits[i % len]): the exits' own answers, on which training then has the
+    full model score every token (on-policy distillation: the exits learn from the contexts their
+    own mistakes lead to, e.g. the start of a loop). The cache is tied to those exits' weights."""
     from tqdm.auto import tqdm
 
     from .generate import encode_prompt, generate
@@ -136,6 +148,16 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
     settings = dict(format=FORMAT_VERSION, model=model.name, dtype=str(model.dtype).replace("torch.", ""),
                     seed=seed, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, heldout=heldout)
+    answerer = ""  # (the full model)
+    if answer_exits is not None:
+        answer_exits = list(answer_exits)
+        bad = [k for k in answer_exits if isinstance(k, bool) or not isinstance(k, int) or k not in model.exits]
+        if not answer_exits or bad:
+            raise ValueError(f"answer_exits must be a non-empty list of the model's attached exits {model.exits}, "
+                             f"got {answer_exits!r}")
+        settings["answer_exits"] = answer_exits
+        settings["exits_sha256"] = exits_digest(model)
+        answerer = f" (exits {answer_exits})"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(model, settings)
     cache.mkdir(parents=True, exist_ok=True)
     meta_path = cache / META_FILE
@@ -163,7 +185,9 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
                 ins = [instructions[i] for i in rows]
                 ids = [encode_prompt(model.tokenizer, x.text, chat=True) for x in ins]
                 temps = [0.0 if (x.text in held or i % 2 == 0) else temperature for i, x in zip(rows, ins)]
-                outs = generate(model, ids, exit_layer=model.num_layers, max_new_tokens=max_new_tokens,
+                depth = ([answer_exits[i % len(answer_exits)] for i in rows] if answer_exits
+                         else model.num_layers)
+                outs = generate(model, ids, exit_layer=depth, max_new_tokens=max_new_tokens,
                                 temperature=temps, top_p=[1.0 if t == 0 else top_p for t in temps],
                                 seed=seed * 1_000_003 + rows[0], calibration=None)
                 for i, x, p, t, out in zip(rows, ins, ids, temps, outs):
@@ -191,4 +215,4 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
         examples.append(ChatExample(i, r["prompt"], r["kind"], r["temperature"], r["prompt_ids"], r["answer_ids"],
                                     r["finish"]))
     return ChatData(examples, {x.text for x in instructions if x.text in held},
-                    f"chat: {model.name} answering {len(examples)} instructions")
+                    f"chat: {model.name}{answerer} answering {len(examples)} instructions")

@@ -257,7 +257,8 @@ def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=No
             **self_kwargs) -> Corpus:
     """Any supported data spec -> Corpus. data: a Corpus or Mixture (returned as is), "self",
     "shakespeare", "python-docs" (the Python tutorial, HOWTOs and FAQ, from Debian's python3.11-doc),
-    "chat" (the model's answers to instructions, see chat_data), a path / list of
+    "chat" (the model's answers to instructions, see chat_data), "chat-exits" (the same instructions
+    answered by the model's exits: on-policy data, scored by the full model in training), a path / list of
     paths to text files or directories, or a mixture [(spec, weight), ...] of those."""
     if isinstance(data, (Corpus, Mixture)):
         return data
@@ -272,6 +273,12 @@ def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=No
         if model is None:
             raise ValueError('data="chat" has the model answer instructions: pass model=')
         return chat_data(model, heldout=heldout, seed=seed).corpus()
+    if isinstance(data, str) and data == "chat-exits":
+        from .chat_data import chat_data
+
+        if model is None or not model.exits:
+            raise ValueError('data="chat-exits" has the model\'s exits answer instructions: pass a model with exits')
+        return chat_data(model, heldout=heldout, seed=seed, answer_exits=model.exits).corpus()
     if isinstance(data, str) and data == "self":
         if model is None:
             raise ValueError('data="self" samples text from the model: pass model=')

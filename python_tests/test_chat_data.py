@@ -138,3 +138,30 @@ def test_chat_data_spec_trains_end_to_end(tmp_path, monkeypatch):
     run = train(model, data=[("chat", 0.5), (Corpus(torch.arange(2048) % 250, torch.arange(64), ["x"], ["y"], "x"),
                                             0.5)], tokens=64 * 4, batch_size=2, seq_len=64, progress=False)
     assert run["steps"] == 2 and "mixture" in run["corpus"] and "chat" in run["corpus"]
+
+
+def test_exits_answer_on_policy_tied_to_their_weights(tmp_path, monkeypatch):
+    model = tiny_chat_balcony()
+    attach(model, [1, 2], init="random", seed=3)
+    data = _small(model, tmp_path / "a", answer_exits=[1, 2])
+    assert "exits [1, 2]" in data.source
+    for e in [e for e in data.examples if e.temperature == 0][:4]:  # prompt i answered at exit [1, 2][i % 2]
+        k = [1, 2][e.index % 2]
+        out = generate(model, e.prompt_ids, exit_layer=k, max_new_tokens=6, calibration=None)
+        assert out.tokens == e.answer_ids
+    full = _small(model, tmp_path / "b")
+    assert [e.answer_ids for e in data.examples] != [e.answer_ids for e in full.examples]
+    # the cache belongs to those exits: other weights are refused, not mixed in
+    with torch.no_grad():
+        next(model.balconies.parameters()).add_(0.5)
+    with pytest.raises(ValueError, match="exits_sha256"):
+        _small(model, tmp_path / "a", answer_exits=[1, 2])
+    for bad in ([], [5], [True], [model.num_layers]):
+        with pytest.raises(ValueError, match="answer_exits"):
+            _small(model, tmp_path / "c", answer_exits=bad)
+    # the data spec: the model's exits answer
+    monkeypatch.setattr(chat_mod, "chat_data", lambda m, **kw: _small(m, tmp_path / "d", **{**kw, "heldout": 0.2}))
+    corpus = prepare("chat-exits", model=model)
+    assert "exits [1, 2]" in corpus.describe() and int(corpus.train_mask.sum()) > 0
+    with pytest.raises(ValueError, match="exits"):
+        prepare("chat-exits", model=tiny_chat_balcony())
