@@ -1,12 +1,16 @@
 """One pilot run of an exit-training recipe, recorded beside the others in docs/results/pilots.json.
 
     .venv/bin/python scripts/pilot_exits.py --name chat-depths --exits 10 13 16 19 22 25 --tokens 150000
+    .venv/bin/python scripts/pilot_exits.py --name on-policy --exits 15 19 23 --from-exits EXITS.safetensors \
+        --mix chat-exits=0.7 shakespeare=0.15 python-docs=0.15 --tokens 200000
 
 Trains exits on the default model with the given recipe (data mixture, depths, initialisation,
 learning rate), then measures them the way the shipped exits are measured: the chat evaluation on
 held-out instructions (teacher-forced agreement and KL along the full model's answers, free answers'
 repetition and match) and held-out perplexity on Shakespeare plays never trained on. Checkpoints go
 to --run-dir (outside the repository): the same command resumes an interrupted pilot.
+--from-exits continues trained exits instead (--tokens 0: measures them as they are); the mixture item
+chat-exits is those exits' own answers to the instructions, which the full model scores in training.
 """
 
 import argparse
@@ -39,6 +43,8 @@ def write_table(pilots, path):
     for p in pilots:
         recipe = (f"{' '.join(p['mix'])}; init {p['init']}, norm {p['norm_init']}; lr {p['lr']:g}"
                   + ("; loss on prompts too" if p.get("learn_prompt") else ""))
+        if p.get("from_exits"):
+            recipe = f"from {p['from_exits']}; " + (recipe if p["tokens"] > p.get("start_tokens", -1) else "no training")
         full = next(r for r in p["rows"] if r["method"] == "full")
         for r in p["rows"]:
             if r["method"] == "full":
@@ -69,25 +75,44 @@ def main():
     ap.add_argument("--chat-prompts", type=int, default=48)
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--from-exits", default=None,
+                    help="continue training these exits (a saved exits file) instead of attaching new ones; "
+                         "--tokens 0 only evaluates them")
     args = ap.parse_args()
 
     cache = Path(os.environ.get("BALCONY_CACHE", Path.home() / ".cache" / "balcony_ext"))
     run_dir = Path(args.run_dir or cache / "runs" / f"pilot-{args.name}")
-    model = bx.load(exits=None)
-    gen_model = bx.load(exits=None, dtype=torch.bfloat16)  # the cache of answers was generated in bf16
+    model = bx.load(exits=args.from_exits)
+    start_tokens = model.tokens_trained if args.from_exits else 0
+    if args.from_exits and model.exits != args.exits:
+        raise SystemExit(f"--exits {args.exits} but {args.from_exits} holds exits {model.exits}")
+    gen_model = bx.load(exits=args.from_exits, dtype=torch.bfloat16)  # the answers are generated in bf16
     chat = chat_data(gen_model, prompts=args.prompts, generate_missing=False)
-    del gen_model
     print(chat.describe())
     parts = []
     for name, w in data_spec(args.mix):
-        corpus = chat.corpus(learn_prompt=args.learn_prompt) if name == "chat" else prepare(name, model.tokenizer)
+        if name == "chat":
+            corpus = chat.corpus(learn_prompt=args.learn_prompt)
+        elif name == "chat-exits":  # the starting exits answer the same instructions (generated once, cached)
+            if not args.from_exits:
+                raise SystemExit("chat-exits needs --from-exits: the exits whose answers the full model scores")
+            own = chat_data(gen_model, prompts=args.prompts, answer_exits=gen_model.exits)
+            print(own.describe())
+            corpus = own.corpus(learn_prompt=args.learn_prompt)
+        else:
+            corpus = prepare(name, model.tokenizer)
         parts.append((corpus, w))
+    del gen_model
     data = parts[0][0] if len(parts) == 1 else Mixture(parts)
-    bx.attach(model, args.exits, init=args.init, norm_init=args.norm_init)
+    if not args.from_exits:
+        bx.attach(model, args.exits, init=args.init, norm_init=args.norm_init)
     t0 = time.time()
-    run = bx.train(model, data=data, tokens=args.tokens, lr=args.lr, warmup=args.warmup, batch_size=args.batch,
-                   seq_len=args.seq, bf16=True, checkpoint_dir=run_dir, checkpoint_every=10,
-                   affine_baseline=args.affine)
+    if args.tokens > 0:
+        run = bx.train(model, data=data, tokens=args.tokens, lr=args.lr, warmup=args.warmup, batch_size=args.batch,
+                       seq_len=args.seq, bf16=True, checkpoint_dir=run_dir, checkpoint_every=10,
+                       affine_baseline=args.affine)
+    else:
+        run = dict(history=[], affine=None)
     seconds = sum(h["step_s"] for h in run["history"])
     from balcony_ext.chat_eval import evaluate_chat
 
@@ -112,7 +137,9 @@ def main():
                                 answer_tokens=sum(len(e.answer_ids) for e in chat.train_examples)),
                  learn_prompt=args.learn_prompt, init=args.init, norm_init=args.norm_init, lr=args.lr,
                  warmup=args.warmup, batch=args.batch, seq=args.seq, step_seconds=round(seconds),
-                 final_loss_per_exit=run["history"][-1]["loss_per_exit"], chat=chat_rows["_info"], rows=rows,
+                 from_exits=args.from_exits and Path(args.from_exits).name, start_tokens=start_tokens,
+                 final_loss_per_exit=run["history"][-1]["loss_per_exit"] if run["history"] else None,
+                 chat=chat_rows["_info"], rows=rows,
                  machine=f"{bx.cpu_capability()}, {torch.get_num_threads()} threads",
                  finished=time.strftime("%Y-%m-%d %H:%M"))
     pilots = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
