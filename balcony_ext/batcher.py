@@ -14,11 +14,10 @@ the cache (the last one moves into a freed row), so a step computes only the row
 token and every later token are computed exactly as `bx.generate` computes them for that prompt alone
 (greedy and seeded sampling give the same tokens).
 
-The load controller (`slo_ms_per_token`): after each step it compares the measured step time (an
-exponential average) with the target; above it, every sequence that may go cheaper moves one exit
-down the ladder (never below its request's `min_budget`), below 80% of it one exit back up towards
-what its request asked for. Moves wait a few steps for the average to reflect the last one; every
-move is exact (catch-up).
+The load controller (`slo_ms_per_token`, controller.LoadController): before each step it predicts
+the step's time from what it computes (fitted on the steps measured so far) and puts a ceiling on the
+exits so that the prediction fits the target; a sequence never goes below its request's
+`min_budget` and goes back up to what it asked for when the load falls. Every move is exact (catch-up).
 """
 
 from __future__ import annotations
@@ -31,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budgets import choose_exit, exit_for_latency, load_calibration
+from .budgets import choose_exit, exit_costs, exit_for_latency, load_calibration
+from .controller import LoadController
 from .engine import Engine
 from .generate import Sequence, fresh_seed, stop_token_ids
 
@@ -111,6 +111,8 @@ class Batcher:
         self.calibration = load_calibration(model) if calibration == "auto" else calibration
         self.ladder = sorted(model.exits) + [model.num_layers]  # exits, cheapest first
         self.slo_s = slo_ms_per_token / 1000.0 if slo_ms_per_token else None
+        self.controller = (LoadController(self.ladder, exit_costs(model, self.calibration), self.slo_s)
+                           if self.slo_s else None)
         self.waiting: deque = deque()
         self.rows: dict = {}  # row -> Request
         self.lock = threading.RLock()
@@ -121,12 +123,11 @@ class Batcher:
         self.draining = False
         # statistics (read by the server's /metrics)
         self.step_ema_s = None
-        self.cooldown = 0
         self.tokens_by_exit = {k: 0 for k in self.ladder}
         self.steps = 0
         self.row_moves = 0  # sequences moved to the front of the cache
         self.generated_tokens = 0
-        self.moves = {"down": 0, "up": 0}
+        self.moves = self.controller.moves if self.controller else {"down": 0, "up": 0}  # ceiling changes
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests, by how they ended
 
     # -- requests
@@ -172,7 +173,7 @@ class Batcher:
         if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or req.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {req.top_k!r}")
         req.target_exit, req.floor_exit, req.notes = self.resolve_exit(req)
-        req.exit = req.target_exit
+        req.exit = req.target_exit  # (the controller's ceiling applies when the prompt is admitted)
         req.prompt_ids = ids
         stop_ids = stop_token_ids(self.model, req.stop_tokens)
         req.seq = Sequence(self.model.tokenizer, req.max_new_tokens, stop_ids, list(req.stop or []))
@@ -212,6 +213,8 @@ class Batcher:
                 self._finish(req)
             while self.waiting and self.cache.rows_in_use < self.cache.B:
                 req = self.waiting.popleft()
+                if self.controller:
+                    req.exit = self.controller.capped(req.target_exit, req.floor_exit, self.controller.cap)
                 req.row = self.cache.alloc()
                 self.cache.set_tokens(req.row, req.prompt_ids)
                 req.state, self.rows[req.row] = "prefill", req
@@ -249,6 +252,10 @@ class Batcher:
         if not reqs:
             return
         n = self.cache.rows_in_use  # the rows in use are 0..n-1 (_finish keeps them at the front)
+        lengths = self.cache.length[:n].tolist()
+        if self.controller:
+            for r, k in zip(reqs, self.controller.choose([(r.target_exit, r.floor_exit, lengths[r.row]) for r in reqs])):
+                r.exit = k
         exits = [0] * n
         temperature, top_k, top_p = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n)
         uniform = torch.full((n,), 0.5)
@@ -259,12 +266,15 @@ class Batcher:
         t0 = time.perf_counter()
         engine = self.engine.prefix(n)
         engine.catch_up(exits)
+        t1 = time.perf_counter()
         nxt = engine.step(exits, temperature, top_k, top_p, uniform)
-        self._observe(time.perf_counter() - t0)
+        t2 = time.perf_counter()
+        self._observe(t2 - t0)
+        if self.controller:
+            self.controller.observe(exits, lengths, t2 - t1)  # (the step alone: catch-ups are rare)
         for r, token in [(r, int(nxt[r.row])) for r in reqs]:  # (taking one may move another's row)
             self._take(r, token)
         self.steps += 1
-        self._control()
 
     def _take(self, req: Request, token: int):
         """The request's next token: recorded, streamed, and the row either extended or freed."""
@@ -295,33 +305,8 @@ class Batcher:
             req.on_done(req)
         req._done_event.set()
 
-    # -- the load controller
     def _observe(self, seconds: float):
         self.step_ema_s = seconds if self.step_ema_s is None else 0.7 * self.step_ema_s + 0.3 * seconds
-
-    def _control(self):
-        if self.slo_s is None or self.step_ema_s is None:
-            return
-        if self.cooldown > 0:
-            self.cooldown -= 1
-            return
-        reqs = [r for r in self.rows.values() if r.state == "decode"]
-        moved = False
-        if self.step_ema_s > self.slo_s:
-            for r in reqs:
-                i = self.ladder.index(r.exit)
-                if i > 0 and self.ladder[i - 1] >= r.floor_exit:
-                    r.exit = self.ladder[i - 1]
-                    moved = True
-            self.moves["down"] += moved
-        elif self.step_ema_s < 0.8 * self.slo_s:
-            for r in reqs:
-                if r.exit < r.target_exit:
-                    r.exit = self.ladder[self.ladder.index(r.exit) + 1]
-                    moved = True
-            self.moves["up"] += moved
-        if moved:
-            self.cooldown = 3
 
     # -- the background thread
     def start(self):

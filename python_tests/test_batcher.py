@@ -114,12 +114,13 @@ def test_load_controller_lowers_exits_under_load_and_restores_them(monkeypatch):
     fixed = b.submit(Request(_ids(7, 7), max_new_tokens=150, stop_tokens=[], budget=1.0))  # no floor: never lowered
     for _ in range(30):
         b.iterate()
-    assert floor.exit == 2 and fixed.exit == L
-    assert set(floor.exit_layers) == {L, 4, 2}
+    # every step takes 40 ms whatever the exits: the ceiling goes to the lowest rung, down to the floor
+    assert floor.exit == 2 and fixed.exit == L and b.controller.cap == 2
+    assert floor.exit_layers[0] == L and floor.exit_layers[-1] == 2
     slow["on"] = False
     for _ in range(40):
         b.iterate()
-    assert floor.exit == L and b.moves["down"] >= 2 and b.moves["up"] >= 2
+    assert floor.exit == L and b.controller.cap == L and b.moves["down"] >= 1 and b.moves["up"] >= 1
     while b.busy:
         b.iterate()
     # every move was exact: the tokens are those of generate() with the same exit per step
