@@ -140,9 +140,7 @@ class Batcher:
         notes = []
         if req.exit_layer is not None:
             k = req.exit_layer
-            if isinstance(k, bool) or not isinstance(k, int) or (k != m.num_layers and k not in m.exits):
-                raise ValueError(f"exit_layer {k!r} is not attached to the model (exits: {m.exits}; "
-                                 f"{m.num_layers} is the full model)")
+            m.check_exit(k, "exit_layer")
         elif req.ms_per_token is not None:
             k, note = exit_for_latency(m, req.ms_per_token, self.calibration)
             notes += [note] if note else []

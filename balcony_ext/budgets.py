@@ -127,11 +127,7 @@ class Budgets:
     def _one(self, v, b):
         m = self.model
         if self.kind == "exit":
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"exit_layer must be an int, got {v!r}")
-            if v != m.num_layers and v not in m.exits:
-                raise ValueError(f"exit {v} is not attached to the model (exits: {m.exits}; "
-                                 f"{m.num_layers} is the full model)")
+            m.check_exit(v, "exit_layer")
             return v, None
         if self.kind == "latency":
             return exit_for_latency(m, float(v), self.cal)

@@ -108,9 +108,6 @@ class Engine:
     def kv_len(self) -> torch.Tensor:
         return self.cache.kv_len
 
-    def check_exit(self, k: int):
-        self.cache.check_exit(k)
-
     # -- multi-token passes (prefill and catch-up), the reference for the native step
     def _span(self, slot: int, x, starts, counts, outputs: str = "all"):
         """One layer over x [B,T,H] holding, for row b, positions starts[b] .. starts[b]+counts[b]-1

@@ -118,11 +118,6 @@ class KVCache:
             self._masks[key] = m
         return m
 
-    def check_exit(self, k: int):
-        if k != self.L and k not in self.exits:
-            raise ValueError(f"exit {k} is not attached to the model (exits: {self.exits}; "
-                             f"{self.L} is the full model)")
-
     def complete(self, exits: list, upto: torch.Tensor) -> bool:
         """Whether every slot each row reads at its exit holds its first upto[b] positions."""
         return not bool(((self.kv_len < upto) & self.slot_mask(exits)).any())

@@ -72,6 +72,14 @@ class BalconyModel(nn.Module):
             raise KeyError(f"no exit at depth {k}; attached exits: {self.exits}")
         return self.balconies[key]
 
+    def check_exit(self, k, what: str = "exit") -> None:
+        """Raises (naming `what`) unless k is an attached exit or num_layers (the full model)."""
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"{what} must be an int, got {k!r}")
+        if k != self.num_layers and str(k) not in self.balconies:
+            raise ValueError(f"{what} {k} is not attached to the model (exits: {self.exits}; "
+                             f"{self.num_layers} is the full model)")
+
     def balcony_parameters(self):
         return [p for p in self.balconies.parameters()]
 

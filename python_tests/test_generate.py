@@ -361,7 +361,7 @@ def test_clear_errors():
         bx.generate(m, ids, budget=0.0)
     with pytest.raises(TypeError, match="budget must be a number"):
         bx.generate(m, ids, budget="fast")
-    with pytest.raises(ValueError, match="exit 3 is not attached"):
+    with pytest.raises(ValueError, match="exit_layer 3 is not attached"):
         bx.generate(m, ids, exit_layer=3)
     with pytest.raises(ValueError, match="empty"):
         bx.generate(m, [[]])
