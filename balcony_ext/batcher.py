@@ -34,6 +34,7 @@ from .budgets import choose_exit, exit_costs, exit_for_latency, load_calibration
 from .controller import LoadController
 from .engine import Engine
 from .generate import Sequence, fresh_seed, stop_token_ids
+from .penalties import Penalties, check_penalties
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Request:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list = field(default_factory=list)
     stop_tokens: list | None = None
@@ -170,6 +174,7 @@ class Batcher:
             raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
         if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or req.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {req.top_k!r}")
+        check_penalties(req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
         req.target_exit, req.floor_exit, req.notes = self.resolve_exit(req)
         req.exit = req.target_exit  # (the controller's ceiling applies when the prompt is admitted)
         req.prompt_ids = ids
@@ -238,7 +243,8 @@ class Batcher:
             budget -= n - req.prefilled
             one = lambda x, dt: torch.tensor([x], dtype=dt)  # noqa: E731
             nxt = e.prefill_step([req.exit], one(req.temperature, torch.float32), one(req.top_k, torch.long),
-                                 one(req.top_p, torch.float32), torch.rand(1, generator=req._gen))
+                                 one(req.top_p, torch.float32), torch.rand(1, generator=req._gen),
+                                 self._penalties([req]))
             req.prefilled = n
             req.t_first = time.perf_counter()
             req.state = "decode"
@@ -265,7 +271,7 @@ class Batcher:
         engine = self.engine.prefix(n)
         engine.catch_up(exits)
         t1 = time.perf_counter()
-        nxt = engine.step(exits, temperature, top_k, top_p, uniform)
+        nxt = engine.step(exits, temperature, top_k, top_p, uniform, self._penalties(reqs, n))
         t2 = time.perf_counter()
         self._observe(t2 - t0)
         if self.controller:
@@ -273,6 +279,20 @@ class Batcher:
         for r, token in [(r, int(nxt[r.row])) for r in reqs]:  # (taking one may move another's row)
             self._take(r, token)
         self.steps += 1
+
+    @staticmethod
+    def _penalties(reqs: list, n: int | None = None):
+        """The repetition penalties of `reqs` on rows 0..n-1 (one request alone: row 0); None if all off."""
+        if all(r.presence_penalty == 0 and r.frequency_penalty == 0 and r.repetition_penalty == 1 for r in reqs):
+            return None
+        at = (lambda r: r.row) if n is not None else (lambda r: 0)  # noqa: E731
+        n = n if n is not None else 1
+        vals = {"presence": [0.0] * n, "frequency": [0.0] * n, "repetition": [1.0] * n, "start": [0] * n}
+        for r in reqs:
+            b = at(r)
+            vals["presence"][b], vals["frequency"][b] = r.presence_penalty, r.frequency_penalty
+            vals["repetition"][b], vals["start"][b] = r.repetition_penalty, len(r.prompt_ids)
+        return Penalties.of(n, vals["presence"], vals["frequency"], vals["repetition"], vals["start"])
 
     def _take(self, req: Request, token: int):
         """The request's next token: recorded, streamed, and the row either extended or freed."""

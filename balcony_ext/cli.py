@@ -90,7 +90,8 @@ def cmd_generate(args) -> int:
 
     model = _load(args, exits=args.exits_file)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              seed=args.seed, stop=args.stop or None)
+              seed=args.seed, stop=args.stop or None, presence_penalty=args.presence_penalty,
+              frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
     if args.exit is not None:
         kw["exit_layer"] = args.exit
     elif args.ms_per_token is not None:
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="Hugging Face's, > 0 (1: off)")
     g.add_argument("--stop", action="append", help="a string that ends the answer (repeatable)")
     g.add_argument("--calibration", default=None, help="a calibration file (default: the one `balcony calibrate` saved)")
     g.set_defaults(func=cmd_generate)

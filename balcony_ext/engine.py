@@ -275,13 +275,13 @@ class Engine:
             self.kv_len[slot] = torch.where(counts > 0, upto, self.kv_len[slot])
 
     # -- the prefill
-    def prefill_step(self, exits: list, temperature, top_k, top_p, uniform) -> torch.Tensor:
+    def prefill_step(self, exits: list, temperature, top_k, top_p, uniform, penalties=None) -> torch.Tensor:
         """Every prompt token, the last included, through the layers each row's exit reads in one
         batched pass; the first new token comes from the last position (no separate decode step).
         Leaves the caches as catch_up + step would; returns the next tokens [B]."""
         if bool((self.kv_len > 0).any()) or 0 in exits:
             self.catch_up(exits)
-            return self.step(exits, temperature, top_k, top_p, uniform)
+            return self.step(exits, temperature, top_k, top_p, uniform, penalties)
         w = self.w
         fin = torch.zeros(self.B, w.H, dtype=torch.float32, device=self.model.device)
         self.catch_up(exits, upto=self.cache.length, last=fin)
@@ -289,12 +289,15 @@ class Engine:
             ops.linear_rows(fin, w.head, out=self.logits)
         else:
             self.logits.copy_(_linear(fin, w.head))
+        if penalties is not None:
+            penalties.apply(self.logits, self.cache.tokens, self.cache.length)
         return ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform).cpu()
 
     # -- one decode step
-    def step(self, exits: list, temperature, top_k, top_p, uniform) -> torch.Tensor:
+    def step(self, exits: list, temperature, top_k, top_p, uniform, penalties=None) -> torch.Tensor:
         """Decodes the last token of every row at its exit; returns the next tokens [B] and leaves
-        the logits in self.logits. Rows' caches for their exits must be complete (catch_up)."""
+        the logits in self.logits. Rows' caches for their exits must be complete (catch_up).
+        penalties (penalties.Penalties): applied to the logits, and the token chosen again."""
         B = self.B
         pos = (self.cache.length - 1).clamp(min=0)
         last = self.cache.tokens[torch.arange(B), pos]
@@ -315,6 +318,9 @@ class Engine:
         else:
             nxt = self._composed_step(*self._device_inputs(last, pos, ex, temperature, top_k, top_p, uniform),
                                       exits=exits)
+        if penalties is not None:  # (the step's own choice, from the logits before them, is dropped)
+            penalties.apply(self.logits, self.cache.tokens, self.cache.length)
+            nxt = ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform)
         self.kv_len.copy_(torch.where(mask, pos + 1, self.kv_len))
         return nxt.cpu()  # (on a GPU: the step's one synchronisation, reading the next tokens)
 

@@ -26,6 +26,7 @@ import torch
 
 from .budgets import Budgets, calibration_path, load_calibration
 from .engine import Engine
+from .penalties import Penalties
 from .files import atomic_write
 
 @dataclass
@@ -130,7 +131,8 @@ class Generation:
 
     def __init__(self, model, prompts, single, budget=None, exit_layer=None, ms_per_token=None,
                  max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
-                 stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto"):
+                 stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto",
+                 presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0):
         self.t_start = time.perf_counter()  # the time to first token counts from the call
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -158,6 +160,8 @@ class Generation:
         self.top_k = rows("top_k", top_k, torch.long, lambda x: isinstance(x, numbers.Integral) and x >= 0,
                           "an int >= 0 (0: no top-k cut)")
         self.top_p = rows("top_p", top_p, torch.float32, lambda x: real(x) and 0 < x <= 1, "in (0, 1]")
+        self.penalties = Penalties.of(B, presence_penalty, frequency_penalty, repetition_penalty,
+                                      start=[len(i) for i in self.ids])
         need = max(len(i) for i in self.ids) + max_new_tokens
         if max_len is not None and need > max_len:
             raise ValueError(f"a prompt of {max(len(i) for i in self.ids)} tokens plus max_new_tokens="
@@ -192,10 +196,10 @@ class Generation:
         exits = [0 if self.done[b] else exits[b] for b in range(e.B)]
         uniform = torch.rand(e.B, generator=self.gen)
         if self.step_index == 0:
-            nxt = e.prefill_step(exits, self.temperature, self.top_k, self.top_p, uniform)
+            nxt = e.prefill_step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties)
         else:
             e.catch_up(exits)
-            nxt = e.step(exits, self.temperature, self.top_k, self.top_p, uniform)
+            nxt = e.step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties)
         pieces = [""] * e.B
         for b, q in enumerate(self.seqs):
             if not q.done:
@@ -241,7 +245,8 @@ class Generation:
 @torch.no_grad()
 def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, max_new_tokens: int = 128,
              temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None, stop_tokens=None, chat=None,
-             stream: bool = False, max_len=None, native=None, calibration="auto"):
+             stream: bool = False, max_len=None, native=None, calibration="auto", presence_penalty=0.0,
+             frequency_penalty=0.0, repetition_penalty=1.0):
     """Generates from one prompt (or a list of prompts, as one batch) at the exit the budget buys.
 
     budget: in (0, 1], a number, a per-sequence list, a schedule {from_step: budget} or a callable
@@ -249,7 +254,9 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     ms_per_token=x (needs a calibration). temperature 0 is greedy; top_k, top_p and seed for
     sampling; stop: strings that end a sequence (not included); stop_tokens: ids (default: the
     model's end-of-sequence tokens); chat: wrap a string prompt in the tokenizer's chat template
-    (default: when it has one). stream=True returns a Generation to iterate for text pieces (its
+    (default: when it has one). presence_penalty, frequency_penalty (OpenAI's, in [-2, 2]) and
+    repetition_penalty (Hugging Face's, > 0) discourage repeated tokens (see penalties.py); numbers
+    or per-sequence lists. stream=True returns a Generation to iterate for text pieces (its
     set_budget() changes the budget mid-generation); otherwise a GenerationOutput (a list for a
     list of prompts).
     """
@@ -262,7 +269,8 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     g = Generation(model, prompts, single, budget=budget, exit_layer=exit_layer, ms_per_token=ms_per_token,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    stop=stop, stop_tokens=stop_tokens, chat=chat, max_len=max_len, native=native,
-                   calibration=calibration)
+                   calibration=calibration, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                   repetition_penalty=repetition_penalty)
     if stream:
         return g
     return g.run()

@@ -5,7 +5,9 @@
 POST /v1/completions and /v1/chat/completions (OpenAI's request and response shapes, streaming as
 server-sent events), GET /v1/models, /health and /metrics (Prometheus). Beyond OpenAI's fields a
 request may give `budget` (in (0, 1]), `exit_layer` or `max_ms_per_token`, `min_budget` (the floor
-under load) and `top_k`; the OpenAI client passes them with `extra_body`. Responses add `exit_layers`
+under load), `top_k` and `repetition_penalty`; the OpenAI client passes them with `extra_body`.
+OpenAI fields the server does not implement (logit_bias, tools, response_format other than text, ...)
+get a 400 instead of being ignored. Responses add `exit_layers`
 (the exit of every generated token) and `exits` (tokens per exit). All requests run on one
 continuous-batching Batcher in a background thread.
 """
@@ -29,6 +31,11 @@ from .batcher import Batcher, Request
 from .generate import encode_prompt
 
 
+# OpenAI request fields that would change the answer and that this server does not implement
+UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "functions", "function_call", "response_format", "top_logprobs",
+               "suffix", "prediction", "audio", "modalities")
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -41,7 +48,10 @@ class _Common(BaseModel):
     stream_options: dict | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     # beyond OpenAI
+    repetition_penalty: float | None = 1.0
     budget: float | None = None
     exit_layer: int | None = None
     max_ms_per_token: float | None = None
@@ -165,6 +175,10 @@ def create_app(model, batcher: Batcher, model_id: str | None = None) -> FastAPI:
                                             "num_layers": model.num_layers}]}
 
     def request_from(body: _Common, ids: list, max_tokens: int | None) -> Request:
+        for name in UNSUPPORTED:  # OpenAI parameters this server cannot honour: refused, not ignored
+            value = (body.model_extra or {}).get(name)
+            if value not in (None, False, {}, []) and not (name == "response_format" and value == {"type": "text"}):
+                raise APIError(400, f"{name} is not supported by this server", param=name)
         if body.model is not None and body.model != model_id:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_id!r}",
                            param="model", code="model_not_found")
@@ -179,7 +193,9 @@ def create_app(model, batcher: Batcher, model_id: str | None = None) -> FastAPI:
                        ms_per_token=body.max_ms_per_token, min_budget=body.min_budget,
                        temperature=1.0 if body.temperature is None else body.temperature,
                        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
-                       stop=stop)
+                       stop=stop, presence_penalty=body.presence_penalty or 0.0,
+                       frequency_penalty=body.frequency_penalty or 0.0,
+                       repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
 
     async def run(http: HTTPRequest, req: Request, stream: bool, shape):
         loop = asyncio.get_running_loop()

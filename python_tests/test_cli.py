@@ -54,6 +54,10 @@ def test_train_then_eval(tmp_path, capsys):
     assert "tok/s" in out and "x full" in out
     assert main(["generate", "--exits-file", str(exits), "--budget", "1.5", "Hi"]) == 2
     assert "budget must be in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", "--exits-file", str(exits), "--frequency-penalty", "3", "Hi"]) == 2
+    assert "frequency_penalty must be a number in [-2, 2]" in capsys.readouterr().err
+    assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--repetition-penalty", "1.3",
+                 "--max-new-tokens", "4", "Hi"]) == 0
 
 
 @pytest.mark.slow

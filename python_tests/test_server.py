@@ -175,6 +175,10 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
     ({"prompt": ""}, 400, "empty"),
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
 ])
 def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(server, model, body, status, needle):
     with httpx.Client(base_url=server.url, timeout=30) as h:
@@ -187,6 +191,20 @@ def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(serve
         assert needle in err["message"] and err["type"]
         ok = h.post("/v1/completions", json={"prompt": "still there?", "max_tokens": 2, "temperature": 0})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_penalties_are_applied(server, model):
+    """frequency_penalty (OpenAI's field) and repetition_penalty (extra_body) reach the generation."""
+    ids = model.tokenizer.encode("the the the the", add_special_tokens=False)
+    kw = dict(prompt="the the the the", max_tokens=8, temperature=0, model=model.name)
+    for extra, gen in [(dict(frequency_penalty=1.5), dict(frequency_penalty=1.5)),
+                       (dict(extra_body={"repetition_penalty": 1.7}), dict(repetition_penalty=1.7))]:
+        r = server.client.completions.create(**kw, **extra)
+        alone = bx.generate(model, ids, max_new_tokens=8, calibration=None, **gen)
+        assert r.choices[0].text == alone.text
+    r = server.client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                              response_format={"type": "text"}, model=model.name)  # the default
+    assert r.usage.completion_tokens >= 1
 
 
 def test_health_and_metrics(server, model):
