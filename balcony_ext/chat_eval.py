@@ -74,11 +74,13 @@ def _strip_stop(tokens: list, stop_ids: set) -> list:
 
 @torch.no_grad()
 def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, batch_size: int = 16, heads=None,
-                  free: bool = True, n_instructions: int = 4000, seed: int = 0, progress: bool = True) -> dict:
+                  free: bool = True, n_instructions: int = 4000, seed: int = 0, progress: bool = True,
+                  decoding: dict | None = None) -> dict:
     """Chat figures per exit (see the module docstring). prompts: how many held-out instructions,
     or the instruction texts themselves. heads: extra teacher-forced-only methods {(method, k):
-    fn(hidden_k) -> logits} (e.g. affine exits). Returns {(method, k): {figures}}, the full model
-    under ("full", num_layers) with its own chat_rep4."""
+    fn(hidden_k) -> logits} (e.g. affine exits). decoding: generate() options for the exits' free
+    answers (e.g. {"frequency_penalty": 0.5}; the full model's reference answers stay greedy).
+    Returns {(method, k): {figures}}, the full model under ("full", num_layers) with its own chat_rep4."""
     from tqdm.auto import tqdm
 
     from .generate import stop_token_ids, encode_prompt, generate
@@ -93,11 +95,11 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
     steps = len(chunks) * (2 + (len(model.exits) if free else 0))
     bar = tqdm(total=steps, desc="chat evaluation", disable=not progress)
 
-    def answers(k):
+    def answers(k, **kw):
         out = []
         for rows in chunks:
             res = generate(model, [ids[i] for i in rows], exit_layer=k, max_new_tokens=max_new_tokens,
-                           calibration=None)
+                           calibration=None, **kw)
             out += [r.tokens for r in res]
             bar.update(1)
         return out
@@ -140,11 +142,12 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
         out[key] = dict(chat_top1=s["top1"] / max(1, n_answer), chat_kl=s["kl"] / max(1, n_answer))
     if free:
         for k in model.exits:
-            got = [_strip_stop(t, stop) for t in answers(k)]
+            got = [_strip_stop(t, stop) for t in answers(k, **(decoding or {}))]
             out[("balcony", k)].update(
                 chat_rep4=sum(map(repeated_ngram_share, got)) / len(got),
                 chat_prefix=sum(common_prefix(g, r) for g, r in zip(got, ref)) / len(got),
                 chat_f1=sum(token_f1(g, r) for g, r in zip(got, ref)) / len(got))
     bar.close()
-    out["_info"] = dict(chat_prompts=len(texts), chat_answer_tokens=n_answer, chat_max_new_tokens=max_new_tokens)
+    out["_info"] = dict(chat_prompts=len(texts), chat_answer_tokens=n_answer, chat_max_new_tokens=max_new_tokens,
+                        **({"chat_decoding": dict(decoding)} if decoding else {}))
     return out

@@ -42,6 +42,12 @@ def test_an_exit_that_copies_the_full_model_agrees_fully():
     assert copy["chat_rep4"] == pytest.approx(full["chat_rep4"])
     assert weak["chat_top1"] < 0.9 and weak["chat_kl"] > 1e-3 and weak["chat_f1"] < 1
     assert rows["_info"]["chat_prompts"] == 6 and rows["_info"]["chat_answer_tokens"] > 6
+    # decoding options reach the exits' free answers only: a strong penalty moves the copy off the
+    # full model's greedy answer, and the teacher-forced figures do not change
+    pen = evaluate_chat(model, prompts=6, max_new_tokens=10, batch_size=4, n_instructions=400, progress=False,
+                        decoding={"repetition_penalty": 5.0})
+    assert pen[("balcony", L - 1)]["chat_f1"] < 1.0 and pen[("full", L)] == full
+    assert pen[("balcony", L - 1)]["chat_top1"] == 1.0 and pen["_info"]["chat_decoding"] == {"repetition_penalty": 5.0}
 
 
 def test_teacher_forced_figures_match_a_direct_computation():
