@@ -33,7 +33,7 @@ import torch
 from .budgets import choose_exit, exit_costs, exit_for_latency, load_calibration
 from .controller import LoadController
 from .engine import Engine
-from .generate import Sequence, fresh_seed, stop_token_ids
+from .generate import Sequence, check_seed, fresh_seed, stop_strings, stop_token_ids
 from .penalties import Penalties, check_penalties
 
 
@@ -179,7 +179,8 @@ class Batcher:
         req.exit = req.target_exit  # (the controller's ceiling applies when the prompt is admitted)
         req.prompt_ids = ids
         stop_ids = stop_token_ids(self.model, req.stop_tokens)
-        req.seq = Sequence(self.model.tokenizer, req.max_new_tokens, stop_ids, list(req.stop or []))
+        check_seed(req.seed)
+        req.seq = Sequence(self.model.tokenizer, req.max_new_tokens, stop_ids, stop_strings(req.stop))
         req._gen = torch.Generator().manual_seed(req.seed if req.seed is not None else fresh_seed())
         with self.lock:
             if self.draining:

@@ -53,6 +53,31 @@ def _prompt_type_error(prompt) -> TypeError:
                      f"of ints), got {type(prompt).__name__} {reprlib.repr(prompt)}")
 
 
+def _from_array(prompt):
+    """A tensor or array of token ids (1-D: one prompt, 2-D: one per row) as lists of ints."""
+    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+        t = torch.as_tensor(prompt)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() not in (1, 2):
+            raise TypeError(f"a tensor of token ids must be 1-D or 2-D of integers, got {t.dim()}-D {t.dtype}")
+        return t.tolist()
+    return prompt
+
+
+def check_seed(seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not -2**63 <= seed < 2**64):
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {reprlib.repr(seed)}")
+
+
+def stop_strings(stop) -> list:
+    """The stop strings as a list: a string, or a list of non-empty strings."""
+    items = [stop] if isinstance(stop, str) else list(stop or [])
+    for s in items:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {reprlib.repr(stop)}")
+    return items
+
+
 def fresh_seed() -> int:
     """A seed from the OS for an unseeded generation (torch.seed() would reseed the global generator)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
@@ -62,6 +87,8 @@ def encode_prompt(tok, prompt, chat=None) -> list:
     """Token ids of a prompt: a list of ids as is; a string through the chat template when `chat` (default:
     when the tokenizer has one), else plainly tokenised."""
     if _is_token_ids(prompt):
+        if chat:
+            raise ValueError("chat=True applies the chat template to a text prompt; token ids are used as given")
         return list(prompt)
     if not isinstance(prompt, str):
         raise _prompt_type_error(prompt)
@@ -93,7 +120,14 @@ def stop_token_ids(model, stop_tokens=None) -> set:
         elif eos:
             ids.update(eos)
     else:
+        if isinstance(stop_tokens, (str, bytes)) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in stop_tokens):
+            raise ValueError(f"stop_tokens must be a list of token ids (ints), got {reprlib.repr(stop_tokens)}")
         ids.update(int(t) for t in stop_tokens)
+        V = model.adapter.vocab_size
+        outside = sorted(t for t in ids if not 0 <= t < V)
+        if outside:
+            raise ValueError(f"stop token {outside[0]} is outside the vocabulary (ids 0..{V - 1})")
     return ids
 
 
@@ -171,8 +205,11 @@ class Generation:
         # the engine (its cache) is allocated when the generation starts, inside the time to first token
         self.engine, self._engine_args = None, (B, max_len or need, native)
         stop_ids = stop_token_ids(model, stop_tokens)
-        stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
-        self.seqs = [Sequence(model.tokenizer, max_new_tokens, stop_ids, stop_strings) for _ in range(B)]
+        stops = stop_strings(stop)
+        check_seed(seed)
+        if native not in (None, True, False):
+            raise ValueError(f"native must be True, False or None (the native step where it exists), got {native!r}")
+        self.seqs = [Sequence(model.tokenizer, max_new_tokens, stop_ids, stops) for _ in range(B)]
         self.gen = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
         self.step_index = 0
         self.t_first = None
@@ -248,6 +285,8 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
              stream: bool = False, max_len=None, native=None, calibration="auto", presence_penalty=0.0,
              frequency_penalty=0.0, repetition_penalty=1.0):
     """Generates from one prompt (or a list of prompts, as one batch) at the exit the budget buys.
+    A prompt is a string or token ids (a list of ints, or a 1-D tensor; a list of prompts or a 2-D
+    tensor of ids makes a batch).
 
     budget: in (0, 1], a number, a per-sequence list, a schedule {from_step: budget} or a callable
     step -> budget (the exit may change from token to token). Or exit_layer=k, or
@@ -260,6 +299,7 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     set_budget() changes the budget mid-generation); otherwise a GenerationOutput (a list for a
     list of prompts).
     """
+    prompt = _from_array(prompt)
     if not isinstance(prompt, (str, list, tuple)):
         raise _prompt_type_error(prompt)
     if not prompt and not isinstance(prompt, str):

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from balcony_ext.data import Corpus, prepare, read_documents, sample_self, split_by_document
-from balcony_ext.model import attach
+from balcony_ext.data import prepare, read_documents, sample_self, split_by_document
 from tiny_models import tiny_balcony
 
 

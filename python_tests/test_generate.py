@@ -352,6 +352,20 @@ def test_sampling_is_seeded_and_stops():
     assert greedy.finish_reason == "length"
 
 
+def test_tensor_prompts_are_token_ids():
+    m = _model()
+    prompts = _prompts(2, lengths=(6,))
+    as_lists = bx.generate(m, prompts, max_new_tokens=3, stop_tokens=[])
+    as_tensor = bx.generate(m, torch.tensor(prompts), max_new_tokens=3, stop_tokens=[])  # 2-D: a batch
+    one = bx.generate(m, torch.tensor(prompts[0]), max_new_tokens=3, stop_tokens=[])  # 1-D: one prompt
+    assert [o.tokens for o in as_tensor] == [o.tokens for o in as_lists] and one.tokens == as_lists[0].tokens
+    for bad in (torch.tensor(prompts, dtype=torch.float32), torch.tensor(prompts)[None]):
+        with pytest.raises(TypeError, match="1-D or 2-D of integers"):
+            bx.generate(m, bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="chat=True applies the chat template to a text prompt"):
+        bx.generate(m, prompts[0], chat=True, max_new_tokens=2)
+
+
 def test_clear_errors():
     m = _model()
     ids = _prompts(1)[0]
@@ -393,11 +407,18 @@ def test_clear_errors():
     (dict(top_p=[0.9, 1.0, 1.5]), r"top_p must be in \(0, 1\], got 1.5"),
     (dict(top_k=[0, -3, 5]), r"top_k must be an int >= 0 .*got -3"),
     (dict(top_k=[0, 5]), "2 per-sequence top_k values for 3 prompts"),
+    (dict(seed=2**70), r"seed must be an int in \[-2\*\*63, 2\*\*64\)"),
+    (dict(seed=1.5), "seed must be an int"),
+    (dict(stop=[""]), "stop must be a non-empty string"),
+    (dict(stop=[5]), "stop must be a non-empty string"),
+    (dict(stop_tokens="x"), "stop_tokens must be a list of token ids"),
+    (dict(stop_tokens=[10**7]), "stop token 10000000 is outside the vocabulary"),
+    (dict(native="yes"), "native must be True, False or None"),
 ])
 def test_sampling_arguments_checked(kw, match):
     m = _model()
     with pytest.raises(ValueError, match=match):
-        bx.generate(m, _prompts(3), max_new_tokens=2, stop_tokens=[], **kw)
+        bx.generate(m, _prompts(3), max_new_tokens=2, **{"stop_tokens": [], **kw})
 
 
 def test_sampling_argument_bounds_accepted():

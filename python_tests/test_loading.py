@@ -1,6 +1,5 @@
 """bx.load: local checkpoints (tiny, fast) and the bundled default (slow: fetch/convert once, then cached)."""
 
-import os
 
 import pytest
 import torch

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-import balcony_ext as bx
 from balcony_ext.adapters import UnsupportedModelError, adapter_for
-from balcony_ext.model import BalconyModel, attach
+from balcony_ext.model import attach
 from tiny_models import tiny_balcony, tiny_hf
 
 

@@ -178,6 +178,8 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
     ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
+    ({"prompt": "x", "seed": 2**70}, 400, "seed must be an int"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop must be a non-empty string"),
     ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
 ])
 def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(server, model, body, status, needle):

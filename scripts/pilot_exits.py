@@ -15,7 +15,6 @@ chat-exits is those exits' own answers to the instructions, which the full model
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
