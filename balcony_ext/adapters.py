@@ -13,6 +13,8 @@ Llama (SmolLM, SmolLM2 are Llama), Mistral, Qwen2, Qwen3.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -193,9 +195,9 @@ class LlamaFamilyAdapter:
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
         )
+        kwargs[_cache_keyword(masking_utils.create_causal_mask)] = past_key_values
         masks = {FULL: masking_utils.create_causal_mask(**kwargs)}
         types = {self.layer_type(i) for i in range(self.num_layers)}
         if SLIDING in types:
@@ -204,19 +206,27 @@ class LlamaFamilyAdapter:
         return Context(position_ids, pos, masks, past_key_values, use_cache)
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, ctx: Context, layer_type: str = FULL):
+        cache = {_cache_keyword(type(layer).forward): ctx.past_key_values}
         out = layer(
             hidden,
             attention_mask=ctx.masks.get(layer_type, ctx.masks[FULL]),
             position_ids=ctx.position_ids,
-            past_key_values=ctx.past_key_values,
             use_cache=ctx.use_cache,
             position_embeddings=ctx.position_embeddings,
+            **cache,
         )
         # transformers 5.x returns the hidden state; 4.x returned a tuple.
         return out[0] if isinstance(out, tuple) else out
 
     def run_base_layer(self, index: int, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
         return self.run_layer(self.layers[index], hidden, ctx, self.layer_type(index))
+
+
+@functools.cache
+def _cache_keyword(fn) -> str:
+    """The name under which `fn` takes the KV cache: `cache` (transformers >= 5.2x), else the older
+    `past_key_values` (deprecated there)."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def adapter_for(hf_model: nn.Module) -> LlamaFamilyAdapter:
