@@ -15,7 +15,8 @@ The recipe (chosen by the pilot runs in docs/results/pilots.json):
 Everything is cached or checkpointed outside the repository (--run-dir, the chat cache): run the same
 command again after an interruption and it resumes where it stopped (answer generation included).
 When training is complete it evaluates every exit on held-out instructions (chat agreement, KL, free
-answers), held-out Shakespeare plays and held-out Python documentation, and writes
+answers, greedy and with frequency_penalty 0.3), held-out Shakespeare plays and held-out Python
+documentation, and writes
   balcony_ext/exits/smollm2-135m-instruct.safetensors  (bf16, the exits `bx.load()` attaches)
   balcony_ext/exits/smollm2-135m-instruct.eval.json    (the report `balcony demo` shows)
   docs/results/default_exits.json/.png, docs/results/default_exits_python_docs.json
@@ -115,6 +116,13 @@ def main():
                          chat_prompts=args.chat_prompts)
     docs = bx.evaluate(model, data="python-docs", seq_len=args.seq, max_tokens=args.eval_tokens, affine=run["affine"],
                        baselines=())
+    # the exits' free answers again with the decoding `balcony demo` uses (frequency_penalty 0.3)
+    from balcony_ext.chat_eval import evaluate_chat
+
+    decoding = {"frequency_penalty": 0.3}
+    penalised = evaluate_chat(model, prompts=args.chat_prompts, decoding=decoding)
+    report.info["chat_free_answers_with"] = dict(decoding=decoding, rows={
+        str(k): {f: penalised[("balcony", k)][f] for f in ("chat_rep4", "chat_prefix", "chat_f1")} for k in model.exits})
     training = dict(tokens=model.tokens_trained, step_seconds=seconds, batch=args.batch, seq_len=args.seq,
                     recipe=recipe, chat_data=chat.describe(), final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None)
     report.info["training"] = docs.info["training"] = training
