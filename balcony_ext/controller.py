@@ -27,7 +27,7 @@ import numpy as np
 
 class LoadController:
     def __init__(self, ladder: list, costs: dict, slo_s: float, window: int = 64, decay: float = 0.9,
-                 margin: float = 0.9, raise_margin: float = 0.75, ridge: float = 1e-4):
+                 margin: float = 0.95, raise_margin: float = 0.85, ridge: float = 1e-4):
         if not slo_s > 0:
             raise ValueError(f"the step-time target must be positive, got {slo_s * 1000:g} ms")
         self.ladder = sorted(ladder)  # exits, cheapest first; the last is the full model

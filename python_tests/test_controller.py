@@ -39,7 +39,7 @@ def test_the_model_learns_the_machine():
 
 def test_the_ceiling_is_the_highest_rung_that_fits_and_respects_floors():
     # 8 rows at full depth: 2 + 10 + 8 = 20 ms; the target, 17 ms, fits exit 22 (2 + 8 + 6.4 = 16.4 ms)
-    ctl = LoadController(LADDER, COSTS, slo_s=0.017 / 0.9)
+    ctl = LoadController(LADDER, COSTS, slo_s=0.017 / 0.9, margin=0.9, raise_margin=0.75)
     rows = [(30, 8, 100)] * 8
     assert run(ctl, rows, 40) == [22] * 8 and ctl.cap == 22
     # one of them may not go below the full model: the weights of the full depth stay in every step,
