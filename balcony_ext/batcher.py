@@ -17,7 +17,8 @@ token and every later token are computed exactly as `bx.generate` computes them 
 The load controller (`slo_ms_per_token`, controller.LoadController): before each step it predicts
 the step's time from what it computes (fitted on the steps measured so far) and puts a ceiling on the
 exits so that the prediction fits the target; a sequence never goes below its request's
-`min_budget` and goes back up to what it asked for when the load falls. Every move is exact (catch-up).
+`min_budget` and goes back up to what it asked for when the load falls. With `admission_control`, a waiting request is admitted only if
+the step predicted with everyone at their floors fits the target. Every move is exact (catch-up).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class Request:
 
 class Batcher:
     def __init__(self, model, max_batch: int = 8, max_len: int = 2048, prefill_chunk: int = 256,
-                 slo_ms_per_token: float | None = None, native: bool | None = None, calibration="auto"):
+                 slo_ms_per_token: float | None = None, native: bool | None = None, calibration="auto",
+                 admission_control: bool = False):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be positive, got {max_batch} and {prefill_chunk}")
         self.model = model
@@ -117,6 +119,7 @@ class Batcher:
         self.slo_s = slo_ms_per_token / 1000.0 if slo_ms_per_token else None
         self.controller = (LoadController(self.ladder, exit_costs(model, self.calibration), self.slo_s)
                            if self.slo_s else None)
+        self.admission_control = admission_control and self.controller is not None
         self.waiting: deque = deque()
         self.rows: dict = {}  # row -> Request
         self.lock = threading.RLock()
@@ -130,6 +133,7 @@ class Batcher:
         self.tokens_by_exit = {k: 0 for k in self.ladder}
         self.steps = 0
         self.row_moves = 0  # sequences moved to the front of the cache
+        self.held = 0  # iterations in which the controller kept a waiting request out
         self.generated_tokens = 0
         self.moves = self.controller.moves if self.controller else {"down": 0, "up": 0}  # ceiling changes
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # requests, by how they ended
@@ -216,6 +220,11 @@ class Batcher:
             for req in [r for r in self.rows.values() if r.cancelled]:
                 self._finish(req)
             while self.waiting and self.cache.rows_in_use < self.cache.B:
+                if self.admission_control and self.rows and not self.controller.admits(
+                        [(r.target_exit, r.floor_exit, int(self.cache.length[r.row])) for r in self.rows.values()],
+                        (self.waiting[0].target_exit, self.waiting[0].floor_exit, len(self.waiting[0].prompt_ids))):
+                    self.held += 1
+                    break  # the load controller holds it in the queue: the floors could not keep the target
                 req = self.waiting.popleft()
                 if self.controller:
                     req.exit = self.controller.capped(req.target_exit, req.floor_exit, self.controller.cap)

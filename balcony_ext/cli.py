@@ -205,7 +205,8 @@ def cmd_serve(args) -> int:
     model = _load(args, exits=args.exits_file)
     print(f"serving {model.name} ({model.num_layers} layers, exits {model.exits}) at http://{args.host}:{args.port}/v1")
     serve(model, host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len,
-          prefill_chunk=args.prefill_chunk, slo_ms_per_token=args.slo_ms_per_token)
+          prefill_chunk=args.prefill_chunk, slo_ms_per_token=args.slo_ms_per_token,
+          admission_control=args.admission_control)
     return 0
 
 
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
     s.add_argument("--slo-ms-per-token", type=float, default=None,
                    help="target step time: under load, requests that allow it (min_budget) move to cheaper exits")
+    s.add_argument("--admission-control", action="store_true",
+                   help="with --slo-ms-per-token: keep new requests queued while even the floors would break the target")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the default model with its shipped exits, one prompt at several budgets")

@@ -351,7 +351,8 @@ class _Shape:
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_len: int | None = None,
-          prefill_chunk: int = 256, slo_ms_per_token: float | None = None, log_level: str = "info"):
+          prefill_chunk: int = 256, slo_ms_per_token: float | None = None, admission_control: bool = False,
+          log_level: str = "info"):
     """Serves `model` until SIGINT/SIGTERM (then: no new requests, the running ones finish)."""
     import uvicorn
 
@@ -359,6 +360,6 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, 
 
     max_len = max_len or min(2048, native_weights(model).max_positions)
     batcher = Batcher(model, max_batch=max_batch, max_len=max_len, prefill_chunk=prefill_chunk,
-                      slo_ms_per_token=slo_ms_per_token)
+                      slo_ms_per_token=slo_ms_per_token, admission_control=admission_control)
     app = create_app(model, batcher)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -5,8 +5,8 @@
 Requests arrive as a Poisson process at each rate (requests/s), each asking for a budget drawn from
 --budgets and allowing the controller down to --min-budget; prompts are held-out instructions in the
 chat template. Every request runs through the same Batcher the server uses (in process: no HTTP).
-For each rate, without and then with the controller (the target: --slo-ms, default 1.25x the full
-model's step time at batch 1, measured first): throughput (generated tokens/s over the run), time
+For each rate, without the controller, with it, and with it and its admission control (the target:
+--slo-ms, default 1.25x the full model's step time at batch 1, measured first): throughput (generated tokens/s over the run), time
 to first token and inter-token latency p50 / p99, and the share of decode steps over the target.
 First, the batching gain: aggregate decode tokens/s with 1, 4 and 8 sequences at full depth.
 Table, then a JSON line.
@@ -49,7 +49,8 @@ def batching_gain(model, prompt_ids, tokens):
 
 def run_load(model, prompts, rate, n_requests, budgets, min_budget, max_tokens, slo_ms, controller, seed):
     rng = random.Random(seed)
-    b = Batcher(model, max_batch=8, max_len=512, slo_ms_per_token=slo_ms if controller else None, calibration=None)
+    b = Batcher(model, max_batch=8, max_len=512, slo_ms_per_token=slo_ms if controller != "off" else None,
+                calibration=None, admission_control=controller == "on+admission")
     steps_over, steps = [0], [0]
     observe = b._observe
 
@@ -120,7 +121,7 @@ def main():
     print(f"latency target: {slo:.1f} ms per step (full model alone: {single_ms:.1f} ms)\n")
     rows = []
     for rate in args.rates:
-        for controller in (False, True):
+        for controller in ("off", "on", "on+admission"):
             rows.append(run_load(model, prompts, rate, args.requests, args.budgets, args.min_budget, args.max_tokens,
                                  slo, controller, args.seed))
     print_table(rows, [("rate", "req/s", "g"), ("controller", "controller", ""), ("tokens_per_s", "tok/s", ".1f"),

@@ -8,6 +8,7 @@ import torch
 
 import balcony_ext as bx
 from balcony_ext.batcher import Batcher, Request
+from balcony_ext.engine import Engine
 from balcony_ext.model import attach
 from tiny_models import tiny_balcony
 
@@ -127,6 +128,27 @@ def test_load_controller_lowers_exits_under_load_and_restores_them(monkeypatch):
     alone = bx.generate(m, floor.prompt_ids, exit_layer=lambda s: floor.exit_layers[s], max_new_tokens=150,
                         stop_tokens=[], calibration=None)
     assert floor.tokens == alone.tokens
+
+
+def test_load_controller_holds_requests_the_floors_cannot_serve(monkeypatch):
+    m = _model()
+    b = Batcher(m, max_batch=3, max_len=200, slo_ms_per_token=20, calibration=None, admission_control=True)
+    step = Engine.step
+
+    def slowed(self, *args, **kwargs):
+        time.sleep(0.03)  # every step is over the target, whatever the exits
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "step", slowed)
+    first = b.submit(Request(_ids(5, 6), max_new_tokens=20, stop_tokens=[], budget=1.0, min_budget=0.01))
+    for _ in range(6):  # steps measured at full depth, then at the floor: >= 30 ms wherever it goes
+        b.iterate()
+    assert first.exit == 2
+    second = b.submit(Request(_ids(7, 7), max_new_tokens=6, stop_tokens=[], budget=1.0, min_budget=0.01))
+    while b.busy:
+        b.iterate()
+    assert b.held > 0 and second.t_first > first.t_done  # it waited for the first to finish
+    assert first.finish_reason == second.finish_reason == "length"
 
 
 @pytest.mark.parametrize("kw,match", [

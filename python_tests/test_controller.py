@@ -58,3 +58,15 @@ def test_nothing_fits_the_lowest_rung():
     assert run(ctl, [(30, 8, 10), (22, 15, 10)], 10) == [8, 15] and ctl.cap == 8
     with pytest.raises(ValueError, match="positive"):
         LoadController(LADDER, COSTS, slo_s=0)
+
+
+def test_admission_only_when_the_floors_keep_the_target():
+    ctl = LoadController(LADDER, COSTS, slo_s=0.009)
+    assert ctl.admits([(30, 8, 10)] * 5, (30, 8, 10))  # nothing measured yet: admitted
+    for n in (1, 3, 4, 2, 5, 3):  # sequences come and go
+        run(ctl, [(30, 8, 100)] * n, 5)
+    # at their floors (exit 8): 2 + 4 + 0.4 per row ms: 7 rows fit 9 ms, 12 rows do not
+    assert ctl.admits([(30, 8, 100)] * 6, (30, 8, 100))
+    assert not ctl.admits([(30, 8, 100)] * 11, (30, 8, 100))
+    # a newcomer whose floor is the full model weighs the whole depth
+    assert not ctl.admits([(30, 8, 100)] * 2, (30, 30, 100))
