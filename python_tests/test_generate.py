@@ -13,6 +13,7 @@ import balcony_ext as bx
 from balcony_ext.budgets import choose_exit, exit_costs
 from balcony_ext.engine import Engine
 from balcony_ext.model import attach
+from step_checks import assert_native_matches_composed
 from tiny_models import tiny_balcony
 
 L = 6
@@ -42,23 +43,8 @@ def _fresh_logits(model, ids, k):
                          ids=["llama-fp32", "qwen2-bias-fp32", "qwen3-qknorm-fp32", "llama-bf16"])
 def test_native_step_matches_composed_step(model_type, dtype, cpu_capability):
     m = _model(model_type, dtype)
-    prompts = _prompts(4)
-    B = len(prompts)
-    exits = [2, 4, L, 2]
-    engines = [Engine(m, B, 32, native=True), Engine(m, B, 32, native=False)]
-    zeros = torch.zeros(B)
-    for e in engines:
-        e.add_prompts(prompts)
-    for step in range(5):
-        nxt = []
-        for e in engines:
-            e.catch_up(exits)
-            nxt.append(e.step(exits, zeros, torch.zeros(B, dtype=torch.long), torch.ones(B), torch.rand(B)))
-        tol = 2e-4 if dtype == torch.float32 else 2e-3
-        torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=tol, rtol=tol)
-        for e in engines:
-            for b in range(B):
-                e.append(b, int(nxt[1][b]))
+    tol = 2e-4 if dtype == torch.float32 else 2e-3
+    engines = assert_native_matches_composed(m, _prompts(4), [2, 4, L, 2], steps=5, tol=tol)
     for a, b in zip(engines[0].cache.k, engines[1].cache.k):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     for a, b in zip(engines[0].cache.kept, engines[1].cache.kept):

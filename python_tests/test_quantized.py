@@ -8,6 +8,7 @@ import balcony_ext as bx
 from balcony_ext import ops
 from balcony_ext.engine import Engine
 from balcony_ext.model import attach
+from step_checks import assert_native_matches_composed
 from tiny_models import tiny_balcony
 
 L = 6
@@ -44,21 +45,7 @@ def test_quantize_rounds_the_model_and_the_engine_reads_q8_blocks():
 
 def test_int8_native_step_matches_the_composed_step(cpu_capability):
     m = bx.quantize(_model(), "int8")
-    prompts = _prompts(4)
-    exits = [2, 4, L, 2]
-    engines = [Engine(m, 4, 32, native=True), Engine(m, 4, 32, native=False)]
-    for e in engines:
-        e.add_prompts(prompts)
-    for _ in range(4):
-        nxt = []
-        for e in engines:
-            e.catch_up(exits)
-            nxt.append(e.step(exits, torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4)))
-        torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=2e-4, rtol=2e-4)
-        assert torch.equal(nxt[0], nxt[1])
-        for e in engines:
-            for b in range(4):
-                e.append(b, int(nxt[0][b]))
+    assert_native_matches_composed(m, _prompts(4), [2, 4, L, 2], steps=4, tol=2e-4, same_tokens=True)
 
 
 @pytest.mark.parametrize("k", [2, 4, L])
