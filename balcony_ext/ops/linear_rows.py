@@ -51,9 +51,21 @@ def weight_matrix(weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return dequantize_q8(weight, dtype) if weight.dtype == torch.uint8 else weight.to(dtype)
 
 
+def round_rows_i16(x: torch.Tensor) -> torch.Tensor:
+    """x [M,K] float32 as the Q8 path reads it: each row rounded to int16 steps of max|row| / 32767
+    (to nearest, ties to even), returned as the float32 values those integers stand for."""
+    x = x.float()
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    return torch.round(x * inv) * (amax / 32767.0)
+
+
 def reference_linear_rows(x, weight, bias=None):
-    """The specification: x [M,K] float32 @ weight[N,K]^T (widened to float32, Q8 blocks dequantised)
-    + bias, float32 [M,N]."""
+    """The specification: x [M,K] float32 @ weight[N,K]^T (widened to float32; Q8 blocks dequantised
+    and x rounded to int16 per row, `round_rows_i16`) + bias, float32 [M,N]."""
+    if weight.dtype == torch.uint8:
+        out = (round_rows_i16(x).double() @ weight_matrix(weight).double().T).float()
+        return out + bias.float() if bias is not None else out
     out = x.float() @ weight_matrix(weight).T
     return out + bias.float() if bias is not None else out
 
@@ -61,7 +73,8 @@ def reference_linear_rows(x, weight, bias=None):
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 accumulate: bool = False) -> torch.Tensor:
     """x [M,K] float32 times weight [N,K] (float32, bfloat16 or Q8 blocks, read once) transposed, plus
-    bias [N] float32: float32 [M,N]. With `out`, writes (accumulate=False) or adds (True) into it.
+    bias [N] float32: float32 [M,N]. With Q8 blocks each row of x is first rounded to int16 (one scale
+    per row; see round_rows_i16) and every block's dot product is exact integer arithmetic. With `out`, writes (accumulate=False) or adds (True) into it.
     Meant for the few rows of a decode step, where the weight read is the whole cost."""
     if out is None:
         out = x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)

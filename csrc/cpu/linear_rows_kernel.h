@@ -1,7 +1,9 @@
 // out[m, n] (+)= sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows of x: the matrix-vector
 // products of a decode step, where the weight is read once per step and memory bandwidth is
 // the limit. x, bias and out are float32; w is float32, bfloat16 (widened in registers) or Q8
-// (int8 blocks of 32 with a float16 scale each, see balcony/dtypes.h: widened and scaled in registers).
+// (int8 blocks of 32 with a float16 scale each, see balcony/dtypes.h). For Q8, x is first rounded
+// to int16 with one scale per row (relative error <= 2^-16 of the row's largest value) and each
+// block's dot product is exact integer arithmetic, scaled once per block.
 //
 // One weight row at a time, read front to back, feeding up to 8 rows of x (a few KiB, in L1).
 // NOTE: interleaving the loads of 4 weight rows (a 4-row register tile, the usual GEMM shape)
@@ -50,49 +52,108 @@ inline void linear_row(const float* x, int64_t x_stride, const T* wr, int64_t K,
   }
 }
 
-// The same for one Q8 weight row: per block of 32, the int8 values widened and multiplied by the
-// block's scale, then the same accumulation as above (U accumulators, MR-independent order).
+// x rounded to int16 for Q8 weights: one scale per row, x16 = round(x / scale), scale = max|x| / 32767
+// (0 for an all-zero row). Written out once per call and row; every row's rounding is its own.
+inline void quantize_rows_i16(const float* x, int64_t x_stride, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * x_stride;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
+    const float scale = amax / 32767.f;
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    int16_t* q = xq + m * K;
+    for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int16_t>(std::nearbyint(r[k] * inv));
+    xs[m] = scale;
+  }
+}
+
+// sum over one block of 32 of w[k] * x[k] (int8 x int16 -> int32, exact), as float lanes to be scaled.
+// AVX-512BW / AVX2: the weights sign-extended to int16 (vpmovsxbw), multiplied pairwise and summed
+// into int32 (vpmaddwd): 2 instructions per 16 or 32 weights where widening to float took 4 per 16.
+#if BALCONY_VEC_WIDTH == 16
+typedef short v32hi_t __attribute__((vector_size(64)));
+typedef char v32qi_t __attribute__((vector_size(32)));
+typedef int v16si_t __attribute__((vector_size(64)));
+inline v32hi_t widen_block(const int8_t* w) {
+  v32qi_t b;
+  std::memcpy(&b, w, 32);
+  return (v32hi_t)__builtin_ia32_pmovsxbw512_mask(b, v32hi_t{}, 0xffffffffu);
+}
+inline vfloat block_dot(v32hi_t w16, const int16_t* x) {
+  v32hi_t xv;
+  std::memcpy(&xv, x, 64);
+  return __builtin_convertvector((vint)__builtin_ia32_pmaddwd512_mask(w16, xv, v16si_t{}, 0xffff), vfloat);
+}
+#elif BALCONY_VEC_WIDTH == 8
+typedef short v16hi_t __attribute__((vector_size(32)));
+typedef char v16qi_t __attribute__((vector_size(16)));
+struct v32hi_t { v16hi_t lo, hi; };
+inline v32hi_t widen_block(const int8_t* w) {
+  v16qi_t a, b;
+  std::memcpy(&a, w, 16);
+  std::memcpy(&b, w + 16, 16);
+  return {(v16hi_t)__builtin_ia32_pmovsxbw256(a), (v16hi_t)__builtin_ia32_pmovsxbw256(b)};
+}
+inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
+  v16hi_t a, b;
+  std::memcpy(&a, x, 32);
+  std::memcpy(&b, x + 16, 32);
+  const vint s = (vint)__builtin_ia32_pmaddwd256(w16.lo, a) + (vint)__builtin_ia32_pmaddwd256(w16.hi, b);
+  return __builtin_convertvector(s, vfloat);
+}
+#else
+struct v32hi_t { const int8_t* w; };
+inline v32hi_t widen_block(const int8_t* w) { return {w}; }
+inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
+  vint s{};
+  for (int k = 0; k < kQ8Block; ++k) s[k % kVecWidth] += static_cast<int32_t>(w16.w[k]) * x[k];
+  return __builtin_convertvector(s, vfloat);
+}
+#endif
+
+// One Q8 weight row against MR rows of x rounded to int16 (xq, per-row scales xs): per block, the
+// exact integer dot product, converted and scaled by the block's weight scale into float
+// accumulators (two, alternating blocks: the order does not depend on MR); the row scale at the end.
 template <int MR>
-inline void linear_row_q8(const float* x, int64_t x_stride, const uint8_t* wr, int64_t K, float* sums) {
-  constexpr int W = kVecWidth;
-  constexpr int U = 2;
-  constexpr int PER_BLOCK = kQ8Block / W;  // vectors per block (2, 4 or 8)
-  static_assert(PER_BLOCK % U == 0, "a block must fill whole accumulator rounds");
+inline void linear_row_q8(const int16_t* xq, const float* xs, const uint8_t* wr, int64_t K, float* sums) {
   const int8_t* q = reinterpret_cast<const int8_t*>(wr);
   const uint8_t* scales = wr + K;
-  vfloat acc[MR][U];
-  for (int i = 0; i < MR; ++i)
-    for (int u = 0; u < U; ++u) acc[i][u] = vsplat(0.f);
+  vfloat acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vsplat(0.f);
   constexpr int64_t CHUNK = 64;  // blocks whose scales are widened together (F16C, 8 at a time)
   float sc[CHUNK];
   const int64_t blocks = K / kQ8Block;
   for (int64_t b0 = 0; b0 < blocks; b0 += CHUNK) {
     const int64_t nb = std::min(CHUNK, blocks - b0);
     halves_to_floats(scales + 2 * b0, sc, nb);
-    for (int64_t j = 0; j < nb; ++j) {
-      const vfloat s = vsplat(sc[j]);
-      const int64_t k0 = (b0 + j) * kQ8Block;
-      for (int v = 0; v < PER_BLOCK; ++v) {
-        const int u = v % U;
-        const vfloat wv = vload(q + k0 + v * W) * s;
-        for (int i = 0; i < MR; ++i) acc[i][u] += wv * vload(x + i * x_stride + k0 + v * W);
+    int64_t j = 0;
+    for (; j + 2 <= nb; j += 2) {  // two blocks per round, one accumulator each (compile-time indices:
+      const int64_t k0 = (b0 + j) * kQ8Block;  // an index computed at run time spills them to memory)
+      const auto w0 = widen_block(q + k0), w1 = widen_block(q + k0 + kQ8Block);
+      const vfloat s0 = vsplat(sc[j]), s1 = vsplat(sc[j + 1]);
+      for (int i = 0; i < MR; ++i) {
+        acc[i][0] += block_dot(w0, xq + i * K + k0) * s0;
+        acc[i][1] += block_dot(w1, xq + i * K + k0 + kQ8Block) * s1;
       }
     }
+    if (j < nb) {  // (b0 is even, so the odd block is the last of the row: the order is MR-independent)
+      const int64_t k0 = (b0 + j) * kQ8Block;
+      const auto w0 = widen_block(q + k0);
+      const vfloat s0 = vsplat(sc[j]);
+      for (int i = 0; i < MR; ++i) acc[i][0] += block_dot(w0, xq + i * K + k0) * s0;
+    }
   }
-  for (int i = 0; i < MR; ++i) {
-    vfloat sum = acc[i][0];
-    for (int u = 1; u < U; ++u) sum += acc[i][u];
-    sums[i] = vsum(sum);
-  }
+  for (int i = 0; i < MR; ++i) sums[i] = vsum(acc[i][0] + acc[i][1]) * xs[i];
 }
 
 template <int MR, typename T>
-inline void linear_rows_mr(const float* x, int64_t x_stride, const T* w, int64_t K, const float* bias, float* out,
-                           int64_t out_stride, bool accumulate, int64_t n_begin, int64_t n_end) {
+inline void linear_rows_mr(const float* x, int64_t x_stride, const int16_t* xq, const float* xs, const T* w, int64_t K,
+                           const float* bias, float* out, int64_t out_stride, bool accumulate, int64_t n_begin,
+                           int64_t n_end) {
   float sums[MR];
   for (int64_t n = n_begin; n < n_end; ++n) {
     if constexpr (std::is_same_v<T, uint8_t>)
-      linear_row_q8<MR>(x, x_stride, w + n * q8_row_bytes(K), K, sums);
+      linear_row_q8<MR>(xq, xs, w + n * q8_row_bytes(K), K, sums);
     else
       linear_row<MR>(x, x_stride, w + n * K, K, sums);
     const float b = bias ? bias[n] : 0.f;
@@ -109,6 +170,27 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
   // More than 8 rows of x: weight rows in blocks that stay in L1 while every group of 8 passes.
   const int64_t row_bytes = std::is_same_v<T, uint8_t> ? q8_row_bytes(K) : K * static_cast<int64_t>(sizeof(T));
   const int64_t block = M <= 8 ? n_end - n_begin : std::max<int64_t>(4, 16 * 1024 / row_bytes);
+  // Q8: x rounded to int16 once per call, into this thread's scratch (M x K, small beside the weights;
+  // a plain buffer: no standard-library template is instantiated under this translation unit's target)
+  thread_local int16_t* xq_buf = nullptr;
+  thread_local float* xs_buf = nullptr;
+  thread_local int64_t xq_cap = 0, xs_cap = 0;
+  const int16_t* xq = nullptr;
+  const float* xs = nullptr;
+  if constexpr (std::is_same_v<T, uint8_t>) {
+    if (xq_cap < M * K) {
+      delete[] xq_buf;
+      xq_buf = new int16_t[M * K];
+      xq_cap = M * K;
+    }
+    if (xs_cap < M) {
+      delete[] xs_buf;
+      xs_buf = new float[M];
+      xs_cap = M;
+    }
+    quantize_rows_i16(x, x_stride, M, K, xq_buf, xs_buf);
+    xq = xq_buf, xs = xs_buf;
+  }
   for (int64_t nb = n_begin; nb < n_end; nb += block) {
     const int64_t ne = std::min(n_end, nb + block);
     for (int64_t m = 0; m < M; m += 8) {
@@ -116,7 +198,10 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
       float* om = out + m * out_stride;
       switch (std::min<int64_t>(8, M - m)) {
 #define BALCONY_LINEAR_CASE(R) \
-  case R: linear_rows_mr<R>(xm, x_stride, w, K, bias, om, out_stride, accumulate, nb, ne); break;
+  case R:                                                                                                    \
+    linear_rows_mr<R>(xm, x_stride, xq ? xq + m * K : nullptr, xs ? xs + m : nullptr, w, K, bias, om, out_stride, \
+                      accumulate, nb, ne);                                                                      \
+    break;
         BALCONY_LINEAR_CASE(1) BALCONY_LINEAR_CASE(2) BALCONY_LINEAR_CASE(3) BALCONY_LINEAR_CASE(4)
         BALCONY_LINEAR_CASE(5) BALCONY_LINEAR_CASE(6) BALCONY_LINEAR_CASE(7) BALCONY_LINEAR_CASE(8)
 #undef BALCONY_LINEAR_CASE
