@@ -31,10 +31,4 @@ inline void check_rms_norm_backward_args(const at::Tensor& grad_out, const at::T
   BALCONY_CHECK_SAME_DTYPE(grad_out, input);
 }
 
-// t viewed as (rows x hidden) with a unit stride along the row (copied only when it has none).
-inline at::Tensor rows_of(const at::Tensor& t, int64_t hidden) {
-  at::Tensor r = t.reshape({-1, hidden});
-  return r.stride(-1) == 1 ? r : r.contiguous();
-}
-
 }  // namespace balcony

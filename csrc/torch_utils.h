@@ -27,6 +27,13 @@ inline ScalarKind cpu_scalar_kind(const at::Tensor& t, const char* name) {
   return ScalarKind::F32;
 }
 
+// t [..., cols] as a (rows x cols) matrix with a unit stride along the row (copied only when it has none).
+inline at::Tensor rows_of(const at::Tensor& t, int64_t cols) {
+  if (t.numel() == 0) return t.new_empty({0, cols});
+  at::Tensor m = t.reshape({-1, cols});
+  return m.stride(-1) == 1 ? m : m.contiguous();
+}
+
 // Rows per task for at::parallel_for so that a task moves about `bytes_per_task` bytes.
 inline int64_t grain_rows(int64_t bytes_per_row, int64_t bytes_per_task = 64 * 1024) {
   return std::max<int64_t>(1, bytes_per_task / std::max<int64_t>(1, bytes_per_row));

@@ -2,7 +2,7 @@
 // (csrc/cpu/silu_and_mul_kernel.h) over rows in parallel.
 #include <torch/library.h>
 
-#include "../torch_utils.h"
+#include "../silu_and_mul_args.h"
 #include "capability.h"
 
 BALCONY_CPU_KERNEL(void, silu_and_mul,
@@ -15,26 +15,10 @@ BALCONY_CPU_KERNEL(void, silu_and_mul_backward,
 namespace balcony {
 namespace {
 
-// input [..., 2I] as a (rows x 2I) matrix with unit stride in the last dimension.
-at::Tensor rows_of(const at::Tensor& t, int64_t cols) {
-  if (t.numel() == 0) return t.new_empty({0, cols});
-  at::Tensor m = t.reshape({-1, cols});
-  return m.stride(-1) == 1 ? m : m.contiguous();
-}
-
 int64_t check_silu_input(const at::Tensor& input) {
-  BALCONY_CHECK_DEVICE(input, at::kCPU);
-  TORCH_CHECK(input.dim() >= 1, "silu_and_mul: input must have at least 1 dimension, got a scalar");
-  TORCH_CHECK(input.size(-1) % 2 == 0, "silu_and_mul: input's last dimension must be even ([gate | up]), got ",
-              input.size(-1));
+  const int64_t inter = check_silu_and_mul_input(input, at::kCPU);
   cpu_scalar_kind(input, "input");
-  return input.size(-1) / 2;
-}
-
-std::vector<int64_t> half_last(const at::Tensor& input) {
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() /= 2;
-  return shape;
+  return inter;
 }
 
 void silu_and_mul_into(const at::Tensor& input, int64_t inter, at::Tensor& out) {

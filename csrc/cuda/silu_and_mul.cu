@@ -2,30 +2,16 @@
 #include <torch/library.h>
 
 #include "balcony/silu_and_mul.cuh"
+#include "../silu_and_mul_args.h"
 #include "cuda_utils.h"
 
 namespace balcony {
 namespace {
 
 int64_t check_silu_input_cuda(const at::Tensor& input) {
-  BALCONY_CHECK_DEVICE(input, at::kCUDA);
-  TORCH_CHECK(input.dim() >= 1, "silu_and_mul: input must have at least 1 dimension, got a scalar");
-  TORCH_CHECK(input.size(-1) % 2 == 0, "silu_and_mul: input's last dimension must be even ([gate | up]), got ",
-              input.size(-1));
-  TORCH_CHECK(input.size(-1) / 2 <= std::numeric_limits<int>::max(), "silu_and_mul: last dimension too large");
-  return input.size(-1) / 2;
-}
-
-at::Tensor rows_of(const at::Tensor& t, int64_t cols) {
-  if (t.numel() == 0) return t.new_empty({0, cols});
-  at::Tensor m = t.reshape({-1, cols});
-  return m.stride(-1) == 1 ? m : m.contiguous();
-}
-
-std::vector<int64_t> half_last(const at::Tensor& input) {
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() /= 2;
-  return shape;
+  const int64_t inter = check_silu_and_mul_input(input, at::kCUDA);
+  TORCH_CHECK(inter <= std::numeric_limits<int>::max(), "silu_and_mul: last dimension too large");
+  return inter;
 }
 
 void silu_and_mul_into_cuda(const at::Tensor& input, int64_t inter, at::Tensor& out) {
