@@ -70,6 +70,6 @@ def test_demo(capsys):
 
     exits = json.loads(bundled_exits_path().with_suffix(".eval.json").read_text())["info"]["exits"]
     assert f"exits at {exits}" in out and "speed-up" in out and "held-out ppl" in out and "chat top-1" in out
-    assert "budget 1: exit 30 (full model)" in out
+    assert "budget 1: exit 30 (full model)" in out and "greedy, frequency_penalty 0.3" in out
     for k in exits:  # every exit answers at its own budget, with its chat agreement
         assert f": exit {k}, " in out and "agrees with the full model on" in out
