@@ -292,17 +292,17 @@ class Batcher:
 
     @staticmethod
     def _penalties(reqs: list, n: int | None = None):
-        """The repetition penalties of `reqs` on rows 0..n-1 (one request alone: row 0); None if all off."""
+        """The repetition penalties of `reqs` on their rows 0..n-1 (n None: one request alone, row 0);
+        None when all are off."""
         if all(r.presence_penalty == 0 and r.frequency_penalty == 0 and r.repetition_penalty == 1 for r in reqs):
             return None
-        at = (lambda r: r.row) if n is not None else (lambda r: 0)  # noqa: E731
-        n = n if n is not None else 1
-        vals = {"presence": [0.0] * n, "frequency": [0.0] * n, "repetition": [1.0] * n, "start": [0] * n}
+        rows = 1 if n is None else n
+        pres, freq, rep, start = [0.0] * rows, [0.0] * rows, [1.0] * rows, [0] * rows
         for r in reqs:
-            b = at(r)
-            vals["presence"][b], vals["frequency"][b] = r.presence_penalty, r.frequency_penalty
-            vals["repetition"][b], vals["start"][b] = r.repetition_penalty, len(r.prompt_ids)
-        return Penalties.of(n, vals["presence"], vals["frequency"], vals["repetition"], vals["start"])
+            b = 0 if n is None else r.row
+            pres[b], freq[b], rep[b] = r.presence_penalty, r.frequency_penalty, r.repetition_penalty
+            start[b] = len(r.prompt_ids)
+        return Penalties.of(rows, pres, freq, rep, start)
 
     def _take(self, req: Request, token: int):
         """The request's next token: recorded, streamed, and the row either extended or freed."""

@@ -39,6 +39,7 @@ class Penalties:
     frequency: torch.Tensor  # [B] float32
     repetition: torch.Tensor  # [B] float32
     start: torch.Tensor  # [B] int64: where each row's generated tokens begin in the cache
+    # (all four on the host; apply() moves them to the logits' device)
 
     @staticmethod
     def of(B: int, presence=0.0, frequency=0.0, repetition=1.0, start=0) -> Penalties | None:
@@ -59,10 +60,6 @@ class Penalties:
     def active(self) -> bool:
         return bool((self.presence != 0).any() or (self.frequency != 0).any() or (self.repetition != 1).any())
 
-    def rows(self, begin: int, end: int) -> Penalties:
-        return Penalties(self.presence[begin:end], self.frequency[begin:end], self.repetition[begin:end],
-                         self.start[begin:end])
-
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor, length: torch.Tensor) -> None:
         """Penalises logits [B, V] in place, given each row's tokens [B, S] and length [B]."""
         B, V = logits.shape
@@ -70,12 +67,15 @@ class Penalties:
         S = max(int(length.max()), 1)
         toks = tokens[:, :S].to(dev)
         pos = torch.arange(S, device=dev)
+        # which penalties are on is read from the host tensors (on a GPU, no synchronisation)
+        counted = bool((self.presence != 0).any() or (self.frequency != 0).any())
+        repeated = bool((self.repetition != 1).any())
         length, start = length.to(dev).unsqueeze(1), self.start.to(dev).unsqueeze(1)
         pres, freq, rep = (t.to(dev).unsqueeze(1) for t in (self.presence, self.frequency, self.repetition))
-        if bool((pres != 0).any() or (freq != 0).any()):
+        if counted:
             generated = ((pos >= start) & (pos < length)).float()
             counts = torch.zeros(B, V, device=dev).scatter_add_(1, toks, generated)
             logits -= counts * freq + (counts > 0).float() * pres
-        if bool((rep != 1).any()):
+        if repeated:
             seen = torch.zeros(B, V, device=dev).scatter_add_(1, toks, (pos < length).float()) > 0
             logits.copy_(torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits))
