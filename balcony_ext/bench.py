@@ -54,7 +54,7 @@ def hf_at_depth(model, k: int):
         return hf
     ex = model.exit_module(k)
     layer = copy.deepcopy(ex.layer)
-    layer.self_attn.layer_idx = k
+    model.adapter.set_cache_index(layer, k)
     inner = copy.copy(hf.model)
     inner._modules = dict(hf.model._modules)
     inner.layers = nn.ModuleList(list(hf.model.layers[:k]) + [layer])

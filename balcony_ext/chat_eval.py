@@ -106,7 +106,7 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
 
     full = answers(L)
     a = model.adapter
-    methods = {("balcony", k): (lambda h, k=k: a.lm_head(model.exit_hidden(k, h))) for k in model.exits}
+    methods = {("balcony", k): (lambda h, k=k: a.logits(model.exit_hidden(k, h))) for k in model.exits}
     methods.update(heads or {})
     sums = {key: dict(top1=0.0, kl=0.0) for key in methods}
     n_answer = 0
@@ -125,7 +125,7 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
         batch, mask = batch.to(model.device), mask.to(model.device)
         depths = sorted({k for _, k in methods})
         hidden, final = model.frozen_forward(batch, depths)
-        log_p = F.log_softmax(a.lm_head(final[mask]).float(), -1)
+        log_p = F.log_softmax(a.logits(final[mask]).float(), -1)
         top_p = log_p.argmax(-1)
         n_answer += int(mask.sum())
         for (method, k), fn in methods.items():

@@ -29,7 +29,7 @@ from .data import prepare
 from .files import atomic_write
 from .affine import new_affine_exits
 from .budgets import costs
-from .train import distill_loss, lr_factor, micro_batch
+from .train import distill_loss_for, lr_factor, micro_batch
 
 
 def train_affine(model, corpus, depths, tokens: int, seq_len: int, batch_size: int, lr: float = 1e-3,
@@ -40,6 +40,7 @@ def train_affine(model, corpus, depths, tokens: int, seq_len: int, batch_size: i
 
     a = model.adapter
     lenses = new_affine_exits(model, depths)
+    loss = distill_loss_for(model)
     params = [p for l in lenses.values() for p in l.parameters()]
     blocks = corpus.train_blocks(seq_len)
     steps = max(1, math.ceil(tokens / (batch_size * seq_len)))
@@ -49,7 +50,7 @@ def train_affine(model, corpus, depths, tokens: int, seq_len: int, batch_size: i
         ids = micro_batch(blocks, step, batch_size, seed + 7).to(model.device)
         hidden, teacher = model.frozen_forward(ids, depths)
         for k, lens in lenses.items():
-            (distill_loss(lens(hidden[k]), a.lm_head.weight, teacher) / len(lenses)).backward()
+            (loss(lens(hidden[k]), a.lm_head.weight, teacher) / len(lenses)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -156,7 +157,7 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         raise ValueError(f"the held-out text has fewer than seq_len={seq_len} tokens; use a shorter seq_len")
     exits = model.exits
     a = model.adapter
-    heads = {("balcony", k): (lambda h, k=k: a.lm_head(model.exit_hidden(k, h))) for k in exits}
+    heads = {("balcony", k): (lambda h, k=k: a.logits(model.exit_hidden(k, h))) for k in exits}
     if "truncation" in baselines:
         heads.update({("truncation", k): (lambda h: model.truncated_logits(h)) for k in exits})
     if "untrained" in baselines:
@@ -166,7 +167,7 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
             for k in exits:
                 ex = model.exit_module(k)
                 fresh[k] = model.build_exit(k, ex.init, ex.norm_init).eval()
-        heads.update({("untrained", k): (lambda h, k=k: a.lm_head(model.exit_hidden(k, h, module=fresh[k])))
+        heads.update({("untrained", k): (lambda h, k=k: a.logits(model.exit_hidden(k, h, module=fresh[k])))
                       for k in exits})
     if affine is not None:
         missing = [k for k in exits if k not in affine]
@@ -175,13 +176,13 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         lenses = affine
         for l in lenses.values():
             l.eval()
-        heads.update({("affine", k): (lambda h, k=k: a.lm_head(lenses[k](h))) for k in exits})
+        heads.update({("affine", k): (lambda h, k=k: a.logits(lenses[k](h))) for k in exits})
     elif affine_tokens:
         with torch.enable_grad():
             lenses = train_affine(model, corpus, exits, affine_tokens, seq_len, batch_size, seed=seed, progress=progress)
         for l in lenses.values():
             l.eval()
-        heads.update({("affine", k): (lambda h, k=k: a.lm_head(lenses[k](h))) for k in exits})
+        heads.update({("affine", k): (lambda h, k=k: a.logits(lenses[k](h))) for k in exits})
 
     sums = {key: dict(ce=0.0, kl=0.0, top1=0.0) for key in [("full", model.num_layers)] + list(heads)}
     n_tokens = 0
@@ -192,7 +193,7 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         keep = masks[i:i + batch_size, :-1].to(model.device)
         targets = ids[:, 1:][keep]
         hidden, final = model.frozen_forward(ids, exits)
-        log_p = F.log_softmax(a.lm_head(final[:, :-1][keep]).float(), -1)
+        log_p = F.log_softmax(a.logits(final[:, :-1][keep]).float(), -1)
         top_p = log_p.argmax(-1)
         n_tokens += targets.numel()
         sums[("full", model.num_layers)]["ce"] += F.nll_loss(log_p, targets, reduction="sum").item()

@@ -183,7 +183,7 @@ class BalconyModel(nn.Module):
 
     def truncated_logits(self, hidden_k: torch.Tensor) -> torch.Tensor:
         """The truncation baseline: the hidden state at depth k straight into the final norm and head."""
-        return self.adapter.lm_head(self.adapter.final_norm(hidden_k))
+        return self.adapter.logits(self.adapter.final_norm(hidden_k))
 
     def forward(self, input_ids, exits=None, attention_mask=None, position_ids=None) -> dict:
         """Logits at the requested exits: {k: [B,T,V]}. k == num_layers is the full model.
@@ -205,9 +205,9 @@ class BalconyModel(nn.Module):
             k = i + 1
             if k in wanted:
                 if k == self.num_layers:
-                    out[k] = a.lm_head(a.final_norm(hidden))
+                    out[k] = a.logits(a.final_norm(hidden))
                 else:
-                    out[k] = a.lm_head(self.exit_hidden(k, hidden, ctx=ctx))
+                    out[k] = a.logits(self.exit_hidden(k, hidden, ctx=ctx))
         return out
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ later call with resume=True continues exactly where the last checkpoint left off
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -34,15 +35,20 @@ SELF_SAMPLE_MAX = 200_000
 EXITS_FILE = "exits.safetensors"
 
 
-def reference_distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
+def reference_distill_loss(student_hidden, weight, teacher, teacher_is_logits=False, softcap=None):
     """Plain PyTorch: mean over tokens of KL(softmax(teacher logits) || softmax(student @ W^T)),
     in float32 with the full logits. teacher: hidden states [.., H] (projected by `weight`) or,
-    with teacher_is_logits, logits [.., V]."""
+    with teacher_is_logits, logits [.., V] (already capped). softcap: logits -> cap * tanh(logits / cap)
+    after the head, for families that cap their logits (Gemma 2 and 3)."""
+    def head(h):
+        z = F.linear(h, weight).float()
+        return z if softcap is None else torch.tanh(z / softcap) * softcap
+
     s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    log_q = F.log_softmax(F.linear(s, weight).float(), dim=-1)
+    log_q = F.log_softmax(head(s), dim=-1)
     with torch.no_grad():
         t = teacher.reshape(-1, teacher.shape[-1])
-        log_p = F.log_softmax((t if teacher_is_logits else F.linear(t, weight)).float(), dim=-1)
+        log_p = F.log_softmax(t.float() if teacher_is_logits else head(t), dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="sum") / s.shape[0]
 
 
@@ -55,6 +61,15 @@ def distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
     s = student_hidden.reshape(-1, student_hidden.shape[-1]).to(weight.dtype)
     t = teacher.reshape(-1, teacher.shape[-1]).detach().to(weight.dtype)
     return ops.fused_linear_kl(s, weight, t, teacher_is_logits=teacher_is_logits, reduction="mean")
+
+
+def distill_loss_for(model, loss_impl: str = "fused"):
+    """The distillation loss for the model's head: the fused op, or plain PyTorch where asked or where
+    the family soft-caps its logits (the fused op computes plain logits)."""
+    cap = model.adapter.logit_softcap
+    if cap is not None:
+        return functools.partial(reference_distill_loss, softcap=cap)
+    return distill_loss if loss_impl == "fused" else reference_distill_loss
 
 
 def _distributed() -> tuple:
@@ -145,7 +160,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
         raise ValueError(f"loss_impl must be 'fused' or 'reference', got {loss_impl!r}")
     if not tokens > 0:
         raise ValueError(f"tokens (the number of training tokens) must be positive, got {tokens!r}")
-    loss_fn = distill_loss if loss_impl == "fused" else reference_distill_loss
+    loss_fn = distill_loss_for(model, loss_impl)
     exits = model.exits
     device = model.device
     if bf16 is None:
@@ -244,7 +259,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                     else:
                         # fp32: the teacher's logits are computed once and shared by the exits
                         with torch.no_grad():
-                            target, is_logits = model.adapter.lm_head(teacher).float(), True
+                            target, is_logits = model.adapter.logits(teacher).float(), True
                     for k in exits:
                         student = model.exit_hidden(k, hidden[k])
                         loss = loss_fn(student if keep is None else student[keep], head, target,

@@ -131,8 +131,21 @@ class NativeWeights:
         return self._tables
 
 
+def check_engine_support(model) -> None:
+    """Raises NotImplementedError naming the family unless the decode engine runs it."""
+    from .adapters import NATIVE
+
+    a = model.adapter
+    if not a.native:
+        raise NotImplementedError(
+            f"generation: the decode engine runs the Llama family ({', '.join(NATIVE)}); this model is "
+            f"{a.model_type} ({type(a.hf).__name__}), whose exits attach, train, evaluate, save and load "
+            "(model(ids, exits=[...]) gives every exit's logits) but do not generate yet")
+
+
 def native_weights(model) -> NativeWeights:
     """Cached per model and exit set (rebuilt when exits are attached, loaded or trained)."""
+    check_engine_support(model)
     key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype, weight_format(model),
            tuple(p.data_ptr() for p in model.balcony_parameters()[:1]))
     cached = getattr(model, "_native_weights", None)

@@ -11,6 +11,13 @@ def tiny_config(model_type="llama", layers=4, hidden=64, heads=4, kv_heads=2, vo
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config,
+        "olmo2": transformers.Olmo2Config,
+        "gpt_neox": transformers.GPTNeoXConfig,
+        "olmo": transformers.OlmoConfig,
+        "granite": transformers.GraniteConfig,
     }[model_type]
     fields = dict(
         vocab_size=vocab,
@@ -21,7 +28,20 @@ def tiny_config(model_type="llama", layers=4, hidden=64, heads=4, kv_heads=2, vo
         num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
+    # what makes each family itself at a tiny size: Gemma's sliding layers with a window shorter than
+    # the test sequences and its soft caps, GPT-NeoX's partial rotary and parallel residual
+    fields.update({
+        "gemma2": dict(head_dim=16, sliding_window=8, final_logit_softcapping=5.0, attn_logit_softcapping=20.0),
+        "gemma3_text": dict(head_dim=16, sliding_window=8, final_logit_softcapping=5.0, attn_logit_softcapping=20.0,
+                            layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                            + ["sliding_attention"] * (layers % 2)),
+        "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True, tie_word_embeddings=False),
+        "granite": dict(embedding_multiplier=2.0, logits_scaling=4.0),
+    }.get(model_type, {}))
     return cls(**{**fields, **extra})
 
 
