@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .kv_cache import KVCache
-from .weights import native_weights
+from .adapters import FULL, SLIDING, Context
+from .weights import engine_weights
 
 
 def _rms(x, w, eps):
@@ -66,7 +67,7 @@ class Engine:
 
     def __init__(self, model, batch: int, max_len: int, native: bool | None = None, cache: KVCache | None = None):
         self.model = model
-        self.w = w = native_weights(model)
+        self.w = w = engine_weights(model)
         if w.sliding is not None and max_len > w.sliding:
             raise NotImplementedError(f"generate(): this model uses sliding-window attention ({w.sliding} tokens); "
                                       f"sequences up to that length are supported, asked for {max_len}")
@@ -75,12 +76,15 @@ class Engine:
                              f"{w.max_positions} (max_position_embeddings)")
         dev = model.device
         if native is None:
-            native = dev.type == "cpu" and hasattr(torch.ops.balcony, "decode_step")
-        self.native = native
+            native = dev.type == "cpu" and hasattr(torch.ops.balcony, "decode_step") and w.native
+        if native and not w.native:
+            raise NotImplementedError(f"native=True: the native step does not run {model.adapter.model_type}; "
+                                      "its layers run through the model's own modules (native=None or False)")
+        self.native = native and w.native
         self.B, self.S, self.L = batch, max_len, w.L
         self.exits = list(w.exits)
         self.cache = cache if cache is not None else KVCache(w, batch, max_len, dev)
-        self.cos, self.sin = w.rope(max_len)
+        self.cos, self.sin = w.rope(max_len) if w.native else (None, None)
         self.logits = torch.empty(batch, w.V, dtype=torch.float32, device=dev)
         self.next_tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.workspace = None
@@ -114,6 +118,8 @@ class Engine:
         (rows with fewer tokens are padded): writes their keys/values into the slot's cache and
         attends causally over the cache. Returns the layer's output [B,T,H] ("all"), only that of
         each row's last position [B,1,H] ("last"), or nothing ("none": the cache entries only)."""
+        if not self.w.native:
+            return self._span_modules(slot, x, starts, counts, outputs)
         w = self.w
         lw = w.layer(slot)
         B, T, H = x.shape
@@ -204,13 +210,13 @@ class Engine:
         # the output of the last base layer and of the exits' layers: needed for the first token only
         tail = "last" if last is not None else "none"
 
-        def take_last(y, counts, rows, norm):
+        def take_last(y, counts, rows, depth):
             if last is None or not bool(rows.any()):
                 return
             if bool((counts[rows] == 0).any()):
                 raise RuntimeError("catch_up(last=...): a row's last position was computed before this pass")
             idx = rows.nonzero()[:, 0]
-            last[idx] = _rms(y[idx, 0], norm, self.w.eps)
+            last[idx] = self._exit_norm(depth, y[idx, 0])
 
         cur = None  # [B, S, H] hidden states entering the current layer, where computed this pass
         prev_start = upto.clone()  # where the previous layer's catch-up started, per row
@@ -226,7 +232,7 @@ class Engine:
             rows, pos, valid = self._grid(starts, counts)
             if i == 0:
                 r, p = rows[valid], pos[valid]
-                cur[r, p] = self.w.embed[self.cache.tokens[r, p].to(dev)].float()
+                cur[r, p] = self._embed(self.cache.tokens[r, p].to(dev))
             else:
                 # positions that passed layer i-1 before this pass left at exit i: kept
                 old = valid & (pos < prev_start.unsqueeze(1))
@@ -255,7 +261,7 @@ class Engine:
                     if keep is not None:
                         keep[r, p] = y[valid]
             else:
-                take_last(y, counts, tgt == L, self.w.final_norm)
+                take_last(y, counts, tgt == L, L)
             self.kv_len[i] = torch.where(counts > 0, upto, self.kv_len[i])
             prev_start = torch.where(need, starts, prev_start)
         # the exits' own layers, from the hidden state kept at their depth
@@ -270,7 +276,7 @@ class Engine:
                 continue
             rows, pos, _ = self._grid(starts, counts)
             y = self._span(slot, self.cache.kept[e][rows, pos], starts, counts, tail)
-            take_last(y, counts, sel, self.w.exit_norms[e])
+            take_last(y, counts, sel, k)
             self.catch_up_tokens += int(counts.sum())
             self.kv_len[slot] = torch.where(counts > 0, upto, self.kv_len[slot])
 
@@ -285,10 +291,7 @@ class Engine:
         w = self.w
         fin = torch.zeros(self.B, w.H, dtype=torch.float32, device=self.model.device)
         self.catch_up(exits, upto=self.cache.length, last=fin)
-        if fin.device.type == "cpu":
-            ops.linear_rows(fin, w.head, out=self.logits)
-        else:
-            self.logits.copy_(_linear(fin, w.head))
+        self._head(fin)
         if penalties is not None:
             penalties.apply(self.logits, self.cache.tokens, self.cache.length)
         return ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform).cpu()
@@ -308,7 +311,13 @@ class Engine:
             b = int(bad.nonzero()[0])
             raise RuntimeError(f"KV cache bookkeeping: row {b} at exit {exits[b]} lacks cache entries "
                                f"before position {int(pos[b])}; call catch_up first")
-        if self.native:
+        if not self.w.native:  # the model's own modules: the last position through each row's layers
+            fin = torch.zeros(B, self.w.H, dtype=torch.float32, device=self.model.device)
+            self.catch_up(exits, upto=self.cache.length, last=fin)
+            self._head(fin)
+            nxt = ops.sample_tokens(self.logits, *self._device_inputs(last, pos, ex, temperature, top_k, top_p,
+                                                                     uniform)[3:])
+        elif self.native:
             w = self.w
             ops.decode_step(
                 last, pos, ex, self.exits, w.embed, w.base, w.exit, w.final_norm, w.head, self.cache.k,
@@ -388,6 +397,62 @@ class Engine:
         gu = torch.cat([_linear(h, lw.gate_proj), _linear(h, lw.up_proj)], dim=-1)
         return x + _linear(ops.silu_and_mul(gu), lw.down_proj)
 
+    # -- the pieces that differ between the native weights and the model's own modules
+    def _embed(self, ids):
+        w = self.w
+        return (w.embed[ids] if w.native else w.adapter.embed_tokens(ids)).float()
+
+    def _exit_norm(self, k: int, y):
+        """The norm after exit k's layer (the final norm for k == L) on float32 rows y."""
+        w = self.w
+        if w.native:
+            return _rms(y, w.exit_norm(k), w.eps)
+        return w.norms[k](y.to(w.dtype)).float()
+
+    def _head(self, fin):
+        """self.logits = the LM head on the normed rows fin [B, H] (soft-capped where the family caps)."""
+        w = self.w
+        if not w.native:
+            self.logits.copy_(w.adapter.logits(fin.to(w.dtype)).float())
+        elif fin.device.type == "cpu":
+            ops.linear_rows(fin, w.head, out=self.logits)
+        else:
+            self.logits.copy_(_linear(fin, w.head))
+
+    def _span_modules(self, slot: int, x, starts, counts, outputs: str):
+        """_span through the family's own decoder-layer module: its attention stores this pass's keys and
+        values in the slot's cache (through _SlotCache) and attends under a mask built here from the
+        positions (causal, the padding of short rows, the sliding window of sliding layers)."""
+        w = self.w
+        B, T, _ = x.shape
+        dev = x.device
+        t = torch.arange(T, device=dev)
+        valid = t.unsqueeze(0) < counts.to(dev).unsqueeze(1)
+        pos = torch.where(valid, starts.to(dev).unsqueeze(1) + t, torch.full_like(valid, -1, dtype=torch.long))
+        P = max(int((starts + counts).max()), 1)
+        layer, kind = w.modules[slot], w.types[slot]
+        j = torch.arange(P, device=dev).view(1, 1, P)
+        allowed = j <= pos.unsqueeze(-1)  # [B, T, P]
+        if kind == SLIDING and w.window:
+            allowed &= j > pos.unsqueeze(-1) - w.window
+        allowed[..., 0] |= ~valid  # padding rows attend to something (their output is discarded)
+        mask = allowed.unsqueeze(1)
+        if not w.sdpa:  # eager attention adds the mask
+            mask = torch.zeros(mask.shape, dtype=w.dtype, device=dev).masked_fill(~mask, torch.finfo(w.dtype).min)
+        ids = pos.clamp(min=0)
+        a = w.adapter
+        h = x.to(w.dtype)
+        rotary = a.rotary_emb(h, ids, kind) if a.family.rotary_per_layer_type else a.rotary_emb(h, position_ids=ids)
+        ctx = Context(ids, rotary, {FULL: mask, SLIDING: mask},
+                      _SlotCache(self.cache.k[slot], self.cache.v[slot], pos, P))
+        y = a.run_layer(layer, h, ctx, kind).float()
+        if outputs == "none":
+            return None
+        if outputs == "last":
+            rows = torch.arange(B, device=dev)
+            return y[rows, (counts.to(dev) - 1).clamp(min=0), None]
+        return y
+
     # -- prompts
     def add_prompts(self, prompts: list):
         for b, ids in enumerate(prompts):
@@ -395,3 +460,20 @@ class Engine:
 
     def append(self, b: int, token: int):
         self.cache.append(b, token)
+
+
+class _SlotCache:
+    """What a Hugging Face attention module calls to store a pass's keys and values (`update`): they
+    are written into an engine cache slot ([B, Hkv, S, D] float32) at the pass's positions pos [B, T]
+    (-1: padding, not written), and the slot's first P positions come back for the attention."""
+
+    def __init__(self, k, v, pos, P: int):
+        self.k, self.v, self.pos, self.P = k, v, pos, P
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        b, t = (self.pos >= 0).nonzero(as_tuple=True)
+        p = self.pos[b, t]
+        self.k[b, :, p] = key_states[b, :, t].float()
+        self.v[b, :, p] = value_states[b, :, t].float()
+        dt = key_states.dtype
+        return self.k[:, :, :self.P].to(dt), self.v[:, :, :self.P].to(dt)

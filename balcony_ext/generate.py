@@ -27,7 +27,6 @@ import torch
 from .budgets import Budgets, calibration_path, load_calibration
 from .engine import Engine
 from .penalties import Penalties
-from .weights import check_engine_support
 from .files import atomic_write
 
 @dataclass
@@ -171,7 +170,6 @@ class Generation:
         self.t_start = time.perf_counter()  # the time to first token counts from the call
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        check_engine_support(model)
         self.model = model
         self.ids = [encode_prompt(model.tokenizer, p, chat) for p in prompts]
         for b, ids in enumerate(self.ids):

@@ -356,9 +356,9 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, 
     """Serves `model` until SIGINT/SIGTERM (then: no new requests, the running ones finish)."""
     import uvicorn
 
-    from .weights import native_weights
+    from .weights import engine_weights
 
-    max_len = max_len or min(2048, native_weights(model).max_positions)
+    max_len = max_len or min(2048, engine_weights(model).max_positions)
     batcher = Batcher(model, max_batch=max_batch, max_len=max_len, prefill_chunk=prefill_chunk,
                       slo_ms_per_token=slo_ms_per_token, admission_control=admission_control)
     app = create_app(model, batcher)

@@ -82,6 +82,8 @@ class NativeWeights:
     """Every layer's weights (base layers, then the exits' layers and norms), the embedding, the head,
     the shapes the engine needs and the rotary tables."""
 
+    native = True
+
     def __init__(self, model):
         a = model.adapter
         c = a.config
@@ -131,28 +133,60 @@ class NativeWeights:
         return self._tables
 
 
-def check_engine_support(model) -> None:
-    """Raises NotImplementedError naming the family unless the decode engine runs it."""
-    from .adapters import NATIVE
+class ModuleWeights:
+    """For a family the native step does not run (adapters.Family.native False): the shapes the
+    engine's cache needs and the model's own modules, which the engine runs layer by layer
+    (Engine._span_modules), attention soft-caps, sandwich norms and sliding windows included."""
 
-    a = model.adapter
-    if not a.native:
-        raise NotImplementedError(
-            f"generation: the decode engine runs the Llama family ({', '.join(NATIVE)}); this model is "
-            f"{a.model_type} ({type(a.hf).__name__}), whose exits attach, train, evaluate, save and load "
-            "(model(ids, exits=[...]) gives every exit's logits) but do not generate yet")
+    native = False
+    format = "float"
+
+    def __init__(self, model):
+        a = model.adapter
+        c = a.config
+        self.L = model.num_layers
+        self.exits = list(model.exits)
+        self.H = a.hidden_size
+        self.Hq = int(c.num_attention_heads)
+        attn = a.attention(a.layers[0])
+        self.Hkv = self.Hq // int(getattr(attn, "num_key_value_groups", 1))  # (what the module computes with)
+        self.D = int(getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or self.H // self.Hq)
+        self.V = a.vocab_size
+        self.max_positions = int(getattr(c, "max_position_embeddings", 1 << 20))
+        self.sliding = None  # (sliding windows are in the masks the engine builds for each layer)
+        self.window = getattr(c, "sliding_window", None)
+        self.modules = list(a.layers) + [model.exit_module(k).layer for k in self.exits]
+        self.types = [a.layer_type(i) for i in range(self.L)] + [a.layer_type(self.L - 1)] * len(self.exits)
+        self.norms = {**{k: model.exit_module(k).norm for k in self.exits}, self.L: a.final_norm}
+        self.adapter = a
+        self.dtype = model.dtype
+        self.sdpa = getattr(c, "_attn_implementation", None) == "sdpa"
 
 
-def native_weights(model) -> NativeWeights:
-    """Cached per model and exit set (rebuilt when exits are attached, loaded or trained)."""
-    check_engine_support(model)
+def engine_weights(model):
+    """What the engine reads: NativeWeights for the families the native step runs, else ModuleWeights.
+    Cached per model and exit set (rebuilt when exits are attached, loaded or trained)."""
     key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype, weight_format(model),
            tuple(p.data_ptr() for p in model.balcony_parameters()[:1]))
     cached = getattr(model, "_native_weights", None)
     if cached is None or cached[0] != key:
-        cached = (key, NativeWeights(model))
+        if not model.adapter.native and weight_format(model) != "float":
+            raise NotImplementedError(f"{weight_format(model)} weights run in the native step, which does not "
+                                      f"cover {model.adapter.model_type}; load it with float weights")
+        cached = (key, NativeWeights(model) if model.adapter.native else ModuleWeights(model))
         model._native_weights = cached
     return cached[1]
+
+
+def native_weights(model) -> NativeWeights:
+    """The native step's weights (raises NotImplementedError naming a family it does not run)."""
+    w = engine_weights(model)
+    if not w.native:
+        from .adapters import NATIVE
+
+        raise NotImplementedError(f"the native step runs the Llama family ({', '.join(NATIVE)}), not "
+                                  f"{model.adapter.model_type}")
+    return w
 
 
 def weight_format(model) -> str:
@@ -177,6 +211,9 @@ def quantize(model, weights: str = "int8"):
     Matrices whose width is not a multiple of 32 stay as they are. Returns the model."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if weights == "int8" and not model.adapter.native:
+        raise NotImplementedError(f"int8 weights run in the native step, which does not cover "
+                                  f"{model.adapter.model_type}")
     if weights == "int8":
         for lin in _linear_layers(model):
             w = lin.weight

@@ -1,7 +1,8 @@
 """Model families beyond the Llama family, each on a tiny random configuration (no download): the
 adapter composes the model's own modules into the same logits as Hugging Face's forward, exits attach
-(a copy of the last layer at depth L-1 is the full model), train, save and load; generation names
-what it does not run yet; unknown model types are accepted only when a probe proves the composition."""
+(a copy of the last layer at depth L-1 is the full model), train, save and load; generation at full
+depth gives Hugging Face's tokens and exit switches catch up exactly; unknown model types are
+accepted only when a probe proves the composition."""
 
 import pytest
 import torch
@@ -85,11 +86,53 @@ def test_olmo2_has_no_input_norm_to_copy():
     assert model.exits == []
 
 
+def _gen_model(model_type, layers=6, exits=(2, 4)):
+    # a larger initialiser range gives peaked distributions, so greedy choices are well separated
+    m = tiny_balcony(model_type, layers=layers, initializer_range=0.2)
+    attach(m, list(exits), init="random", seed=1)
+    return m
+
+
 @pytest.mark.parametrize("model_type", NEW)
-def test_generate_names_the_family_it_does_not_run(model_type):
-    model = tiny_balcony(model_type)
-    with pytest.raises(NotImplementedError, match=model_type):
-        generate(model, [5, 6, 7], max_new_tokens=2)
+def test_generate_at_full_depth_equals_hugging_face_generate(model_type):
+    m = _gen_model(model_type)
+    assert not m.adapter.native
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22]]  # 10 + 14 tokens: past the window of 8
+    outs = generate(m, prompts, exit_layer=m.num_layers, max_new_tokens=14, stop_tokens=[])
+    for ids, out in zip(prompts, outs):
+        ref = m.base.generate(torch.tensor([ids]), max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        assert out.tokens == ref
+
+
+@pytest.mark.parametrize("model_type", NEW)
+def test_exit_switches_catch_up_to_what_a_fresh_forward_gives(model_type):
+    m = _gen_model(model_type)
+    L = m.num_layers
+    ids = [7, 30, 31, 40, 41, 42, 50]
+    schedule = {0: 2, 3: 4, 5: L, 7: 2, 9: 4}  # shallow, deeper, full, back to an exit, deeper again
+    g = generate(m, [ids, ids[:4]], exit_layer=schedule, max_new_tokens=12, stop_tokens=[], stream=True)
+    seen = []
+    for _ in g:
+        k = g.exit_layers[0][-1]
+        for b, p in enumerate([ids, ids[:4]]):
+            seq = p + g.generated[b][:-1]
+            with torch.no_grad():
+                fresh = m(torch.tensor([seq]), exits=[k])[k][0, -1]
+            torch.testing.assert_close(g.engine.logits[b], fresh, atol=3e-4, rtol=3e-4)
+        seen.append(k)
+    assert seen == [2, 2, 2, 4, 4, L, L, 2, 2, 4, 4, 4]
+    assert g.engine.catch_up_tokens > 0
+
+
+def test_families_outside_the_native_step_refuse_it_and_int8_by_name():
+    from balcony_ext.weights import quantize
+
+    m = _gen_model("phi3")
+    with pytest.raises(NotImplementedError, match="phi3"):
+        generate(m, [5, 6, 7], max_new_tokens=2, native=True)
+    with pytest.raises(NotImplementedError, match="phi3"):
+        quantize(m, "int8")
 
 
 def test_unknown_model_type_accepted_when_the_probe_agrees():
@@ -118,3 +161,20 @@ def test_encoder_decoder_and_models_without_rotary_layers_named():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel: no rotary embedding"):
         adapter_for(gpt2)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_neox"])
+def test_continuous_batching_of_a_module_family_equals_each_request_alone(model_type):
+    from balcony_ext.batcher import Batcher, Request
+
+    m = _gen_model(model_type)
+    b = Batcher(m, max_batch=3, max_len=48, prefill_chunk=5, calibration=None)  # prompts prefilled in chunks
+    g = torch.Generator().manual_seed(0)
+    reqs = [b.submit(Request(torch.randint(3, 250, (4 + 3 * i,), generator=g).tolist(), max_new_tokens=6 + i,
+                             exit_layer=[2, 4, m.num_layers][i % 3], stop_tokens=[])) for i in range(5)]
+    while b.busy:
+        b.iterate()
+    for r in reqs:
+        alone = generate(m, r.prompt_ids, exit_layer=r.target_exit, max_new_tokens=r.max_new_tokens, stop_tokens=[],
+                         calibration=None)
+        assert r.tokens == alone.tokens and r.exit_layers == alone.exit_layers
