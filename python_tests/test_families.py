@@ -163,7 +163,7 @@ def test_encoder_decoder_and_models_without_rotary_layers_named():
         adapter_for(gpt2)
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gpt_neox"])
+@pytest.mark.parametrize("model_type", NEW)
 def test_continuous_batching_of_a_module_family_equals_each_request_alone(model_type):
     from balcony_ext.batcher import Batcher, Request
 
