@@ -38,12 +38,22 @@ def memory_bandwidth(mb: int = 256, repeats: int = 7) -> dict:
                 copy_gbs=2 * nbytes / median(lambda: dst.copy_(src)) / 1e9)
 
 
+# bytes per weight of the block formats (32 values and a float16 scale per block)
+BLOCK_BYTES = {"int8": 34 / 32, "q4": 18 / 32}
+
+
 def bytes_per_token(model, k: int) -> int:
     """Bytes of weights a decode step at exit k reads per step (layers, exit, LM head; the
-    embedding row lookup is negligible)."""
+    embedding row lookup is negligible), in the model's weight format."""
+    from .weights import HEAD_FORMAT, weight_format
+
     c = costs(model)
     params = c["full"] if k == model.num_layers else c[("balcony", k)]
-    return params * model.dtype.itemsize
+    fmt = weight_format(model)
+    if fmt == "float":
+        return params * model.dtype.itemsize
+    head = model.adapter.lm_head.weight.numel()
+    return int((params - head) * BLOCK_BYTES[fmt] + head * BLOCK_BYTES[HEAD_FORMAT[fmt]])
 
 
 def hf_at_depth(model, k: int):
@@ -121,7 +131,10 @@ def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_t
     rows = []
     for k in depths:
         b = best[k]
-        row = dict(exit=k, batch=batch, dtype=str(model.dtype).replace("torch.", ""), tokens_per_s=b["ours"],
+        from .weights import weight_format
+
+        row = dict(exit=k, batch=batch, dtype=str(model.dtype).replace("torch.", ""), weights=weight_format(model),
+                   tokens_per_s=b["ours"],
                    ttft_s=b["ttft"], bytes_per_step=bytes_per_token(model, k))
         row["gbs"] = row["bytes_per_step"] * b["ours"] / 1e9
         if hf:
@@ -137,7 +150,7 @@ def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_t
 
 
 def format_table(rows: list, bandwidth: dict | None = None) -> str:
-    cols = [("dtype", "dtype", ""), ("batch", "batch", ""), ("exit", "exit", ""), ("tokens_per_s", "tok/s", ".1f"),
+    cols = [("dtype", "dtype", ""), ("weights", "weights", ""), ("batch", "batch", ""), ("exit", "exit", ""), ("tokens_per_s", "tok/s", ".1f"),
             ("hf_tokens_per_s", "HF tok/s", ".1f"), ("vs_hf", "x HF", ".2f"), ("ttft_s", "TTFT s", ".3f"),
             ("hf_ttft_s", "HF TTFT s", ".3f"), ("gbs", "GB/s", ".1f"), ("of_read_bw", "of read BW", ".2f"),
             ("speedup_vs_full", "x full", ".2f"), ("ideal_speedup", "ideal", ".2f"), ("of_ideal", "of ideal", ".2f")]

@@ -257,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", default=None, help="local Hugging Face checkpoint directory (default: bundled SmolLM2)")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         q.add_argument("--exits-file", default="bundled", help="saved exits (default: the shipped ones)")
-        q.add_argument("--weights", default="float", choices=["float", "int8"],
-                       help="int8: every matrix the decode step reads rounded to int8 blocks of 32 (8.5 bits per weight)")
+        q.add_argument("--weights", default="float", choices=["float", "int8", "q4"],
+                       help="int8: every matrix the decode step reads rounded to int8 blocks of 32 (8.5 bits per "
+                            "weight); q4: the decoder matrices to 4-bit blocks of 32 (4.5 bits), the head to int8")
 
     g = sub.add_parser("generate", help="generate at the exit a budget buys")
     serve_args(g)

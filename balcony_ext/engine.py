@@ -49,8 +49,8 @@ def _linear_f32(x, w, b):
 
 
 def _linear(x, w, b=None):
-    if w.dtype == torch.uint8 and (x.numel() // x.shape[-1] >= BF16_GEMM_ROWS or x.device.type != "cpu"):
-        w = ops.dequantize_q8(w)  # Q8 blocks: a multi-token pass runs a float32 GEMM on the values they hold
+    if ops.is_blocks(w) and (x.numel() // x.shape[-1] >= BF16_GEMM_ROWS or x.device.type != "cpu"):
+        w = ops.weight_matrix(w)  # Q8/Q4 blocks: a multi-token pass runs a float32 GEMM on the values they hold
     if w.dtype == torch.float32:
         return _linear_f32(x, w, b if b is not None and b.numel() else None)
     if x.numel() // x.shape[-1] >= BF16_GEMM_ROWS or x.device.type != "cpu":  # (linear_rows is CPU-only)

@@ -136,9 +136,10 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     loads the bundled default (SmolLM2-135M-Instruct). Only local files are read.
     exits: "bundled" attaches the exits shipped in the package for the default model, if present;
     a path loads exits from that file; None attaches none.
-    weights: "float" (the checkpoint's, in `dtype`) or "int8" (every decoder matrix, the exits' too,
-    and the LM head rounded to int8 blocks of 32 with a float16 scale; the engine reads them as such:
-    weights.quantize).
+    weights: "float" (the checkpoint's, in `dtype`), "int8" (every decoder matrix, the exits' too,
+    and the LM head rounded to int8 blocks of 32 with a float16 scale) or "q4" (the decoder matrices
+    rounded to 4-bit blocks of 32, the head to int8 blocks); the engine reads them as such:
+    weights.quantize.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,10 @@ An exit adds its norm after its layer's fields.
 
 Weight formats (`quantize(model, "int8")`, `bx.load(..., weights="int8")`): "float" hands the engine the
 model's own matrices (float32 or bfloat16); "int8" hands it every decoder matrix and the LM head as Q8
-blocks (ops.quantize_q8: int8 in blocks of 32 with a float16 scale, 8.5 bits per weight), read by the
+blocks (ops.quantize_q8: int8 in blocks of 32 with a float16 scale, 8.5 bits per weight); "q4" every
+decoder matrix as Q4 blocks (ops.quantize_q4: 4-bit values in blocks of 32 with a float16 scale, 4.5
+bits per weight, llama.cpp's Q4_0) and the LM head as Q8 blocks (as llama.cpp keeps its output matrix
+at a higher precision than its 4-bit layers); read by the
 native step and linear_rows as they are and dequantised for the multi-token GEMMs.
 """
 
@@ -18,9 +21,10 @@ from typing import NamedTuple
 
 import torch
 
-from .ops.linear_rows import Q8_BLOCK, dequantize_q8, quantize_q8
+from .ops.linear_rows import Q8_BLOCK, dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
 
-WEIGHT_FORMATS = ("float", "int8")
+WEIGHT_FORMATS = ("float", "int8", "q4")
+HEAD_FORMAT = {"float": "float", "int8": "int8", "q4": "int8"}  # the LM head's format under each
 
 
 class LayerWeights(NamedTuple):
@@ -52,6 +56,8 @@ def _vec(t):
 def _mat(t, fmt: str = "float"):
     if fmt == "int8" and t.shape[1] % Q8_BLOCK == 0:
         return quantize_q8(t)
+    if fmt == "q4" and t.shape[1] % Q8_BLOCK == 0:
+        return quantize_q4(t)
     return t.detach().contiguous()
 
 
@@ -98,7 +104,7 @@ class NativeWeights:
         self.base = [t for lw in self.layers[:self.L] for t in lw]
         self.exit = [t for e, lw in enumerate(self.layers[self.L:]) for t in (*lw, self.exit_norms[e])]
         self.embed = a.embed_tokens.weight.detach()
-        self.head = _mat(a.lm_head.weight, fmt)
+        self.head = _mat(a.lm_head.weight, HEAD_FORMAT[fmt])
         self.final_norm = _vec(a.final_norm.weight)
         self.eps = a.rms_norm_eps
         self.H = a.hidden_size
@@ -193,34 +199,39 @@ def weight_format(model) -> str:
     return getattr(model, "weight_format", "float")
 
 
-def _linear_layers(model):
+def _layer_linears(model):
     a = model.adapter
     layers = list(a.layers) + [model.exit_module(k).layer for k in model.exits]
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         yield from (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    yield a.lm_head
+
+
+ROUND = {"int8": lambda w: dequantize_q8(quantize_q8(w), w.dtype), "q4": lambda w: dequantize_q4(quantize_q4(w), w.dtype)}
 
 
 @torch.no_grad()
 def quantize(model, weights: str = "int8"):
     """Puts the model's weights in `weights` format for generation: "int8" rounds every decoder matrix
-    (base layers and the exits attached now) and the LM head to Q8 blocks, in place in the model too
-    (so evaluate() and training see the very weights the engine reads; the head is tied to the
-    embedding in most small models, which is then rounded as well), and the engine reads the Q8 blocks.
-    Matrices whose width is not a multiple of 32 stay as they are. Returns the model."""
+    (base layers and the exits attached now) and the LM head to Q8 blocks; "q4" the decoder matrices to
+    Q4 blocks and the head to Q8 blocks. In place in the model too (so evaluate() and training see the
+    very weights the engine reads; the head is tied to the embedding in most small models, which is
+    then rounded as well), and the engine reads the blocks. Matrices whose width is not a multiple of
+    32 stay as they are. Returns the model."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    if weights == "int8" and not model.adapter.native:
-        raise NotImplementedError(f"int8 weights run in the native step, which does not cover "
+    if weights != "float" and not model.adapter.native:
+        raise NotImplementedError(f"{weights} weights run in the native step, which does not cover "
                                   f"{model.adapter.model_type}")
-    if weights == "int8":
-        for lin in _linear_layers(model):
+    if weight_format(model) != "float" and weights != weight_format(model):
+        raise ValueError(f"the model's weights are already rounded to {weight_format(model)}; load it again for "
+                         f"{weights} weights")
+    if weights != "float":
+        head = model.adapter.lm_head
+        for lin, fmt in [(lin, weights) for lin in _layer_linears(model)] + [(head, HEAD_FORMAT[weights])]:
             w = lin.weight
             if w.dim() == 2 and w.shape[1] % Q8_BLOCK == 0:
-                w.copy_(dequantize_q8(quantize_q8(w), w.dtype))
-    elif weight_format(model) != "float":
-        raise ValueError("the model's weights are already rounded to int8; load it again for float weights")
+                w.copy_(ROUND[fmt](w))
     model.weight_format = weights
     model._native_weights = None
     return model

@@ -1,9 +1,9 @@
 """Decode speed of generate() at every exit and the full model, beside Hugging Face generate.
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--exits-file F] [--batches 1 8]
-        [--dtypes float32 bfloat16] [--prompt-len 64] [--tokens 32]
+        [--dtypes float32 bfloat16] [--weights float int8 q4] [--prompt-len 64] [--tokens 32]
 
-For each dtype and batch size: decode tokens/s per sequence and time to first token for every
+For each dtype, weight format (float: the dtype's own; int8 / q4 blocks, balcony_ext.weights) and batch size: decode tokens/s per sequence and time to first token for every
 exit and the full model, Hugging Face `generate` at the same depth and dtype (the first k base
 layers + the balcony layer: the same weights), the weights' bytes read per step, the achieved
 GB/s against the read bandwidth measured in the same run, and each exit's speed-up over our full
@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--weights", nargs="+", default=["float"], choices=["float", "int8", "q4"],
+                    help="weight formats (Hugging Face is timed beside the float rows only)")
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
 
@@ -38,22 +40,23 @@ def main():
     # again right before each group of rows, and each row is set against its own group's figure
     rows, reads = [], []
     for dt in args.dtypes:
-        model = bx.load(dtype=getattr(torch, dt), exits=args.exits_file)
-        for batch in args.batches:
-            bw = memory_bandwidth()
-            group = decode_table(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.tokens,
-                                 hf=not args.no_hf, repeats=args.repeats)
-            for r in group:
-                r["read_gbs"] = bw["read_gbs"]
-                r["of_read_bw"] = r["gbs"] / bw["read_gbs"]
-            rows += group
-            reads.append(f"{dt} batch {batch}: {bw['read_gbs']:.1f}")
+        for fmt in args.weights:
+            model = bx.load(dtype=getattr(torch, dt), exits=args.exits_file, weights=fmt)
+            for batch in args.batches:
+                bw = memory_bandwidth()
+                group = decode_table(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.tokens,
+                                     hf=not args.no_hf and fmt == "float", repeats=args.repeats)
+                for r in group:
+                    r["read_gbs"] = bw["read_gbs"]
+                    r["of_read_bw"] = r["gbs"] / bw["read_gbs"]
+                rows += group
+                reads.append(f"{dt} {fmt} batch {batch}: {bw['read_gbs']:.1f}")
     bw = dict(read_gbs=[r["read_gbs"] for r in rows])
     print(f"# generate decode speed, {model.name}, prompt {args.prompt_len} tokens, {args.tokens} new tokens, "
           f"{machine()}; read bandwidth measured before each group, GB/s: {', '.join(reads)}")
     print(format_table(rows))
     L = model.num_layers
-    full = {(r["dtype"], r["batch"]): r for r in rows if r["exit"] == L}
+    full = {(r["dtype"], r["batch"]): r for r in rows if r["exit"] == L and r["weights"] == "float"}
     targets = {}
     f32 = full.get(("float32", 1))
     if f32 and "vs_hf" in f32:
@@ -62,6 +65,11 @@ def main():
     bf = full.get(("bfloat16", 1))
     if bf and "vs_hf" in bf:
         targets["full_bf16_b1_vs_hf (>=2)"] = bf["vs_hf"]
+    for fmt in ("int8", "q4"):
+        q = {r["dtype"]: r for r in rows if r["exit"] == L and r["batch"] == 1 and r["weights"] == fmt}
+        for dt, r in q.items():
+            if (dt, 1) in full:
+                targets[f"full_{fmt}_{dt}_b1_vs_float (>1)"] = r["tokens_per_s"] / full[(dt, 1)]["tokens_per_s"]
     exits = [r for r in rows if r["exit"] != L and r["batch"] == 1]
     if exits:
         targets["min_exit_of_ideal_b1 (>=0.9)"] = min(r["of_ideal"] for r in exits)

@@ -46,7 +46,7 @@ def test_linear_rows_errors():
         ops.linear_rows(x, torch.randn(3, 9))
     with pytest.raises(RuntimeError, match="x and out must be float32"):
         ops.linear_rows(x.double(), w.double())
-    with pytest.raises(RuntimeError, match="weight must be float32, bfloat16 or Q8"):
+    with pytest.raises(RuntimeError, match="weight must be float32, bfloat16, Q8 blocks"):
         ops.linear_rows(x, w.half())
     with pytest.raises(RuntimeError, match="out must be"):
         ops.linear_rows(x, w, out=torch.empty(2, 4))
@@ -60,23 +60,26 @@ def test_linear_rows_opcheck():
     torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w.bfloat16(), None, torch.empty(3, 9), True))
 
 
-# Q8 weights: K a multiple of 32; odd row counts and N, every CPU instruction set
+# Q8 and Q4 weights: K a multiple of 32; odd row counts and N, every CPU instruction set
 Q8_SHAPES = [(1, 1, 32), (1, 17, 64), (3, 769, 96), (8, 576, 1536), (9, 33, 576), (13, 127, 160)]
+BLOCKS = {"q8": (ops.quantize_q8, ops.dequantize_q8), "q4": (ops.quantize_q4, ops.dequantize_q4)}
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize("shape", Q8_SHAPES)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_linear_rows_q8_matches_dequantised_reference(cpu_capability, shape, bias):
+def test_linear_rows_blocks_match_dequantised_reference(cpu_capability, fmt, shape, bias):
     M, N, K = shape
+    quant, dequant = BLOCKS[fmt]
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x = torch.randn(M, K, generator=g)
-    w = ops.quantize_q8(torch.randn(N, K, generator=g))
+    w = quant(torch.randn(N, K, generator=g))
     b = torch.randn(N, generator=g) if bias else None
     # x is rounded to int16 per row (the reference does the same): the float error left is the kernel's
     # float32 sum of per-block products, far below what the rounding of x moves (checked: float x is off)
     got = ops.linear_rows(x, w, b)
     torch.testing.assert_close(got, ops.reference_linear_rows(x, w, b), atol=1e-6 * K ** 0.5, rtol=1e-5)
-    unrounded = x @ ops.dequantize_q8(w).T + (b if bias else 0)
+    unrounded = x @ dequant(w).T + (b if bias else 0)
     if K >= 576:
         assert not torch.allclose(got, unrounded, atol=1e-6 * K ** 0.5, rtol=1e-5)
     acc = torch.randn(M, N, generator=g)
@@ -106,14 +109,45 @@ def test_quantize_q8_round_trip_and_layout():
         ops.quantize_q8(torch.randn(4, 33))
 
 
-def test_linear_rows_q8_errors():
+def test_quantize_q4_round_trip_and_layout():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 96, generator=g)
+    w[1, :32] = 0  # an all-zero block: scale 0, values 0
+    w[2, 40] = -1000.0  # one large weight sets its block's scale and is kept exactly (it maps to -8)
+    q = ops.quantize_q4(w)
+    assert q.dtype == torch.int8 and q.shape == (5, 48 + 6)
+    back = ops.dequantize_q4(q)
+    assert torch.equal(back[1, :32], torch.zeros(32)) and back[2, 40] == w[2, 40].half().float()
+    blocks = w.reshape(5, 3, 32)
+    err = (back.reshape(5, 3, 32) - blocks).abs()
+    step = blocks.abs().amax(-1, keepdim=True) / 8
+    # half a step, except past +7.5 steps on the side opposite the largest value (clamped to +7)
+    edge = (blocks / -step.clamp(min=1e-12) * torch.sign(blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)))) > 7.5
+    assert (err <= torch.where(edge, step, step * 0.5) * 1.01 + 1e-6).all()
+    # the layout: byte i of a block holds column i (low nibble) and column 16 + i (high), then the scales
+    raw = q.view(torch.uint8)
+    v = raw[0, :16].int()
+    scale = raw[0, 48:50].view(torch.float16).float()
+    torch.testing.assert_close(back[0, :16], ((v & 15) - 8).float() * scale)
+    torch.testing.assert_close(back[0, 16:32], ((v >> 4) - 8).float() * scale)
+    assert torch.equal(ops.quantize_q4(back), q)  # rounding twice changes nothing
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.quantize_q4(torch.randn(4, 33))
+
+
+def test_linear_rows_blocks_errors():
     x = torch.randn(2, 64)
-    with pytest.raises(RuntimeError, match="whole blocks of 32"):
+    with pytest.raises(RuntimeError, match="Q8 weight row holds whole blocks of 32"):
         ops.linear_rows(x, torch.zeros(3, 35, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="Q4 weight row holds whole blocks of 32"):
+        ops.linear_rows(x, torch.zeros(3, 35, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="K = 64 columns but weight has 32"):
         ops.linear_rows(x, ops.quantize_q8(torch.randn(3, 32)))
+    with pytest.raises(RuntimeError, match="K = 64 columns but weight has 32"):
+        ops.linear_rows(x, ops.quantize_q4(torch.randn(3, 32)))
 
 
-def test_linear_rows_q8_opcheck():
-    x, w = torch.randn(3, 64), ops.quantize_q8(torch.randn(9, 64))
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_linear_rows_blocks_opcheck(fmt):
+    x, w = torch.randn(3, 64), BLOCKS[fmt][0](torch.randn(9, 64))
     torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w, None, torch.empty(3, 9), False))

@@ -1,5 +1,5 @@
-"""int8 weights (weights.quantize / bx.load(weights="int8")): the engine reads Q8 blocks and computes
-what the model, whose weights quantize() rounded in place, computes."""
+"""int8 and q4 weights (weights.quantize / bx.load(weights=...)): the engine reads Q8 / Q4 blocks and
+computes what the model, whose weights quantize() rounded in place, computes."""
 
 import pytest
 import torch
@@ -41,16 +41,32 @@ def test_quantize_rounds_the_model_and_the_engine_reads_q8_blocks():
         bx.quantize(m, "int4")
     with pytest.raises(ValueError, match="already rounded"):
         bx.quantize(m, "float")
+    with pytest.raises(ValueError, match="already rounded to int8"):
+        bx.quantize(m, "q4")
 
 
-def test_int8_native_step_matches_the_composed_step(cpu_capability):
-    m = bx.quantize(_model(), "int8")
+def test_q4_rounds_the_layers_to_q4_and_the_head_to_q8():
+    m = _model()
+    w0, h0 = m.adapter.layers[0].mlp.down_proj.weight.clone(), m.adapter.lm_head.weight.clone()
+    bx.quantize(m, "q4")
+    assert torch.equal(m.adapter.layers[0].mlp.down_proj.weight, ops.dequantize_q4(ops.quantize_q4(w0)))
+    assert torch.equal(m.adapter.lm_head.weight, ops.dequantize_q8(ops.quantize_q8(h0)))
+    e = Engine(m, 2, 32)
+    assert e.w.format == "q4" and e.w.layer(0).down_proj.dtype == torch.int8 and e.w.layer(L).q_proj.dtype == torch.int8
+    assert e.w.head.dtype == torch.uint8
+    assert torch.equal(e.w.layer(0).down_proj, ops.quantize_q4(w0))  # the engine's blocks: the original's
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+def test_block_native_step_matches_the_composed_step(cpu_capability, fmt):
+    m = bx.quantize(_model(), fmt)
     assert_native_matches_composed(m, _prompts(4), [2, 4, L, 2], steps=4, tol=2e-4, same_tokens=True)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
 @pytest.mark.parametrize("k", [2, 4, L])
-def test_int8_generation_equals_the_rounded_models_own_forward(k):
-    m = bx.quantize(_model(), "int8")
+def test_block_generation_equals_the_rounded_models_own_forward(k, fmt):
+    m = bx.quantize(_model(), fmt)
     ids = _prompts(1)[0]
     out = bx.generate(m, ids, exit_layer=k, max_new_tokens=6, stop_tokens=[], calibration=None)
     seq = ids + out.tokens

@@ -1,8 +1,13 @@
-"""Small-batch linear map for decode steps (torch.ops.balcony.linear_rows), and its int8 weight format.
+"""Small-batch linear map for decode steps (torch.ops.balcony.linear_rows), and its block weight formats.
 
-Weights are float32, bfloat16, or Q8 blocks: `quantize_q8(w)` turns a float [N, K] matrix (K a
-multiple of 32) into uint8 [N, K + K/16], each row its K int8 values followed by one float16 scale per
-block of 32 columns (w ~ int8 * scale, scale = max |w| of the block / 127): 8.5 bits per weight.
+Weights are float32, bfloat16, Q8 or Q4 blocks (K a multiple of 32, one float16 scale per block of 32
+columns; see csrc/include/balcony/dtypes.h):
+- `quantize_q8(w)`: uint8 [N, K + K/16], each row its K int8 values then the scales
+  (w ~ int8 * scale, scale = max |w| of the block / 127): 8.5 bits per weight;
+- `quantize_q4(w)`: int8 storage [N, K/2 + K/16], each row its 4-bit values, two per byte (in a block,
+  byte i: column i in the low nibble, column 16 + i in the high one), then the scales
+  (w ~ (v - 8) * scale, v in 0..15, scale = the block's signed value of largest magnitude / -8):
+  4.5 bits per weight.
 """
 
 import torch
@@ -46,9 +51,65 @@ def dequantize_q8(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return (q * scale).reshape(N, K).to(dtype)
 
 
+def quantize_q4(weight: torch.Tensor) -> torch.Tensor:
+    """float [N, K] -> Q4 blocks, int8 storage [N, K/2 + K/16] (round to nearest; as llama.cpp's Q4_0: the
+    block's value of largest magnitude maps to -8 exactly, the scale rounded to float16 first)."""
+    if weight.dim() != 2 or weight.shape[1] % Q8_BLOCK:
+        raise ValueError(f"quantize_q4: need a 2-D weight with a multiple of {Q8_BLOCK} columns, got "
+                         f"{tuple(weight.shape)}")
+    N, K = weight.shape
+    blocks = weight.detach().float().reshape(N, K // Q8_BLOCK, Q8_BLOCK)
+    idx = blocks.abs().argmax(-1, keepdim=True)
+    scale = (blocks.gather(-1, idx).squeeze(-1) / -8.0 + 0.0).half()  # (+ 0.0: an all-zero block stores +0)
+    s = scale.float().unsqueeze(-1)
+    v = (torch.where(s != 0, blocks / torch.where(s != 0, s, 1.0), 0.0).round() + 8).clamp(0, 15).to(torch.uint8)
+    packed = v[..., :16] | (v[..., 16:] << 4)  # [N, K/32, 16]
+    out = torch.empty(N, K // 2 + K // Q8_BLOCK * 2, dtype=torch.uint8, device=weight.device)
+    out[:, :K // 2] = packed.reshape(N, K // 2)
+    out[:, K // 2:] = scale.contiguous().view(torch.uint8).reshape(N, K // Q8_BLOCK * 2)
+    return out.view(torch.int8)
+
+
+def q4_columns(packed: torch.Tensor) -> int:
+    """K of a Q4 weight (int8 [N, K/2 + K/16])."""
+    per_block = Q8_BLOCK // 2 + 2
+    if packed.dtype != torch.int8 or packed.dim() != 2 or packed.shape[1] % per_block:
+        raise ValueError(f"not a Q4 weight: {packed.dtype} {tuple(packed.shape)}")
+    return packed.shape[1] // per_block * Q8_BLOCK
+
+
+def dequantize_q4(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Q4 blocks -> the float [N, K] matrix they stand for ((v - 8) * scale, computed in float32)."""
+    K = q4_columns(packed)
+    N = packed.shape[0]
+    raw = packed.view(torch.uint8)
+    b = raw[:, :K // 2].reshape(N, K // Q8_BLOCK, 16).to(torch.int16)
+    v = torch.cat([b & 15, b >> 4], dim=-1).float() - 8.0
+    scale = raw[:, K // 2:].contiguous().view(torch.float16).float().unsqueeze(-1)
+    return (v * scale).reshape(N, K).to(dtype)
+
+
+def weight_columns(weight: torch.Tensor) -> int:
+    """K of a linear_rows weight in any format."""
+    if weight.dtype == torch.uint8:
+        return q8_columns(weight)
+    if weight.dtype == torch.int8:
+        return q4_columns(weight)
+    return weight.shape[1]
+
+
+def is_blocks(weight: torch.Tensor) -> bool:
+    """Whether a linear_rows weight is in a block format (Q8: uint8, Q4: int8)."""
+    return weight.dtype in (torch.uint8, torch.int8)
+
+
 def weight_matrix(weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """The float matrix a linear_rows weight stands for (float32, bfloat16 or Q8 blocks)."""
-    return dequantize_q8(weight, dtype) if weight.dtype == torch.uint8 else weight.to(dtype)
+    """The float matrix a linear_rows weight stands for (float32, bfloat16, Q8 or Q4 blocks)."""
+    if weight.dtype == torch.uint8:
+        return dequantize_q8(weight, dtype)
+    if weight.dtype == torch.int8:
+        return dequantize_q4(weight, dtype)
+    return weight.to(dtype)
 
 
 def round_rows_i16(x: torch.Tensor) -> torch.Tensor:
@@ -61,9 +122,9 @@ def round_rows_i16(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_linear_rows(x, weight, bias=None):
-    """The specification: x [M,K] float32 @ weight[N,K]^T (widened to float32; Q8 blocks dequantised
-    and x rounded to int16 per row, `round_rows_i16`) + bias, float32 [M,N]."""
-    if weight.dtype == torch.uint8:
+    """The specification: x [M,K] float32 @ weight[N,K]^T (widened to float32; Q8 and Q4 blocks
+    dequantised and x rounded to int16 per row, `round_rows_i16`) + bias, float32 [M,N]."""
+    if is_blocks(weight):
         out = (round_rows_i16(x).double() @ weight_matrix(weight).double().T).float()
         return out + bias.float() if bias is not None else out
     out = x.float() @ weight_matrix(weight).T
@@ -72,9 +133,10 @@ def reference_linear_rows(x, weight, bias=None):
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 accumulate: bool = False) -> torch.Tensor:
-    """x [M,K] float32 times weight [N,K] (float32, bfloat16 or Q8 blocks, read once) transposed, plus
-    bias [N] float32: float32 [M,N]. With Q8 blocks each row of x is first rounded to int16 (one scale
-    per row; see round_rows_i16) and every block's dot product is exact integer arithmetic. With `out`, writes (accumulate=False) or adds (True) into it.
+    """x [M,K] float32 times weight [N,K] (float32, bfloat16, Q8 or Q4 blocks, read once) transposed, plus
+    bias [N] float32: float32 [M,N]. With Q8 or Q4 blocks each row of x is first rounded to int16 (one
+    scale per row; see round_rows_i16) and every block's dot product is exact integer arithmetic. With
+    `out`, writes (accumulate=False) or adds (True) into it.
     Meant for the few rows of a decode step, where the weight read is the whole cost."""
     if out is None:
         out = x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
@@ -88,6 +150,6 @@ if _native.available():
     @torch.library.register_fake("balcony::linear_rows")
     def _(x, weight, bias, out, accumulate):
         torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "linear_rows: x and weight must be 2-D")
-        K = q8_columns(weight) if weight.dtype == torch.uint8 else weight.shape[1]
+        K = weight_columns(weight)
         torch._check(x.shape[1] == K, lambda: "linear_rows: x and weight disagree on K")
         return None

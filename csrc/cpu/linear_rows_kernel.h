@@ -1,9 +1,10 @@
 // out[m, n] (+)= sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows of x: the matrix-vector
 // products of a decode step, where the weight is read once per step and memory bandwidth is
-// the limit. x, bias and out are float32; w is float32, bfloat16 (widened in registers) or Q8
-// (int8 blocks of 32 with a float16 scale each, see balcony/dtypes.h). For Q8, x is first rounded
-// to int16 with one scale per row (relative error <= 2^-16 of the row's largest value) and each
-// block's dot product is exact integer arithmetic, scaled once per block.
+// the limit. x, bias and out are float32; w is float32, bfloat16 (widened in registers), Q8
+// (int8 blocks of 32 with a float16 scale each) or Q4 (4-bit blocks of 32 with a float16 scale
+// each, see balcony/dtypes.h). For Q8 and Q4, x is first rounded to int16 with one scale per row
+// (relative error <= 2^-16 of the row's largest value) and each block's dot product is exact
+// integer arithmetic, scaled once per block.
 //
 // One weight row at a time, read front to back, feeding up to 8 rows of x (a few KiB, in L1).
 // NOTE: interleaving the loads of 4 weight rows (a 4-row register tile, the usual GEMM shape)
@@ -79,6 +80,17 @@ inline v32hi_t widen_block(const int8_t* w) {
   std::memcpy(&b, w, 32);
   return (v32hi_t)__builtin_ia32_pmovsxbw512_mask(b, v32hi_t{}, 0xffffffffu);
 }
+// Q4: 16 bytes -> 32 int16 values (low nibbles, then high nibbles, each minus 8)
+inline v32hi_t widen_block_q4(const uint8_t* p) {
+  typedef unsigned char v16qu_t __attribute__((vector_size(16)));
+  typedef short v16hi_t __attribute__((vector_size(32)));
+  v16qu_t b;
+  std::memcpy(&b, p, 16);
+  const v16hi_t w = __builtin_convertvector(b, v16hi_t);
+  const v16hi_t lo = (w & 15) - 8, hi = (w >> 4) - 8;
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+                                 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+}
 inline vfloat block_dot(v32hi_t w16, const int16_t* x) {
   v32hi_t xv;
   std::memcpy(&xv, x, 64);
@@ -94,6 +106,13 @@ inline v32hi_t widen_block(const int8_t* w) {
   std::memcpy(&b, w + 16, 16);
   return {(v16hi_t)__builtin_ia32_pmovsxbw256(a), (v16hi_t)__builtin_ia32_pmovsxbw256(b)};
 }
+inline v32hi_t widen_block_q4(const uint8_t* p) {
+  typedef unsigned char v16qu_t __attribute__((vector_size(16)));
+  v16qu_t b;
+  std::memcpy(&b, p, 16);
+  const v16hi_t w = __builtin_convertvector(b, v16hi_t);
+  return {(w & 15) - 8, (w >> 4) - 8};
+}
 inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
   v16hi_t a, b;
   std::memcpy(&a, x, 32);
@@ -102,8 +121,17 @@ inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
   return __builtin_convertvector(s, vfloat);
 }
 #else
-struct v32hi_t { const int8_t* w; };
-inline v32hi_t widen_block(const int8_t* w) { return {w}; }
+struct v32hi_t { int16_t w[32]; };
+inline v32hi_t widen_block(const int8_t* w) {
+  v32hi_t out;
+  for (int k = 0; k < 32; ++k) out.w[k] = w[k];
+  return out;
+}
+inline v32hi_t widen_block_q4(const uint8_t* p) {
+  v32hi_t out;
+  for (int i = 0; i < 16; ++i) out.w[i] = (p[i] & 15) - 8, out.w[16 + i] = (p[i] >> 4) - 8;
+  return out;
+}
 inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
   vint s{};
   for (int k = 0; k < kQ8Block; ++k) s[k % kVecWidth] += static_cast<int32_t>(w16.w[k]) * x[k];
@@ -111,13 +139,27 @@ inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
 }
 #endif
 
-// One Q8 weight row against MR rows of x rounded to int16 (xq, per-row scales xs): per block, the
-// exact integer dot product, converted and scaled by the block's weight scale into float
+// The block formats as weight element types (their storage is bytes; see balcony/dtypes.h).
+struct q8_t { uint8_t byte; };
+struct q4_t { uint8_t byte; };
+template <typename T> constexpr bool kBlocks = std::is_same_v<T, q8_t> || std::is_same_v<T, q4_t>;
+template <typename T> inline int64_t row_bytes(int64_t K) {
+  if constexpr (std::is_same_v<T, q8_t>) return q8_row_bytes(K);
+  else if constexpr (std::is_same_v<T, q4_t>) return q4_row_bytes(K);
+  else return K * static_cast<int64_t>(sizeof(T));
+}
+// Block b of a row (its 32 values as int16).
+template <typename T> inline auto widen_at(const uint8_t* wr, int64_t b) {
+  if constexpr (std::is_same_v<T, q8_t>) return widen_block(reinterpret_cast<const int8_t*>(wr) + b * kQ8Block);
+  else return widen_block_q4(wr + b * (kQ8Block / 2));
+}
+
+// One Q8 or Q4 weight row against MR rows of x rounded to int16 (xq, per-row scales xs): per block,
+// the exact integer dot product, converted and scaled by the block's weight scale into float
 // accumulators (two, alternating blocks: the order does not depend on MR); the row scale at the end.
-template <int MR>
-inline void linear_row_q8(const int16_t* xq, const float* xs, const uint8_t* wr, int64_t K, float* sums) {
-  const int8_t* q = reinterpret_cast<const int8_t*>(wr);
-  const uint8_t* scales = wr + K;
+template <int MR, typename T>
+inline void linear_row_blocks(const int16_t* xq, const float* xs, const uint8_t* wr, int64_t K, float* sums) {
+  const uint8_t* scales = wr + (std::is_same_v<T, q8_t> ? K : K / 2);
   vfloat acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vsplat(0.f);
   constexpr int64_t CHUNK = 64;  // blocks whose scales are widened together (F16C, 8 at a time)
@@ -129,7 +171,7 @@ inline void linear_row_q8(const int16_t* xq, const float* xs, const uint8_t* wr,
     int64_t j = 0;
     for (; j + 2 <= nb; j += 2) {  // two blocks per round, one accumulator each (compile-time indices:
       const int64_t k0 = (b0 + j) * kQ8Block;  // an index computed at run time spills them to memory)
-      const auto w0 = widen_block(q + k0), w1 = widen_block(q + k0 + kQ8Block);
+      const auto w0 = widen_at<T>(wr, b0 + j), w1 = widen_at<T>(wr, b0 + j + 1);
       const vfloat s0 = vsplat(sc[j]), s1 = vsplat(sc[j + 1]);
       for (int i = 0; i < MR; ++i) {
         acc[i][0] += block_dot(w0, xq + i * K + k0) * s0;
@@ -138,7 +180,7 @@ inline void linear_row_q8(const int16_t* xq, const float* xs, const uint8_t* wr,
     }
     if (j < nb) {  // (b0 is even, so the odd block is the last of the row: the order is MR-independent)
       const int64_t k0 = (b0 + j) * kQ8Block;
-      const auto w0 = widen_block(q + k0);
+      const auto w0 = widen_at<T>(wr, b0 + j);
       const vfloat s0 = vsplat(sc[j]);
       for (int i = 0; i < MR; ++i) acc[i][0] += block_dot(w0, xq + i * K + k0) * s0;
     }
@@ -152,8 +194,8 @@ inline void linear_rows_mr(const float* x, int64_t x_stride, const int16_t* xq, 
                            int64_t n_end) {
   float sums[MR];
   for (int64_t n = n_begin; n < n_end; ++n) {
-    if constexpr (std::is_same_v<T, uint8_t>)
-      linear_row_q8<MR>(xq, xs, w + n * q8_row_bytes(K), K, sums);
+    if constexpr (kBlocks<T>)
+      linear_row_blocks<MR, T>(xq, xs, reinterpret_cast<const uint8_t*>(w) + n * row_bytes<T>(K), K, sums);
     else
       linear_row<MR>(x, x_stride, w + n * K, K, sums);
     const float b = bias ? bias[n] : 0.f;
@@ -168,16 +210,15 @@ template <typename T>
 inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const T* w, int64_t K, const float* bias,
                              float* out, int64_t out_stride, bool accumulate, int64_t n_begin, int64_t n_end) {
   // More than 8 rows of x: weight rows in blocks that stay in L1 while every group of 8 passes.
-  const int64_t row_bytes = std::is_same_v<T, uint8_t> ? q8_row_bytes(K) : K * static_cast<int64_t>(sizeof(T));
-  const int64_t block = M <= 8 ? n_end - n_begin : std::max<int64_t>(4, 16 * 1024 / row_bytes);
-  // Q8: x rounded to int16 once per call, into this thread's scratch (M x K, small beside the weights;
+  const int64_t block = M <= 8 ? n_end - n_begin : std::max<int64_t>(4, 16 * 1024 / row_bytes<T>(K));
+  // Q8 and Q4: x rounded to int16 once per call, into this thread's scratch (M x K, small beside the weights;
   // a plain buffer: no standard-library template is instantiated under this translation unit's target)
   thread_local int16_t* xq_buf = nullptr;
   thread_local float* xs_buf = nullptr;
   thread_local int64_t xq_cap = 0, xs_cap = 0;
   const int16_t* xq = nullptr;
   const float* xs = nullptr;
-  if constexpr (std::is_same_v<T, uint8_t>) {
+  if constexpr (kBlocks<T>) {
     if (xq_cap < M * K) {
       delete[] xq_buf;
       xq_buf = new int16_t[M * K];
@@ -217,7 +258,10 @@ void linear_rows(ScalarKind wkind, const float* x, int64_t x_stride, int64_t M, 
     linear_rows_impl(x, x_stride, M, static_cast<const bf16_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
                      n_end);
   else if (wkind == ScalarKind::Q8)
-    linear_rows_impl(x, x_stride, M, static_cast<const uint8_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
+    linear_rows_impl(x, x_stride, M, static_cast<const q8_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
+                     n_end);
+  else if (wkind == ScalarKind::Q4)
+    linear_rows_impl(x, x_stride, M, static_cast<const q4_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
                      n_end);
   else
     linear_rows_impl(x, x_stride, M, static_cast<const float*>(w), K, bias, out, out_stride, accumulate, n_begin,
