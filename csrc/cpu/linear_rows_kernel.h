@@ -81,12 +81,14 @@ inline v32hi_t widen_block(const int8_t* w) {
   return (v32hi_t)__builtin_ia32_pmovsxbw512_mask(b, v32hi_t{}, 0xffffffffu);
 }
 // Q4: 16 bytes -> 32 int16 values (low nibbles, then high nibbles, each minus 8)
+// (zero-extension through the instruction's builtin: __builtin_convertvector from bytes compiled to
+// scalar inserts, see vec.h)
 inline v32hi_t widen_block_q4(const uint8_t* p) {
-  typedef unsigned char v16qu_t __attribute__((vector_size(16)));
+  typedef char v16qi_t __attribute__((vector_size(16)));
   typedef short v16hi_t __attribute__((vector_size(32)));
-  v16qu_t b;
+  v16qi_t b;
   std::memcpy(&b, p, 16);
-  const v16hi_t w = __builtin_convertvector(b, v16hi_t);
+  const v16hi_t w = (v16hi_t)__builtin_ia32_pmovzxbw256(b);
   const v16hi_t lo = (w & 15) - 8, hi = (w >> 4) - 8;
   return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
                                  21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -107,10 +109,9 @@ inline v32hi_t widen_block(const int8_t* w) {
   return {(v16hi_t)__builtin_ia32_pmovsxbw256(a), (v16hi_t)__builtin_ia32_pmovsxbw256(b)};
 }
 inline v32hi_t widen_block_q4(const uint8_t* p) {
-  typedef unsigned char v16qu_t __attribute__((vector_size(16)));
-  v16qu_t b;
+  v16qi_t b;
   std::memcpy(&b, p, 16);
-  const v16hi_t w = __builtin_convertvector(b, v16hi_t);
+  const v16hi_t w = (v16hi_t)__builtin_ia32_pmovzxbw256(b);
   return {(w & 15) - 8, (w >> 4) - 8};
 }
 inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
@@ -188,13 +189,86 @@ inline void linear_row_blocks(const int16_t* xq, const float* xs, const uint8_t*
   for (int i = 0; i < MR; ++i) sums[i] = vsum(acc[i][0] + acc[i][1]) * xs[i];
 }
 
+// Q4 on AVX-512: two blocks per step. Their 32 bytes widen to 32 int16 lanes in one instruction:
+// lanes 0-15 block j's bytes, 16-31 block j+1's; the low nibbles hold columns 0-15 of each block and
+// the high ones columns 16-31, so x is stored per pair of blocks in that order (permute_q4_pairs:
+// x[0..15], x[32..47], x[16..31], x[48..63]) and two vpmaddwd give block j's sums in int32 lanes 0-7
+// and block j+1's in lanes 8-15, scaled by one vector of the two scales. A row's odd last block is
+// left in plain order and takes the one-block path.
+#if BALCONY_VEC_WIDTH == 16
+constexpr bool kQ4Pairs = true;
+inline void permute_q4_pairs(int16_t* xq, int64_t M, int64_t K) {
+  int16_t t[64];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 + 64 <= K; k0 += 64) {
+      int16_t* r = xq + m * K + k0;
+      std::memcpy(t, r, sizeof t);
+      std::memcpy(r, t, 32), std::memcpy(r + 16, t + 32, 32), std::memcpy(r + 32, t + 16, 32),
+          std::memcpy(r + 48, t + 48, 32);
+    }
+}
+template <int MR, int A>
+__attribute__((always_inline)) inline void q4_pair(const uint8_t* p, float s0, float s1, const int16_t* xq, int64_t K,
+                                                vfloat (&acc)[MR][2]) {
+  v32qi_t bytes;
+  std::memcpy(&bytes, p, 32);
+  const v32hi_t w = (v32hi_t)__builtin_ia32_pmovzxbw512_mask(bytes, v32hi_t{}, 0xffffffffu);
+  const v32hi_t lo = (w & 15) - 8, hi = (w >> 4) - 8;
+  // (a mask blend: built with a shuffle, GCC went through the stack and stalled store forwarding)
+  const vfloat sv = __builtin_ia32_blendmps_512_mask(vsplat(s0), vsplat(s1), 0xff00);
+  for (int i = 0; i < MR; ++i) {
+    v32hi_t xl, xh;
+    std::memcpy(&xl, xq + i * K, 64);
+    std::memcpy(&xh, xq + i * K + 32, 64);
+    const vint d = (vint)__builtin_ia32_pmaddwd512_mask(lo, xl, v16si_t{}, 0xffff) +
+                   (vint)__builtin_ia32_pmaddwd512_mask(hi, xh, v16si_t{}, 0xffff);
+    acc[i][A] += __builtin_convertvector(d, vfloat) * sv;
+  }
+}
+template <int MR>
+inline void linear_row_q4_pairs(const int16_t* xq, const float* xs, const uint8_t* wr, int64_t K, float* sums) {
+  const uint8_t* scales = wr + K / 2;
+  vfloat acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vsplat(0.f);
+  constexpr int64_t CHUNK = 64;
+  float sc[CHUNK];
+  const int64_t blocks = K / kQ8Block;
+  for (int64_t b0 = 0; b0 < blocks; b0 += CHUNK) {
+    const int64_t nb = std::min(CHUNK, blocks - b0);
+    halves_to_floats(scales + 2 * b0, sc, nb);
+    int64_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+      const int64_t b = b0 + j;
+      q4_pair<MR, 0>(wr + b * 16, sc[j], sc[j + 1], xq + b * kQ8Block, K, acc);
+      q4_pair<MR, 1>(wr + (b + 2) * 16, sc[j + 2], sc[j + 3], xq + (b + 2) * kQ8Block, K, acc);
+    }
+    if (j + 2 <= nb) {
+      q4_pair<MR, 0>(wr + (b0 + j) * 16, sc[j], sc[j + 1], xq + (b0 + j) * kQ8Block, K, acc);
+      j += 2;
+    }
+    if (j < nb) {  // the row's odd last block, x in plain order
+      const int64_t b = b0 + j;
+      const auto w0 = widen_block_q4(wr + b * 16);
+      const vfloat s0 = vsplat(sc[j]);
+      for (int i = 0; i < MR; ++i) acc[i][1] += block_dot(w0, xq + i * K + b * kQ8Block) * s0;
+    }
+  }
+  for (int i = 0; i < MR; ++i) sums[i] = vsum(acc[i][0] + acc[i][1]) * xs[i];
+}
+#else
+constexpr bool kQ4Pairs = false;
+inline void permute_q4_pairs(int16_t*, int64_t, int64_t) {}
+#endif
+
 template <int MR, typename T>
 inline void linear_rows_mr(const float* x, int64_t x_stride, const int16_t* xq, const float* xs, const T* w, int64_t K,
                            const float* bias, float* out, int64_t out_stride, bool accumulate, int64_t n_begin,
                            int64_t n_end) {
   float sums[MR];
   for (int64_t n = n_begin; n < n_end; ++n) {
-    if constexpr (kBlocks<T>)
+    if constexpr (std::is_same_v<T, q4_t> && kQ4Pairs)
+      linear_row_q4_pairs<MR>(xq, xs, reinterpret_cast<const uint8_t*>(w) + n * row_bytes<T>(K), K, sums);
+    else if constexpr (kBlocks<T>)
       linear_row_blocks<MR, T>(xq, xs, reinterpret_cast<const uint8_t*>(w) + n * row_bytes<T>(K), K, sums);
     else
       linear_row<MR>(x, x_stride, w + n * K, K, sums);
@@ -230,6 +304,7 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
       xs_cap = M;
     }
     quantize_rows_i16(x, x_stride, M, K, xq_buf, xs_buf);
+    if constexpr (std::is_same_v<T, q4_t>) permute_q4_pairs(xq_buf, M, K);
     xq = xq_buf, xs = xs_buf;
   }
   for (int64_t nb = n_begin; nb < n_end; nb += block) {
