@@ -65,10 +65,12 @@ def hf_at_depth(model, k: int):
     ex = model.exit_module(k)
     layer = copy.deepcopy(ex.layer)
     model.adapter.set_cache_index(layer, k)
-    inner = copy.copy(hf.model)
-    inner._modules = dict(hf.model._modules)
-    inner.layers = nn.ModuleList(list(hf.model.layers[:k]) + [layer])
-    inner.norm = ex.norm
+    fam = model.adapter.family
+    stack = getattr(hf, fam.inner)
+    inner = copy.copy(stack)
+    inner._modules = dict(stack._modules)
+    setattr(inner, fam.layers, nn.ModuleList(list(getattr(stack, fam.layers)[:k]) + [layer]))
+    setattr(inner, fam.norm, ex.norm)
     config = copy.deepcopy(hf.config)
     config.num_hidden_layers = k + 1
     if getattr(config, "layer_types", None) is not None:
@@ -76,7 +78,7 @@ def hf_at_depth(model, k: int):
     inner.config = config
     out = copy.copy(hf)
     out._modules = dict(hf._modules)
-    out.model = inner
+    setattr(out, fam.inner, inner)
     out.config = config
     return out
 

@@ -178,3 +178,14 @@ def test_continuous_batching_of_a_module_family_equals_each_request_alone(model_
         alone = generate(m, r.prompt_ids, exit_layer=r.target_exit, max_new_tokens=r.max_new_tokens, stop_tokens=[],
                          calibration=None)
         assert r.tokens == alone.tokens and r.exit_layers == alone.exit_layers
+
+
+@pytest.mark.parametrize("model_type", NEW)
+def test_hugging_face_model_at_an_exit_depth_computes_the_exit(model_type):
+    from balcony_ext.bench import hf_at_depth
+
+    m = _gen_model(model_type)
+    ids = _ids(T=20, B=1)
+    for k in (2, 4):
+        with torch.no_grad():
+            torch.testing.assert_close(hf_at_depth(m, k)(input_ids=ids).logits, m(ids, exits=[k])[k])
