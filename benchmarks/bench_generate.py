@@ -8,7 +8,8 @@ For each dtype, weight format (float: the dtype's own; int8 / q4 blocks, balcony
 size: decode tokens/s per sequence and time to first token for every exit and the full model, Hugging
 Face `generate` at the same depth and dtype (the first k base layers + the balcony layer: the same
 weights), the weights' bytes read per step, the achieved GB/s against the read bandwidth measured in
-the same run, and each exit's speed-up over our full model against the ideal ratio of bytes read. Best of --repeats runs each. Table, then a JSON line.
+the same run, and each exit's speed-up over our full model against the ideal ratio of bytes read.
+Best of --repeats runs each. Table, then a JSON line.
 
 --gguf adds llama.cpp (llama-cpp-python, built from source) at full depth on GGUF files of the same
 weights (its converter, vendor/llama.cpp/convert_hf_to_gguf.py in the sdist; Q4_0 through
