@@ -91,8 +91,8 @@ def main():
     for ours, theirs in (("ours float32 float", "llama.cpp f32"), ("ours bfloat16 float", "llama.cpp bf16"),
                          ("ours bfloat16 int8", "llama.cpp q8_0"), ("ours bfloat16 q4", "llama.cpp q4_0")):
         if ours in peer and theirs in peer:
-            targets[f"{ours.split()[-1] if 'float' not in ours else ours.split()[1]}_vs_{theirs} (>=1)"] = \
-                peer[ours] / peer[theirs]
+            fmt = ours.split()[2] if ours.split()[2] != "float" else ours.split()[1]
+            targets[f"{fmt}_vs_{theirs} (>=1)"] = peer[ours] / peer[theirs]
     for k, v in targets.items():
         print(f"{k}: {v:.2f}")
     emit_json(dict(bench="generate", model=model.name, machine=machine(), bandwidth=bw, rows=rows, targets=targets))
