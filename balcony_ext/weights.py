@@ -174,25 +174,14 @@ def engine_weights(model):
     Cached per model and exit set (rebuilt when exits are attached, loaded or trained)."""
     key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype, weight_format(model),
            tuple(p.data_ptr() for p in model.balcony_parameters()[:1]))
-    cached = getattr(model, "_native_weights", None)
+    cached = getattr(model, "_engine_weights", None)
     if cached is None or cached[0] != key:
         if not model.adapter.native and weight_format(model) != "float":
             raise NotImplementedError(f"{weight_format(model)} weights run in the native step, which does not "
                                       f"cover {model.adapter.model_type}; load it with float weights")
         cached = (key, NativeWeights(model) if model.adapter.native else ModuleWeights(model))
-        model._native_weights = cached
+        model._engine_weights = cached
     return cached[1]
-
-
-def native_weights(model) -> NativeWeights:
-    """The native step's weights (raises NotImplementedError naming a family it does not run)."""
-    w = engine_weights(model)
-    if not w.native:
-        from .adapters import NATIVE
-
-        raise NotImplementedError(f"the native step runs the Llama family ({', '.join(NATIVE)}), not "
-                                  f"{model.adapter.model_type}")
-    return w
 
 
 def weight_format(model) -> str:
@@ -233,5 +222,5 @@ def quantize(model, weights: str = "int8"):
             if w.dim() == 2 and w.shape[1] % Q8_BLOCK == 0:
                 w.copy_(ROUND[fmt](w))
     model.weight_format = weights
-    model._native_weights = None
+    model._engine_weights = None
     return model

@@ -34,12 +34,16 @@ def quantize_q8(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _block_columns(packed: torch.Tensor, dtype: torch.dtype, block_bytes: int, name: str) -> int:
+    """K of a block-format weight whose rows hold block_bytes bytes per block of 32 columns."""
+    if packed.dtype != dtype or packed.dim() != 2 or packed.shape[1] % block_bytes:
+        raise ValueError(f"not a {name} weight: {packed.dtype} {tuple(packed.shape)}")
+    return packed.shape[1] // block_bytes * Q8_BLOCK
+
+
 def q8_columns(packed: torch.Tensor) -> int:
     """K of a Q8 weight (uint8 [N, K + K/16])."""
-    per_block = Q8_BLOCK + 2
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] % per_block:
-        raise ValueError(f"not a Q8 weight: {packed.dtype} {tuple(packed.shape)}")
-    return packed.shape[1] // per_block * Q8_BLOCK
+    return _block_columns(packed, torch.uint8, Q8_BLOCK + 2, "Q8")
 
 
 def dequantize_q8(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -72,10 +76,7 @@ def quantize_q4(weight: torch.Tensor) -> torch.Tensor:
 
 def q4_columns(packed: torch.Tensor) -> int:
     """K of a Q4 weight (int8 [N, K/2 + K/16])."""
-    per_block = Q8_BLOCK // 2 + 2
-    if packed.dtype != torch.int8 or packed.dim() != 2 or packed.shape[1] % per_block:
-        raise ValueError(f"not a Q4 weight: {packed.dtype} {tuple(packed.shape)}")
-    return packed.shape[1] // per_block * Q8_BLOCK
+    return _block_columns(packed, torch.int8, Q8_BLOCK // 2 + 2, "Q4")
 
 
 def dequantize_q4(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
