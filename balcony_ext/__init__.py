@@ -13,6 +13,7 @@ from .train import train
 from .evaluate import evaluate
 from .generate import GenerationOutput, calibrate, generate
 from .weights import quantize
+from .shortlist import build_shortlist, load_shortlist, save_shortlist, set_shortlist
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,8 @@ __all__ = [
     "calibrate",
     "GenerationOutput",
     "quantize",
+    "build_shortlist",
+    "set_shortlist",
+    "save_shortlist",
+    "load_shortlist",
 ]

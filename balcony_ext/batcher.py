@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budgets import choose_exit, exit_costs, exit_for_latency, load_calibration
+from .budgets import choose_exit, choose_route, exit_costs, exit_for_latency, load_calibration
 from .controller import LoadController
 from .engine import Engine
 from .generate import Sequence, check_seed, fresh_seed, stop_strings, stop_token_ids
@@ -67,6 +67,7 @@ class Request:
     target_exit: int = 0  # the exit the request asked for
     floor_exit: int = 0  # the lowest exit the controller may give it
     exit: int = 0  # the exit its next token is decoded at
+    short: bool = False  # whether its head is the model's vocabulary shortlist (the budget bought it)
     row: int = -1
     seq: Sequence | None = None
     notes: list = field(default_factory=list)
@@ -140,7 +141,8 @@ class Batcher:
 
     # -- requests
     def resolve_exit(self, req: Request) -> tuple:
-        """(exit, floor exit, notes) of a request; raises ValueError for a bad budget or exit."""
+        """(exit, floor exit, notes) of a request, and req.short (a budget may buy the shortlisted head
+        where the model has a vocabulary shortlist); raises ValueError for a bad budget or exit."""
         m = self.model
         given = [x is not None for x in (req.budget, req.exit_layer, req.ms_per_token)]
         if sum(given) > 1:
@@ -153,7 +155,7 @@ class Batcher:
             k, note = exit_for_latency(m, req.ms_per_token, self.calibration)
             notes += [note] if note else []
         else:
-            k, note = choose_exit(m, 1.0 if req.budget is None else req.budget, self.calibration)
+            (k, req.short), note = choose_route(m, 1.0 if req.budget is None else req.budget, self.calibration)
             notes += [note] if note else []
         floor = k
         if req.min_budget is not None:
@@ -254,7 +256,7 @@ class Batcher:
             one = lambda x, dt: torch.tensor([x], dtype=dt)  # noqa: E731
             nxt = e.prefill_step([req.exit], one(req.temperature, torch.float32), one(req.top_k, torch.long),
                                  one(req.top_p, torch.float32), torch.rand(1, generator=req._gen),
-                                 self._penalties([req]))
+                                 self._penalties([req]), [req.short])
             req.prefilled = n
             req.t_first = time.perf_counter()
             req.state = "decode"
@@ -270,18 +272,18 @@ class Batcher:
         if self.controller:
             for r, k in zip(reqs, self.controller.choose([(r.target_exit, r.floor_exit, lengths[r.row]) for r in reqs])):
                 r.exit = k
-        exits = [0] * n
+        exits, short = [0] * n, [False] * n
         temperature, top_k, top_p = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n)
         uniform = torch.full((n,), 0.5)
         for r in reqs:
-            exits[r.row] = r.exit
+            exits[r.row], short[r.row] = r.exit, r.short
             temperature[r.row], top_k[r.row], top_p[r.row] = r.temperature, r.top_k, r.top_p
             uniform[r.row] = torch.rand(1, generator=r._gen)[0]
         t0 = time.perf_counter()
         engine = self.engine.prefix(n)
         engine.catch_up(exits)
         t1 = time.perf_counter()
-        nxt = engine.step(exits, temperature, top_k, top_p, uniform, self._penalties(reqs, n))
+        nxt = engine.step(exits, temperature, top_k, top_p, uniform, self._penalties(reqs, n), short)
         t2 = time.perf_counter()
         self._observe(t2 - t0)
         if self.controller:
@@ -306,7 +308,7 @@ class Batcher:
 
     def _take(self, req: Request, token: int):
         """The request's next token: recorded, streamed, and the row either extended or freed."""
-        piece = req.seq.add(token, req.exit)
+        piece = req.seq.add(token, req.exit, req.short)
         self.tokens_by_exit[req.exit] += 1
         self.generated_tokens += 1
         if req.on_piece is not None:

@@ -42,17 +42,18 @@ def memory_bandwidth(mb: int = 256, repeats: int = 7) -> dict:
 BLOCK_BYTES = {"int8": 34 / 32, "q4": 18 / 32}
 
 
-def bytes_per_token(model, k: int) -> int:
-    """Bytes of weights a decode step at exit k reads per step (layers, exit, LM head; the
-    embedding row lookup is negligible), in the model's weight format."""
+def bytes_per_token(model, k: int, shortlisted: bool = False) -> int:
+    """Bytes of weights a decode step at exit k reads per step (layers, exit, LM head: its shortlisted
+    rows only with `shortlisted`; the embedding row lookup is negligible), in the model's weight format."""
     from .weights import HEAD_FORMAT, weight_format
 
     c = costs(model)
-    params = c["full"] if k == model.num_layers else c[("balcony", k)]
+    full_head = model.adapter.lm_head.weight.numel()
+    head = model.shortlist.numel() * model.adapter.hidden_size if shortlisted else full_head
+    params = (c["full"] if k == model.num_layers else c[("balcony", k)]) - full_head + head
     fmt = weight_format(model)
     if fmt == "float":
         return params * model.dtype.itemsize
-    head = model.adapter.lm_head.weight.numel()
     return int((params - head) * BLOCK_BYTES[fmt] + head * BLOCK_BYTES[HEAD_FORMAT[fmt]])
 
 
@@ -97,52 +98,56 @@ def _hf_speed(hf, ids: torch.Tensor, new_tokens: int) -> tuple:
     return timed(new_tokens) - ttft, ttft
 
 
-def _our_speed(model, prompts: list, k: int, new_tokens: int) -> tuple:
-    out = generate(model, prompts, max_new_tokens=new_tokens, exit_layer=k, stop_tokens=[], calibration=None)[0]
+def _our_speed(model, prompts: list, k: int, new_tokens: int, shortlisted: bool = False) -> tuple:
+    out = generate(model, prompts, max_new_tokens=new_tokens, exit_layer=k, stop_tokens=[], calibration=None,
+                   shortlist=shortlisted)[0]
     return out.tokens_per_second, out.time_to_first_token
 
 
 def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_tokens: int = 32, hf: bool = True,
-                 repeats: int = 3, progress: bool = True) -> list:
-    """One row per depth: our decode tokens/s (per sequence) and time to first token beside HF's,
-    the weights' bytes per step, achieved GB/s, and the speed-up over our full model against the
-    ideal ratio of bytes read. Best of `repeats` rounds, each round measuring every depth (ours, then
-    Hugging Face's) in turn, so a slow spell of a shared machine does not land on one row only."""
+                 repeats: int = 3, progress: bool = True, shortlist: bool = True) -> list:
+    """One row per route (depth and head; the shortlisted head too where the model has a shortlist and
+    `shortlist`): our decode tokens/s (per sequence) and time to first token beside HF's at the same
+    depth (full head), the weights' bytes per step, achieved GB/s, and the speed-up over our full model
+    against the ideal ratio of bytes read. Best of `repeats` rounds, each round measuring every route
+    (ours, then Hugging Face's) in turn, so a slow spell of a shared machine does not land on one row only."""
     from tqdm.auto import tqdm
+
+    from .weights import weight_format
 
     L = model.num_layers
     depths = list(depths) if depths is not None else list(model.exits) + [L]
+    heads = [False] + ([True] if shortlist and getattr(model, "shortlist", None) is not None else [])
+    routes = [(k, s) for k in depths for s in heads]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 10_000, (batch, prompt_len), generator=g)
     prompts = ids.tolist()
     hfs = {k: hf_at_depth(model, k) for k in depths} if hf else {}
-    best = {k: dict(ours=0.0, ttft=float("inf"), hf=0.0, hf_ttft=float("inf")) for k in depths}
+    best = {r: dict(ours=0.0, ttft=float("inf"), hf=0.0, hf_ttft=float("inf")) for r in routes}
     with torch.no_grad():
-        for k in depths:  # warm-up
-            generate(model, prompts, max_new_tokens=2, exit_layer=k, stop_tokens=[], calibration=None)
-            if hf:
+        for k, s in routes:  # warm-up
+            generate(model, prompts, max_new_tokens=2, exit_layer=k, stop_tokens=[], calibration=None, shortlist=s)
+            if hf and not s:
                 _hf_speed(hfs[k], ids, 2)
         for _ in tqdm(range(repeats), desc=f"decode speed, batch {batch}", disable=not progress):
-            for k in depths:
-                b = best[k]
-                tps, ttft = _our_speed(model, prompts, k, new_tokens)
+            for k, s in routes:
+                b = best[(k, s)]
+                tps, ttft = _our_speed(model, prompts, k, new_tokens, s)
                 b["ours"], b["ttft"] = max(b["ours"], tps), min(b["ttft"], ttft)
-                if hf:
+                if hf and not s:
                     dec, ttft = _hf_speed(hfs[k], ids, new_tokens)
                     b["hf"], b["hf_ttft"] = max(b["hf"], (new_tokens - 1) / max(dec, 1e-9)), min(b["hf_ttft"], ttft)
     rows = []
-    for k in depths:
-        b = best[k]
-        from .weights import weight_format
-
-        row = dict(exit=k, batch=batch, dtype=str(model.dtype).replace("torch.", ""), weights=weight_format(model),
-                   tokens_per_s=b["ours"],
-                   ttft_s=b["ttft"], bytes_per_step=bytes_per_token(model, k))
+    for k, s in routes:
+        b = best[(k, s)]
+        row = dict(exit=k, head=f"{model.shortlist.numel()}" if s else "full", batch=batch,
+                   dtype=str(model.dtype).replace("torch.", ""), weights=weight_format(model), tokens_per_s=b["ours"],
+                   ttft_s=b["ttft"], bytes_per_step=bytes_per_token(model, k, s))
         row["gbs"] = row["bytes_per_step"] * b["ours"] / 1e9
-        if hf:
+        if hf and not s:
             row.update(hf_tokens_per_s=b["hf"], hf_ttft_s=b["hf_ttft"], vs_hf=b["ours"] / b["hf"])
         rows.append(row)
-    full = next((r for r in rows if r["exit"] == L), None)
+    full = next((r for r in rows if r["exit"] == L and r["head"] == "full"), None)
     for r in rows:
         if full is not None:
             r["speedup_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
@@ -152,7 +157,8 @@ def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_t
 
 
 def format_table(rows: list, bandwidth: dict | None = None) -> str:
-    cols = [("dtype", "dtype", ""), ("weights", "weights", ""), ("batch", "batch", ""), ("exit", "exit", ""), ("tokens_per_s", "tok/s", ".1f"),
+    cols = [("dtype", "dtype", ""), ("weights", "weights", ""), ("batch", "batch", ""), ("exit", "exit", ""),
+            ("head", "head", ""), ("tokens_per_s", "tok/s", ".1f"),
             ("hf_tokens_per_s", "HF tok/s", ".1f"), ("vs_hf", "x HF", ".2f"), ("ttft_s", "TTFT s", ".3f"),
             ("hf_ttft_s", "HF TTFT s", ".3f"), ("gbs", "GB/s", ".1f"), ("of_read_bw", "of read BW", ".2f"),
             ("speedup_vs_full", "x full", ".2f"), ("ideal_speedup", "ideal", ".2f"), ("of_ideal", "of ideal", ".2f")]

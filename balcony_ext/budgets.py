@@ -1,10 +1,13 @@
 """What a token may cost: the relative cost of each exit, calibrations, and budgets turned into exits.
 
 A budget in (0, 1] is the fraction of the full model's per-token cost the caller allows; the deepest
-exit whose cost fits is taken (1.0 is the full model). Costs come from a calibration (measured
-milliseconds per token of each exit on this machine, `balcony calibrate`), else from the parameters
-read per token. `exit_layer=k` picks an exit directly, `ms_per_token=x` the deepest exit whose
-calibrated latency fits.
+exit whose cost fits is taken (1.0 is the full model). With a vocabulary shortlist attached
+(shortlist.py) a budget buys a route: a depth and a head, the full head or the shortlisted one, which
+reads fewer head rows: the deepest depth that fits, with the full head where that fits too (so 0.85
+buys the full depth with the shortlisted head rather than a shallower exit). Costs come from a
+calibration (measured milliseconds per token on this machine, `balcony calibrate`), else from the
+parameters read per token. `exit_layer=k` picks an exit directly, `ms_per_token=x` the deepest exit
+whose calibrated latency fits.
 """
 
 from __future__ import annotations
@@ -36,6 +39,35 @@ def costs(model) -> dict:
         out[("untrained", k)] = base + exit_params
         out[("truncation", k)] = base + norm
         out[("affine", k)] = base + hidden * hidden + hidden + norm
+    return out
+
+
+def head_share(model) -> dict:
+    """{depth: the parameter cost of that depth with the shortlisted head / with the full head}."""
+    c = costs(model)
+    a = model.adapter
+    saved = (a.vocab_size - model.shortlist.numel()) * a.hidden_size
+    out = {k: 1.0 - saved / c[("balcony", k)] for k in model.exits}
+    out[model.num_layers] = 1.0 - saved / c["full"]
+    return out
+
+
+def route_costs(model, calibration: dict | None = None, shortlist=None) -> dict:
+    """{(depth, shortlisted head): relative per-token cost} of every route a budget may buy: the
+    full head at every depth unless shortlist is True, the shortlisted one too when the model has a
+    shortlist (only it with shortlist=True; never with False). A calibration's measured figures for
+    the shortlisted head are used when it has them, else its full-head figure scaled by the parameters."""
+    full = exit_costs(model, calibration)
+    out = {} if shortlist is True else {(k, False): c for k, c in full.items()}
+    if getattr(model, "shortlist", None) is not None and shortlist is not False:
+        short_ms = (calibration or {}).get("shortlist_ms_per_token") or {}
+        L = model.num_layers
+        share = head_share(model)
+        for k, c in full.items():
+            if str(k) in short_ms and str(L) in calibration["ms_per_token"]:
+                out[(k, True)] = float(short_ms[str(k)]) / float(calibration["ms_per_token"][str(L)])
+            else:
+                out[(k, True)] = c * share[k]
     return out
 
 
@@ -75,18 +107,30 @@ def load_calibration(model, path=None) -> dict | None:
         raise ValueError(f"the calibration file {p} is damaged ({exc}); run `balcony calibrate` again") from exc
 
 
-def choose_exit(model, budget: float, calibration: dict | None = None) -> tuple:
-    """(exit depth, note): the deepest exit whose relative cost fits the budget in (0, 1]."""
+def _check_budget(budget) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be a number in (0, 1], got {type(budget).__name__} {budget!r}")
     if not 0.0 < float(budget) <= 1.0 or math.isnan(budget):
         raise ValueError(f"budget must be in (0, 1] (a fraction of the full model's per-token cost), got {budget}")
-    costs = exit_costs(model, calibration)
-    fitting = [k for k, c in costs.items() if c <= budget + 1e-9]
+
+
+def choose_route(model, budget: float, calibration: dict | None = None, shortlist=None) -> tuple:
+    """((depth, shortlisted head), note): of the routes whose relative cost fits the budget in (0, 1]
+    (route_costs), the deepest, with the full head when both heads fit."""
+    _check_budget(budget)
+    costs = route_costs(model, calibration, shortlist)
+    fitting = [r for r, c in costs.items() if c <= budget + 1e-9]
     if fitting:
-        return max(fitting), None
-    k = min(costs, key=costs.get)
-    return k, f"budget {budget:g} is below the cheapest exit (depth {k}, cost {costs[k]:.3f}); using it"
+        return max(fitting, key=lambda r: (r[0], not r[1])), None
+    r = min(costs, key=costs.get)
+    head = " with the shortlisted head" if r[1] else ""
+    return r, f"budget {budget:g} is below the cheapest exit (depth {r[0]}{head}, cost {costs[r]:.3f}); using it"
+
+
+def choose_exit(model, budget: float, calibration: dict | None = None) -> tuple:
+    """(exit depth, note): the deepest exit whose relative cost with the full head fits the budget."""
+    (k, _), note = choose_route(model, budget, calibration, shortlist=False)
+    return k, note
 
 
 def exit_for_latency(model, ms_per_token: float, calibration: dict | None) -> tuple:
@@ -107,13 +151,19 @@ class Budgets:
     """Turns budget / exit_layer / ms_per_token (numbers, per-sequence lists, schedules or
     callables of the step) into the exit of every row at every step."""
 
-    def __init__(self, model, B, budget, exit_layer, ms_per_token, calibration):
+    def __init__(self, model, B, budget, exit_layer, ms_per_token, calibration, shortlist=None):
         given = [x is not None for x in (budget, exit_layer, ms_per_token)]
         if sum(given) > 1:
             raise ValueError("give one of budget, exit_layer and ms_per_token")
         if not any(given):
             budget = 1.0
-        self.model, self.B, self.cal = model, B, calibration
+        if shortlist not in (None, True, False):
+            raise ValueError(f"shortlist must be None (budgets may buy the shortlisted head), True (always "
+                             f"it) or False (never), got {shortlist!r}")
+        if shortlist is True and getattr(model, "shortlist", None) is None:
+            raise ValueError("shortlist=True: the model has no vocabulary shortlist (bx.set_shortlist / "
+                             "bx.load(shortlist=...))")
+        self.model, self.B, self.cal, self.shortlist = model, B, calibration, shortlist
         self.kind = "budget" if budget is not None else "exit" if exit_layer is not None else "latency"
         self.notes = [[] for _ in range(B)]
         self.set(budget if budget is not None else exit_layer if exit_layer is not None else ms_per_token, 0)
@@ -125,16 +175,18 @@ class Budgets:
         self.value, self._resolved = value, (step, resolved)
 
     def _one(self, v, b):
+        """((depth, shortlisted head), note or None) for one row's value."""
         m = self.model
         if self.kind == "exit":
             m.check_exit(v, "exit_layer")
-            return v, None
+            return (v, self.shortlist is True), None
         if self.kind == "latency":
-            return exit_for_latency(m, float(v), self.cal)
-        return choose_exit(m, v, self.cal)
+            k, note = exit_for_latency(m, float(v), self.cal)
+            return (k, self.shortlist is True), note
+        return choose_route(m, v, self.cal, self.shortlist)
 
     def _resolve(self, v, step: int) -> list:
-        """[(exit, note or None)] of every row at `step` for the value v; raises for a bad value."""
+        """[((exit, shortlisted head), note or None)] of every row at `step` for the value v; raises for a bad value."""
         if callable(v):
             v = v(step)
         elif isinstance(v, dict):  # schedule {from_step: value}
@@ -150,11 +202,15 @@ class Budgets:
             vals = [v] * self.B
         return [self._one(x, b) for b, x in enumerate(vals)]
 
-    def exits(self, step: int) -> list:
+    def routes(self, step: int) -> list:
+        """[(exit depth, shortlisted head)] of every row at `step`."""
         at, resolved = self._resolved
         out = []
-        for b, (k, note) in enumerate(resolved if at == step else self._resolve(self.value, step)):
+        for b, (route, note) in enumerate(resolved if at == step else self._resolve(self.value, step)):
             if note and note not in self.notes[b]:
                 self.notes[b].append(note)
-            out.append(k)
+            out.append(route)
         return out
+
+    def exits(self, step: int) -> list:
+        return [k for k, _ in self.routes(step)]

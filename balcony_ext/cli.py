@@ -24,7 +24,9 @@ def _load(args, exits="bundled"):
     from .loading import load
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    return load(args.model, dtype=dtype, exits=exits, weights=getattr(args, "weights", "float"))
+    shortlist = getattr(args, "shortlist", "bundled")
+    return load(args.model, dtype=dtype, exits=exits, weights=getattr(args, "weights", "float"),
+                shortlist=None if shortlist == "none" else shortlist)
 
 
 def _load_with_exits(args):
@@ -109,7 +111,8 @@ def cmd_generate(args) -> int:
         print(piece, end="", flush=True)
     out = g.result()
     exits = sorted(set(out.exit_layers))
-    print(f"\n\n[{len(out.tokens)} tokens at exit {'/'.join(map(str, exits))} of {model.num_layers}; "
+    listed = f", {sum(out.shortlisted)} with the {model.shortlist.numel():,}-token head" if any(out.shortlisted) else ""
+    print(f"\n\n[{len(out.tokens)} tokens at exit {'/'.join(map(str, exits))} of {model.num_layers}{listed}; "
           f"{out.tokens_per_second:.1f} tokens/s; first token after {out.time_to_first_token * 1000:.0f} ms]")
     for note in out.notes:
         print(f"[note: {note}]")
@@ -125,9 +128,10 @@ def cmd_calibrate(args) -> int:
         return 2
     cal = calibrate(model, tokens=args.tokens, path=args.out)
     full = cal["ms_per_token"][str(model.num_layers)]
-    print(f"{'exit':>5}{'ms/token':>10}{'rel cost':>10}")
+    short = cal.get("shortlist_ms_per_token", {})
+    print(f"{'exit':>5}{'ms/token':>10}{'rel cost':>10}" + (f"{'shortlisted head':>18}{'rel cost':>10}" if short else ""))
     for k, ms in cal["ms_per_token"].items():
-        print(f"{k:>5}{ms:>10.2f}{ms / full:>10.3f}")
+        print(f"{k:>5}{ms:>10.2f}{ms / full:>10.3f}" + (f"{short[k]:>18.2f}{short[k] / full:>10.3f}" if k in short else ""))
     print(f"saved {args.out or calibration_path(model)}")
     return 0
 
@@ -155,44 +159,54 @@ def cmd_demo(args) -> int:
         print("balcony demo: no shipped exits found for the default model; train some with `balcony train`",
               file=sys.stderr)
         return 2
-    figures = {}  # exit -> its row of the shipped exits' evaluation report
+    figures = {}  # (method, exit) -> its row of the shipped exits' evaluation report
     report = bundled_exits_path().with_suffix(".eval.json")
     if report.exists():
         for r in json.loads(report.read_text())["rows"]:
-            if r["method"] in ("balcony", "full"):
-                figures[r["exit"]] = r
-    print(f"{model.name}: {model.num_layers} layers, exits at {model.exits} "
-          f"(trained on {model.tokens_trained:,} tokens); prompt: {args.prompt!r}; greedy"
+            figures[(r["method"], r["exit"])] = r
+    L = model.num_layers
+    listed = model.shortlist.numel() if model.shortlist is not None else 0
+    print(f"{model.name}: {L} layers, exits at {model.exits} (trained on {model.tokens_trained:,} tokens)"
+          + (f", a {listed:,}-token shortlisted head" if listed else "") + f"; prompt: {args.prompt!r}; greedy"
           + (f", frequency_penalty {args.frequency_penalty:g}" if args.frequency_penalty else "") + "\n")
     budgets = args.budgets
-    if budgets is None:  # one budget per exit: its relative cost, rounded up to a hundredth
-        from .budgets import exit_costs, load_calibration
+    if budgets is None:  # one budget per route (exit and head): its relative cost, rounded up to a hundredth
+        from .budgets import load_calibration, route_costs
 
-        budgets = sorted({math.ceil(c * 100 - 1e-6) / 100 for c in exit_costs(model, load_calibration(model)).values()})
-    runs = []
+        budgets = sorted({math.ceil(c * 100 - 1e-6) / 100 for c in route_costs(model, load_calibration(model)).values()})
+    runs, seen = [], set()
     for budget in sorted(budgets, reverse=True):
         out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens,
                        frequency_penalty=args.frequency_penalty)
-        runs.append((budget, out))
-        k = out.exit_layers[0]
-        agree = figures.get(k, {}).get("chat_top1")
-        print(f"--- budget {budget:g}: exit {k}" + (" (full model)" if k == model.num_layers else "")
-              + f", {out.tokens_per_second:.1f} tokens/s"
+        route = (out.exit_layers[0], bool(out.shortlisted and out.shortlisted[0]))
+        if args.budgets is None and route in seen:
+            continue  # (a budget that buys the same route as a higher one)
+        seen.add(route)
+        runs.append((budget, route, out))
+        k, short = route
+        row = figures.get(("shortlist" if short else "full" if k == L else "balcony", k), {})
+        agree = row.get("chat_top1")
+        print(f"--- budget {budget:g}: " + ("the full model" if k == L else f"exit {k}")
+              + (" with the shortlisted head" if short else "") + f", {out.tokens_per_second:.1f} tokens/s"
               + (f", agrees with the full model on {agree:.0%} of answer tokens" if agree is not None and
-                 k != model.num_layers else ""))
+                 route != (L, False) else ""))
         print(out.text.strip() + "\n")
-    full = next((o for b, o in runs if o.exit_layers[0] == model.num_layers), None)
-    print(f"{'budget':>7}{'exit':>6}{'tokens/s':>10}{'speed-up':>10}{'chat top-1':>12}{'held-out ppl':>14}")
-    for budget, out in runs:
-        k = out.exit_layers[0]
+    full = next((o for b, r, o in runs if r == (L, False)), None)
+    print(f"{'budget':>7}{'exit':>6}{'head':>7}{'tokens/s':>10}{'speed-up':>10}{'chat top-1':>12}{'chat F1':>9}"
+          f"{'held-out ppl':>14}")
+    for budget, (k, short), out in runs:
         speed = out.tokens_per_second / full.tokens_per_second if full else float("nan")
-        row = figures.get(k, {})
-        agree = f"{row['chat_top1']:.2f}" if "chat_top1" in row else "-"
-        ppl = f"{row['perplexity']:.1f}" if "perplexity" in row else "-"
-        print(f"{budget:>7g}{k:>6}{out.tokens_per_second:>10.1f}{speed:>9.2f}x{agree:>12}{ppl:>14}")
+        row = figures.get(("shortlist" if short else "full" if k == L else "balcony", k), {})
+        agree = f"{row['chat_top1']:.2f}" if row.get("chat_top1") is not None else "-"
+        f1 = f"{row['chat_f1']:.2f}" if row.get("chat_f1") is not None else "-"
+        ppl = f"{row['perplexity']:.1f}" if row.get("perplexity") is not None else "-"
+        head = f"{listed // 1024}k" if short else "full"
+        print(f"{budget:>7g}{k:>6}{head:>7}{out.tokens_per_second:>10.1f}{speed:>9.2f}x{agree:>12}{f1:>9}{ppl:>14}")
     if figures:
-        print("\nchat top-1: how often the exit's next token equals the full model's along the full model's answers "
-              "to held-out instructions;\nheld-out ppl: perplexity on held-out text (the exits' evaluation report)")
+        print("\nchat top-1: how often the route's next token equals the full model's along the full model's answers "
+              "to held-out instructions;\nchat F1: its own greedy answers' token F1 with the full model's; held-out "
+              "ppl: perplexity on held-out text\n(the exits' evaluation report; the shortlisted head gives the tokens "
+              "off its list no probability, so no perplexity)")
     return 0
 
 
@@ -245,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="per-exit perplexity, KL and agreement on held-out text")
     model_args(e)
     e.add_argument("--exits-file", default="bundled", help="saved exits (default: the shipped ones)")
+    e.add_argument("--shortlist", default="bundled",
+                   help="a vocabulary shortlist file: its routes are evaluated too (default: the shipped one; 'none')")
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--affine-tokens", type=int, default=0, help="train the affine-exit baseline on this many tokens")
     e.add_argument("--chat-prompts", type=int, default=0,
@@ -260,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--weights", default="float", choices=["float", "int8", "q4"],
                        help="int8: every matrix the decode step reads rounded to int8 blocks of 32 (8.5 bits per "
                             "weight); q4: the decoder matrices to 4-bit blocks of 32 (4.5 bits), the head to int8")
+        q.add_argument("--shortlist", default="bundled",
+                       help="a vocabulary shortlist file, whose cheaper head budgets below 1 may buy (default: the "
+                            "one shipped for the default model; 'none': never)")
 
     g = sub.add_parser("generate", help="generate at the exit a budget buys")
     serve_args(g)

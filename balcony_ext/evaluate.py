@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .data import prepare
 from .files import atomic_write
 from .affine import new_affine_exits
-from .budgets import costs
+from .budgets import costs, head_share
 from .train import distill_loss_for, lr_factor, micro_batch
 
 
@@ -85,10 +85,11 @@ class Report:
             lines.insert(1, f"chat: {self.info.get('chat_prompts')} held-out instructions, "
                             f"{self.info.get('chat_answer_tokens', 0):,} answer tokens of the full model")
         for r in self.rows:
-            ppl = r["perplexity"]
-            ppl = f"{ppl:>13.2f}" if ppl < 1e7 else f"{ppl:>13.3e}"
-            line = f"{r['method']:<11}{r['exit']:>5}{ppl}{r['kl']:>9.3f}{r['top1']:>8.3f}{r['rel_cost']:>10.3f}"
-            line += "".join(f"{r[key]:>12{fmt}}" if key in r else f"{'':>12}" for key, _, fmt in chat)
+            ppl, kl = r["perplexity"], r["kl"]
+            ppl = f"{'-':>13}" if ppl is None else f"{ppl:>13.2f}" if ppl < 1e7 else f"{ppl:>13.3e}"
+            kl = f"{'-':>9}" if kl is None else f"{kl:>9.3f}"
+            line = f"{r['method']:<11}{r['exit']:>5}{ppl}{kl}{r['top1']:>8.3f}{r['rel_cost']:>10.3f}"
+            line += "".join(f"{r[key]:>12{fmt}}" if r.get(key) is not None else f"{'':>12}" for key, _, fmt in chat)
             lines.append(line)
         return "\n".join(lines)
 
@@ -112,7 +113,8 @@ class Report:
         full = self.row("full")
         for ax, (key, label, log) in zip(axes[0], panels):
             for method in dict.fromkeys(r["method"] for r in self.rows if r["method"] != "full"):
-                pts = sorted((r["rel_cost"], r[key]) for r in self.rows if r["method"] == method and key in r)
+                pts = sorted((r["rel_cost"], r[key]) for r in self.rows
+                             if r["method"] == method and r.get(key) is not None)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=method)
             ax.scatter([full["rel_cost"]], [full[key]], marker="*", s=150, color="k", label="full model", zorder=3)
@@ -141,7 +143,9 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
     chat_prompts > 0 adds the chat evaluation (chat_eval.evaluate_chat) on that many held-out
     instructions: chat_top1 / chat_kl along the full model's answers for every method with an
     exit module or a lens, and for the balcony exits their free answers' chat_rep4 / chat_prefix /
-    chat_f1."""
+    chat_f1. With a vocabulary shortlist attached, rows of method "shortlist" are the routes with the
+    shortlisted head at every exit and the full depth: top-1 agreement (perplexity and KL have no
+    finite value where the next token is not shortlisted: None) and their chat figures."""
     from tqdm.auto import tqdm
 
     if not model.exits:
@@ -184,7 +188,15 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
             l.eval()
         heads.update({("affine", k): (lambda h, k=k: a.logits(lenses[k](h))) for k in exits})
 
-    sums = {key: dict(ce=0.0, kl=0.0, top1=0.0) for key in [("full", model.num_layers)] + list(heads)}
+    L = model.num_layers
+    short = getattr(model, "shortlist", None)
+    if short is not None:  # the routes with the shortlisted head: -inf off the shortlist
+        off = torch.ones(a.vocab_size, dtype=torch.bool, device=model.device)
+        off[short.to(model.device)] = False
+        heads.update({("shortlist", k): (lambda h, k=k: a.logits(model.exit_hidden(k, h)).masked_fill(off, -math.inf))
+                      for k in exits})
+    sums = {key: dict(ce=0.0, kl=0.0, top1=0.0) for key in [("full", L)] + list(heads)
+            + ([("shortlist", L)] if short is not None else [])}
     n_tokens = 0
     was_training = model.training
     model.eval()
@@ -198,9 +210,14 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         n_tokens += targets.numel()
         sums[("full", model.num_layers)]["ce"] += F.nll_loss(log_p, targets, reduction="sum").item()
         sums[("full", model.num_layers)]["top1"] += targets.numel()
+        if short is not None:
+            sums[("shortlist", L)]["top1"] += (log_p.masked_fill(off, -math.inf).argmax(-1) == top_p).sum().item()
         for (method, k), fn in heads.items():
             log_q = F.log_softmax(fn(hidden[k])[:, :-1][keep].float(), -1)
             s = sums[(method, k)]
+            if method == "shortlist":
+                s["top1"] += (log_q.argmax(-1) == top_p).sum().item()
+                continue
             s["ce"] += F.nll_loss(log_q, targets, reduction="sum").item()
             s["kl"] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
             s["top1"] += (log_q.argmax(-1) == top_p).sum().item()
@@ -208,22 +225,25 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
     model.train(was_training)
 
     cost = costs(model)
+    share = head_share(model) if short is not None else {}
     elem = a.lm_head.weight.element_size()
     rows = []
     for (method, k), s in sums.items():
-        c = cost["full"] if method == "full" else cost[(method, k)]
-        rows.append(dict(method=method, exit=k, perplexity=math.exp(s["ce"] / n_tokens), kl=s["kl"] / n_tokens,
-                         top1=s["top1"] / n_tokens, rel_cost=c / cost["full"], params_per_token=c,
-                         bytes_per_token=c * elem))
+        c = cost["full"] if method == "full" else cost[(method, k)] if method != "shortlist" else \
+            (cost[("balcony", k)] if k < L else cost["full"]) * share[k]
+        listed = method == "shortlist"
+        rows.append(dict(method=method, exit=k, perplexity=None if listed else math.exp(s["ce"] / n_tokens),
+                         kl=None if listed else s["kl"] / n_tokens, top1=s["top1"] / n_tokens,
+                         rel_cost=c / cost["full"], params_per_token=c, bytes_per_token=c * elem))
     if chat_prompts:
         from .chat_eval import evaluate_chat
 
-        extra = {key: fn for key, fn in heads.items() if key[0] != "balcony"}
+        extra = {key: fn for key, fn in heads.items() if key[0] not in ("balcony", "shortlist")}
         chat = evaluate_chat(model, prompts=chat_prompts, max_new_tokens=chat_max_new_tokens, heads=extra,
                              seed=seed, progress=progress)
         for r in rows:
             r.update(chat.get((r["method"], r["exit"]), {}))
-    order = {"full": 0, "balcony": 1, "affine": 2, "untrained": 3, "truncation": 4}
+    order = {"full": 0, "balcony": 1, "shortlist": 2, "affine": 3, "untrained": 4, "truncation": 5}
     rows.sort(key=lambda r: (order[r["method"]], r["exit"]))
     info = dict(model=model.name, corpus=corpus.describe(), heldout_documents=corpus.heldout_docs, tokens=n_tokens,
                 seq_len=seq_len, exits=exits, tokens_trained=model.tokens_trained, affine_tokens=affine_tokens,

@@ -39,6 +39,7 @@ class GenerationOutput:
     prompt_tokens: int
     finish_reason: str  # "stop" or "length"
     notes: list = field(default_factory=list)
+    shortlisted: list = field(default_factory=list)  # per token: whether the shortlisted head produced it
 
     def __str__(self):
         return self.text
@@ -137,13 +138,14 @@ class Sequence:
 
     def __init__(self, tokenizer, max_new: int, stop_ids: set, stop_strings: list):
         self.tokenizer, self.max_new, self.stop_ids, self.stop_strings = tokenizer, max_new, stop_ids, stop_strings
-        self.tokens, self.exit_layers = [], []
+        self.tokens, self.exit_layers, self.shortlisted = [], [], []
         self.text, self.done, self.finish = "", False, "length"
 
-    def add(self, token: int, exit_layer: int) -> str:
+    def add(self, token: int, exit_layer: int, shortlisted: bool = False) -> str:
         """Takes the next token; returns the new piece of text (empty while a character is incomplete)."""
         self.tokens.append(token)
         self.exit_layers.append(exit_layer)
+        self.shortlisted.append(shortlisted)
         tok = self.tokenizer
         text = tok.decode(self.tokens, skip_special_tokens=True) if tok is not None else ""
         piece, self.text = text[len(self.text):], text
@@ -166,7 +168,7 @@ class Generation:
     def __init__(self, model, prompts, single, budget=None, exit_layer=None, ms_per_token=None,
                  max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
                  stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto",
-                 presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0):
+                 presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None):
         self.t_start = time.perf_counter()  # the time to first token counts from the call
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -201,7 +203,8 @@ class Generation:
             raise ValueError(f"a prompt of {max(len(i) for i in self.ids)} tokens plus max_new_tokens="
                              f"{max_new_tokens} needs {need} cache positions, past max_len={max_len}")
         cal = load_calibration(model) if calibration == "auto" else calibration
-        self.budgets = Budgets(model, B, budget, exit_layer, ms_per_token, cal)  # validates before any allocation
+        self.budgets = Budgets(model, B, budget, exit_layer, ms_per_token, cal,  # validates before any allocation
+                               shortlist)
         # the engine (its cache) is allocated when the generation starts, inside the time to first token
         self.engine, self._engine_args = None, (B, max_len or need, native)
         stop_ids = stop_token_ids(model, stop_tokens)
@@ -228,19 +231,20 @@ class Generation:
     def _advance(self) -> list:
         """One token for every unfinished row; returns the new text of each row."""
         e = self.engine
-        exits = self.budgets.exits(self.step_index)
+        routes = self.budgets.routes(self.step_index)
         # finished rows stay idle (exit 0: no layer runs for them)
-        exits = [0 if self.done[b] else exits[b] for b in range(e.B)]
+        exits = [0 if self.done[b] else routes[b][0] for b in range(e.B)]
+        short = [routes[b][1] for b in range(e.B)]
         uniform = torch.rand(e.B, generator=self.gen)
         if self.step_index == 0:
-            nxt = e.prefill_step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties)
+            nxt = e.prefill_step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties, short)
         else:
             e.catch_up(exits)
-            nxt = e.step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties)
+            nxt = e.step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties, short)
         pieces = [""] * e.B
         for b, q in enumerate(self.seqs):
             if not q.done:
-                pieces[b] = q.add(int(nxt[b]), exits[b])
+                pieces[b] = q.add(int(nxt[b]), exits[b], short[b])
                 if not q.done:
                     e.append(b, q.tokens[-1])
         if self.step_index == 0:
@@ -275,7 +279,8 @@ class Generation:
                 text=q.text, tokens=list(q.tokens), exit_layers=list(q.exit_layers),
                 tokens_per_second=(max(self.step_index - 1, 0) / decode_s) if decode_s > 0 else float("nan"),
                 time_to_first_token=(self.t_first - self.t_start) if self.t_first else float("nan"),
-                prompt_tokens=len(self.ids[b]), finish_reason=q.finish, notes=list(self.budgets.notes[b])))
+                prompt_tokens=len(self.ids[b]), finish_reason=q.finish, notes=list(self.budgets.notes[b]),
+                shortlisted=list(q.shortlisted)))
         return outs[0] if self.single else outs
 
 
@@ -283,7 +288,7 @@ class Generation:
 def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, max_new_tokens: int = 128,
              temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None, stop_tokens=None, chat=None,
              stream: bool = False, max_len=None, native=None, calibration="auto", presence_penalty=0.0,
-             frequency_penalty=0.0, repetition_penalty=1.0):
+             frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None):
     """Generates from one prompt (or a list of prompts, as one batch) at the exit the budget buys.
     A prompt is a string or token ids (a list of ints, or a 1-D tensor; a list of prompts or a 2-D
     tensor of ids makes a batch).
@@ -295,7 +300,9 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     model's end-of-sequence tokens); chat: wrap a string prompt in the tokenizer's chat template
     (default: when it has one). presence_penalty, frequency_penalty (OpenAI's, in [-2, 2]) and
     repetition_penalty (Hugging Face's, > 0) discourage repeated tokens (see penalties.py); numbers
-    or per-sequence lists. stream=True returns a Generation to iterate for text pieces (its
+    or per-sequence lists. shortlist: with a vocabulary shortlist attached (shortlist.py), None lets a
+    budget below 1 buy the cheaper shortlisted head (out.shortlisted says which tokens it produced),
+    True uses it at every step (with exit_layer too), False never. stream=True returns a Generation to iterate for text pieces (its
     set_budget() changes the budget mid-generation); otherwise a GenerationOutput (a list for a
     list of prompts).
     """
@@ -310,7 +317,7 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    stop=stop, stop_tokens=stop_tokens, chat=chat, max_len=max_len, native=native,
                    calibration=calibration, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                   repetition_penalty=repetition_penalty)
+                   repetition_penalty=repetition_penalty, shortlist=shortlist)
     if stream:
         return g
     return g.run()
@@ -319,20 +326,24 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
 @torch.no_grad()
 def calibrate(model, tokens: int = 32, context: int = 64, repeats: int = 3, path=None, progress: bool = True) -> dict:
     """Measures each exit's (and the full model's) decode milliseconds per token on this machine at
-    batch 1 and saves them (default: the cache directory) for budgets and latency targets."""
+    batch 1 (with the shortlisted head too, where the model has a shortlist) and saves them (default: the cache directory) for budgets and latency targets."""
     from tqdm.auto import tqdm
 
     prompt = list(range(100, 100 + context))
-    ms = {}
+    ms, short_ms = {}, {}
     depths = list(model.exits) + [model.num_layers]
-    for k in tqdm(depths, desc="calibrating", disable=not progress):
+    heads = [False] + ([True] if getattr(model, "shortlist", None) is not None else [])
+    for k, short in tqdm([(k, s) for k in depths for s in heads], desc="calibrating", disable=not progress):
         best = float("inf")
         for _ in range(repeats):
-            out = generate(model, prompt, exit_layer=k, max_new_tokens=tokens, stop_tokens=[], calibration=None)
+            out = generate(model, prompt, exit_layer=k, max_new_tokens=tokens, stop_tokens=[], calibration=None,
+                           shortlist=short)
             best = min(best, 1000.0 / out.tokens_per_second)
-        ms[str(k)] = best
+        (short_ms if short else ms)[str(k)] = best
     cal = dict(model=model.name, ms_per_token=ms, threads=torch.get_num_threads(), context=context,
                measured=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if short_ms:
+        cal["shortlist_ms_per_token"] = short_ms
     p = Path(path) if path is not None else calibration_path(model)
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(cal, indent=2)))

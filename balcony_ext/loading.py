@@ -39,6 +39,10 @@ def bundled_exits_path(name: str = DEFAULT_NAME) -> Path:
     return Path(__file__).resolve().parent / "exits" / f"{name}.safetensors"
 
 
+def bundled_shortlist_path(name: str = DEFAULT_NAME) -> Path:
+    return Path(__file__).resolve().parent / "exits" / f"{name}.shortlist.safetensors"
+
+
 def _say(msg: str) -> None:
     print(f"balcony_ext: {msg}", file=sys.stderr, flush=True)
 
@@ -129,7 +133,8 @@ def ensure_default_checkpoint() -> Path:
 
 
 def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device="cpu",
-         exits: str | os.PathLike | None = "bundled", name: str | None = None, weights: str = "float") -> BalconyModel:
+         exits: str | os.PathLike | None = "bundled", name: str | None = None, weights: str = "float",
+         shortlist: str | os.PathLike | None = "bundled") -> BalconyModel:
     """Loads a frozen base model as a BalconyModel.
 
     path: a local Hugging Face checkpoint directory (config.json + safetensors + tokenizer); None
@@ -140,6 +145,8 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     and the LM head rounded to int8 blocks of 32 with a float16 scale) or "q4" (the decoder matrices
     rounded to 4-bit blocks of 32, the head to int8 blocks); the engine reads them as such:
     weights.quantize.
+    shortlist: "bundled" attaches the vocabulary shortlist shipped for the default model (budgets may
+    then buy a cheaper LM head: shortlist.py); a path loads one from that file; None attaches none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,6 +178,13 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
         from .exits_io import load_exits
 
         load_exits(model, exits)
+    if shortlist is not None:
+        from .shortlist import load_shortlist
+
+        if shortlist != "bundled":
+            load_shortlist(model, shortlist)
+        elif path is None and bundled_shortlist_path().exists():
+            load_shortlist(model, bundled_shortlist_path())
     if weights != "float":
         from .weights import quantize
 

@@ -41,6 +41,7 @@ class BalconyModel(nn.Module):
         # Training bookkeeping carried into saved exits.
         self.tokens_trained = 0
         self.last_loss = None
+        self.shortlist = None  # token ids of the cheaper head the budgets may buy (shortlist.py)
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.base.eval()

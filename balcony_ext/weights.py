@@ -105,6 +105,9 @@ class NativeWeights:
         self.exit = [t for e, lw in enumerate(self.layers[self.L:]) for t in (*lw, self.exit_norms[e])]
         self.embed = a.embed_tokens.weight.detach()
         self.head = _mat(a.lm_head.weight, HEAD_FORMAT[fmt])
+        self.short_ids, self.head_short = _shortlist(model)
+        if self.short_ids is not None:  # the head's shortlisted rows, in the head's format
+            self.head_short = _mat(a.lm_head.weight[self.short_ids.to(a.lm_head.weight.device)], HEAD_FORMAT[fmt])
         self.final_norm = _vec(a.final_norm.weight)
         self.eps = a.rms_norm_eps
         self.H = a.hidden_size
@@ -166,14 +169,21 @@ class ModuleWeights:
         self.norms = {**{k: model.exit_module(k).norm for k in self.exits}, self.L: a.final_norm}
         self.adapter = a
         self.dtype = model.dtype
+        self.short_ids, self.head_short = _shortlist(model)
         self.sdpa = getattr(c, "_attn_implementation", None) == "sdpa"
+
+
+def _shortlist(model):
+    """(the shortlisted token ids on the model's device, None): the head rows are built by the caller."""
+    ids = getattr(model, "shortlist", None)
+    return (ids.to(model.device) if ids is not None else None), None
 
 
 def engine_weights(model):
     """What the engine reads: NativeWeights for the families the native step runs, else ModuleWeights.
     Cached per model and exit set (rebuilt when exits are attached, loaded or trained)."""
     key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype, weight_format(model),
-           tuple(p.data_ptr() for p in model.balcony_parameters()[:1]))
+           tuple(p.data_ptr() for p in model.balcony_parameters()[:1]), id(getattr(model, "shortlist", None)))
     cached = getattr(model, "_engine_weights", None)
     if cached is None or cached[0] != key:
         if not model.adapter.native and weight_format(model) != "float":

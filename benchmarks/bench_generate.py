@@ -2,10 +2,11 @@
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--exits-file F] [--batches 1 8]
         [--dtypes float32 bfloat16] [--weights float int8 q4] [--prompt-len 64] [--tokens 32]
-        [--gguf f32=model-f32.gguf q8_0=model-q8_0.gguf ...]
+        [--gguf f32=model-f32.gguf q8_0=model-q8_0.gguf ...] [--no-shortlist]
 
 For each dtype, weight format (float: the dtype's own; int8 / q4 blocks, balcony_ext.weights) and batch
-size: decode tokens/s per sequence and time to first token for every exit and the full model, Hugging
+size: decode tokens/s per sequence and time to first token for every exit and the full model (each with
+the full head and, where the model has a vocabulary shortlist, the shortlisted head), Hugging
 Face `generate` at the same depth and dtype (the first k base layers + the balcony layer: the same
 weights), the weights' bytes read per step, the achieved GB/s against the read bandwidth measured in
 the same run, and each exit's speed-up over our full model against the ideal ratio of bytes read.
@@ -41,6 +42,7 @@ def main():
     ap.add_argument("--weights", nargs="+", default=["float"], choices=["float", "int8", "q4"],
                     help="weight formats (Hugging Face is timed beside the float rows only)")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-shortlist", action="store_true", help="skip the routes with the shortlisted head")
     ap.add_argument("--gguf", nargs="*", default=[], metavar="NAME=PATH",
                     help="llama.cpp GGUF files to time at full depth, batch 1 (e.g. q8_0=smollm2-q8_0.gguf)")
     args = ap.parse_args()
@@ -54,7 +56,8 @@ def main():
             for batch in args.batches:
                 bw = memory_bandwidth()
                 group = decode_table(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.tokens,
-                                     hf=not args.no_hf and fmt == "float", repeats=args.repeats)
+                                     hf=not args.no_hf and fmt == "float", repeats=args.repeats,
+                                     shortlist=not args.no_shortlist)
                 for r in group:
                     r["read_gbs"] = bw["read_gbs"]
                     r["of_read_bw"] = r["gbs"] / bw["read_gbs"]
@@ -67,7 +70,8 @@ def main():
           f"{machine()}; read bandwidth measured before each group, GB/s: {', '.join(reads)}")
     print(format_table(rows))
     L = model.num_layers
-    full = {(r["dtype"], r["batch"]): r for r in rows if r["exit"] == L and r["weights"] == "float"}
+    full_head = [r for r in rows if r.get("head", "full") == "full"]
+    full = {(r["dtype"], r["batch"]): r for r in full_head if r["exit"] == L and r["weights"] == "float"}
     targets = {}
     f32 = full.get(("float32", 1))
     if f32 and "vs_hf" in f32:
@@ -77,13 +81,17 @@ def main():
     if bf and "vs_hf" in bf:
         targets["full_bf16_b1_vs_hf (>=2)"] = bf["vs_hf"]
     for fmt in ("int8", "q4"):
-        q = {r["dtype"]: r for r in rows if r["exit"] == L and r["batch"] == 1 and r["weights"] == fmt}
+        q = {r["dtype"]: r for r in full_head if r["exit"] == L and r["batch"] == 1 and r["weights"] == fmt}
         for dt, r in q.items():
             if (dt, 1) in full:
                 targets[f"full_{fmt}_{dt}_b1_vs_float (>1)"] = r["tokens_per_s"] / full[(dt, 1)]["tokens_per_s"]
-    exits = [r for r in rows if r["exit"] != L and r["batch"] == 1]
+    exits = [r for r in rows if r["exit"] != L and r["batch"] == 1 and "of_ideal" in r]
     if exits:
         targets["min_exit_of_ideal_b1 (>=0.9)"] = min(r["of_ideal"] for r in exits)
+    for r in rows:  # the shortlisted head at full depth: measured speed-up against the bytes it saves
+        if r["exit"] == L and r.get("head", "full") != "full" and r["batch"] == 1 and "speedup_vs_full" in r:
+            targets[f"full_{r['dtype']}_{r['weights']}_shortlisted_speedup (ideal {r['ideal_speedup']:.2f})"] = \
+                r["speedup_vs_full"]
     with_hf = [r for r in rows if "hf_ttft_s" in r]
     if with_hf:
         targets["max_ttft_vs_hf (<=1)"] = max(r["ttft_s"] / r["hf_ttft_s"] for r in with_hf)
