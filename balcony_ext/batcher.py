@@ -67,7 +67,7 @@ class Request:
     target_exit: int = 0  # the exit the request asked for
     floor_exit: int = 0  # the lowest exit the controller may give it
     exit: int = 0  # the exit its next token is decoded at
-    short: bool = False  # whether its head is the model's vocabulary shortlist (the budget bought it)
+    head: int = 0  # its LM head: 0 the full one, n the first n tokens of the model's shortlist (a budget bought it)
     row: int = -1
     seq: Sequence | None = None
     notes: list = field(default_factory=list)
@@ -141,8 +141,8 @@ class Batcher:
 
     # -- requests
     def resolve_exit(self, req: Request) -> tuple:
-        """(exit, floor exit, notes) of a request, and req.short (a budget may buy the shortlisted head
-        where the model has a vocabulary shortlist); raises ValueError for a bad budget or exit."""
+        """(exit, floor exit, notes) of a request, and req.head (a budget may buy a shortlisted head where
+        the model has a vocabulary shortlist); raises ValueError for a bad budget or exit."""
         m = self.model
         given = [x is not None for x in (req.budget, req.exit_layer, req.ms_per_token)]
         if sum(given) > 1:
@@ -155,7 +155,7 @@ class Batcher:
             k, note = exit_for_latency(m, req.ms_per_token, self.calibration)
             notes += [note] if note else []
         else:
-            (k, req.short), note = choose_route(m, 1.0 if req.budget is None else req.budget, self.calibration)
+            (k, req.head), note = choose_route(m, 1.0 if req.budget is None else req.budget, self.calibration)
             notes += [note] if note else []
         floor = k
         if req.min_budget is not None:
@@ -256,7 +256,7 @@ class Batcher:
             one = lambda x, dt: torch.tensor([x], dtype=dt)  # noqa: E731
             nxt = e.prefill_step([req.exit], one(req.temperature, torch.float32), one(req.top_k, torch.long),
                                  one(req.top_p, torch.float32), torch.rand(1, generator=req._gen),
-                                 self._penalties([req]), [req.short])
+                                 self._penalties([req]), [req.head])
             req.prefilled = n
             req.t_first = time.perf_counter()
             req.state = "decode"
@@ -272,18 +272,18 @@ class Batcher:
         if self.controller:
             for r, k in zip(reqs, self.controller.choose([(r.target_exit, r.floor_exit, lengths[r.row]) for r in reqs])):
                 r.exit = k
-        exits, short = [0] * n, [False] * n
+        exits, heads = [0] * n, [0] * n
         temperature, top_k, top_p = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n)
         uniform = torch.full((n,), 0.5)
         for r in reqs:
-            exits[r.row], short[r.row] = r.exit, r.short
+            exits[r.row], heads[r.row] = r.exit, r.head
             temperature[r.row], top_k[r.row], top_p[r.row] = r.temperature, r.top_k, r.top_p
             uniform[r.row] = torch.rand(1, generator=r._gen)[0]
         t0 = time.perf_counter()
         engine = self.engine.prefix(n)
         engine.catch_up(exits)
         t1 = time.perf_counter()
-        nxt = engine.step(exits, temperature, top_k, top_p, uniform, self._penalties(reqs, n), short)
+        nxt = engine.step(exits, temperature, top_k, top_p, uniform, self._penalties(reqs, n), heads)
         t2 = time.perf_counter()
         self._observe(t2 - t0)
         if self.controller:
@@ -308,7 +308,7 @@ class Batcher:
 
     def _take(self, req: Request, token: int):
         """The request's next token: recorded, streamed, and the row either extended or freed."""
-        piece = req.seq.add(token, req.exit, req.short)
+        piece = req.seq.add(token, req.exit, req.head)
         self.tokens_by_exit[req.exit] += 1
         self.generated_tokens += 1
         if req.on_piece is not None:

@@ -42,14 +42,15 @@ def memory_bandwidth(mb: int = 256, repeats: int = 7) -> dict:
 BLOCK_BYTES = {"int8": 34 / 32, "q4": 18 / 32}
 
 
-def bytes_per_token(model, k: int, shortlisted: bool = False) -> int:
-    """Bytes of weights a decode step at exit k reads per step (layers, exit, LM head: its shortlisted
-    rows only with `shortlisted`; the embedding row lookup is negligible), in the model's weight format."""
+def bytes_per_token(model, k: int, head: int = 0) -> int:
+    """Bytes of weights a decode step at exit k reads per step (layers, exit, LM head: the rows of the
+    first `head` shortlisted tokens only, if not 0; the embedding row lookup is negligible), in the
+    model's weight format."""
     from .weights import HEAD_FORMAT, weight_format
 
     c = costs(model)
     full_head = model.adapter.lm_head.weight.numel()
-    head = model.shortlist.numel() * model.adapter.hidden_size if shortlisted else full_head
+    head = head * model.adapter.hidden_size if head else full_head
     params = (c["full"] if k == model.num_layers else c[("balcony", k)]) - full_head + head
     fmt = weight_format(model)
     if fmt == "float":
@@ -98,15 +99,15 @@ def _hf_speed(hf, ids: torch.Tensor, new_tokens: int) -> tuple:
     return timed(new_tokens) - ttft, ttft
 
 
-def _our_speed(model, prompts: list, k: int, new_tokens: int, shortlisted: bool = False) -> tuple:
+def _our_speed(model, prompts: list, k: int, new_tokens: int, head: int = 0) -> tuple:
     out = generate(model, prompts, max_new_tokens=new_tokens, exit_layer=k, stop_tokens=[], calibration=None,
-                   shortlist=shortlisted)[0]
+                   shortlist=head)[0]
     return out.tokens_per_second, out.time_to_first_token
 
 
 def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_tokens: int = 32, hf: bool = True,
                  repeats: int = 3, progress: bool = True, shortlist: bool = True) -> list:
-    """One row per route (depth and head; the shortlisted head too where the model has a shortlist and
+    """One row per route (depth and head; every shortlisted head too where the model has a shortlist and
     `shortlist`): our decode tokens/s (per sequence) and time to first token beside HF's at the same
     depth (full head), the weights' bytes per step, achieved GB/s, and the speed-up over our full model
     against the ideal ratio of bytes read. Best of `repeats` rounds, each round measuring every route
@@ -117,7 +118,7 @@ def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_t
 
     L = model.num_layers
     depths = list(depths) if depths is not None else list(model.exits) + [L]
-    heads = [False] + ([True] if shortlist and getattr(model, "shortlist", None) is not None else [])
+    heads = [0] + (list(model.shortlist_sizes) if shortlist and getattr(model, "shortlist", None) is not None else [])
     routes = [(k, s) for k in depths for s in heads]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 10_000, (batch, prompt_len), generator=g)
@@ -140,7 +141,7 @@ def decode_table(model, depths=None, batch: int = 1, prompt_len: int = 64, new_t
     rows = []
     for k, s in routes:
         b = best[(k, s)]
-        row = dict(exit=k, head=f"{model.shortlist.numel()}" if s else "full", batch=batch,
+        row = dict(exit=k, head=str(s) if s else "full", batch=batch,
                    dtype=str(model.dtype).replace("torch.", ""), weights=weight_format(model), tokens_per_s=b["ours"],
                    ttft_s=b["ttft"], bytes_per_step=bytes_per_token(model, k, s))
         row["gbs"] = row["bytes_per_step"] * b["ours"] / 1e9

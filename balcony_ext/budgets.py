@@ -2,9 +2,10 @@
 
 A budget in (0, 1] is the fraction of the full model's per-token cost the caller allows; the deepest
 exit whose cost fits is taken (1.0 is the full model). With a vocabulary shortlist attached
-(shortlist.py) a budget buys a route: a depth and a head, the full head or the shortlisted one, which
-reads fewer head rows: the deepest depth that fits, with the full head where that fits too (so 0.85
-buys the full depth with the shortlisted head rather than a shallower exit). Costs come from a
+(shortlist.py) a budget buys a route: a depth and a head, the full head or one of the shortlist's
+sizes, which read fewer head rows: the deepest depth that fits, with the largest head that fits
+there (so 0.85 buys the full depth with a shortlisted head rather than a shallower exit). A route is
+(depth, head): head 0 is the full head, n the first n shortlisted tokens. Costs come from a
 calibration (measured milliseconds per token on this machine, `balcony calibrate`), else from the
 parameters read per token. `exit_layer=k` picks an exit directly, `ms_per_token=x` the deepest exit
 whose calibrated latency fits.
@@ -42,32 +43,51 @@ def costs(model) -> dict:
     return out
 
 
-def head_share(model) -> dict:
-    """{depth: the parameter cost of that depth with the shortlisted head / with the full head}."""
+def head_cost(model, k: int, n: int) -> float:
+    """The parameter cost of depth k with a head of the first n shortlisted tokens, relative to that
+    depth with the full head."""
     c = costs(model)
     a = model.adapter
-    saved = (a.vocab_size - model.shortlist.numel()) * a.hidden_size
-    out = {k: 1.0 - saved / c[("balcony", k)] for k in model.exits}
-    out[model.num_layers] = 1.0 - saved / c["full"]
-    return out
+    base = c["full"] if k == model.num_layers else c[("balcony", k)]
+    return 1.0 - (a.vocab_size - n) * a.hidden_size / base
+
+
+def head_sizes(model, shortlist=None) -> list:
+    """The heads a budget may buy under the `shortlist` option: None the full head and every size the
+    model's shortlist offers; False the full head only; True the offered sizes only; an int n that
+    head only (0: the full one). Raises for an option the model cannot serve."""
+    listed = getattr(model, "shortlist", None)
+    if shortlist is None:
+        return [0] + (list(model.shortlist_sizes) if listed is not None else [])
+    if shortlist is False or (isinstance(shortlist, int) and not isinstance(shortlist, bool) and shortlist == 0):
+        return [0]
+    if listed is None:
+        raise ValueError(f"shortlist={shortlist!r}: the model has no vocabulary shortlist (bx.set_shortlist / "
+                         "bx.load(shortlist=...))")
+    if shortlist is True:
+        return list(model.shortlist_sizes)
+    if not isinstance(shortlist, int) or not 0 <= shortlist <= listed.numel():
+        raise ValueError(f"shortlist must be None, True, False or a head size in 0..{listed.numel()} (the "
+                         f"shortlist's length; 0: the full head), got {shortlist!r}")
+    return [shortlist]
 
 
 def route_costs(model, calibration: dict | None = None, shortlist=None) -> dict:
-    """{(depth, shortlisted head): relative per-token cost} of every route a budget may buy: the
-    full head at every depth unless shortlist is True, the shortlisted one too when the model has a
-    shortlist (only it with shortlist=True; never with False). A calibration's measured figures for
-    the shortlisted head are used when it has them, else its full-head figure scaled by the parameters."""
+    """{(depth, head): relative per-token cost} of every route a budget may buy under the `shortlist`
+    option (head_sizes). A calibration's measured figure for a route is used where it has one, else
+    its full-head figure at that depth scaled by the parameters."""
     full = exit_costs(model, calibration)
-    out = {} if shortlist is True else {(k, False): c for k, c in full.items()}
-    if getattr(model, "shortlist", None) is not None and shortlist is not False:
-        short_ms = (calibration or {}).get("shortlist_ms_per_token") or {}
-        L = model.num_layers
-        share = head_share(model)
+    out = {}
+    measured = (calibration or {}).get("shortlist_ms_per_token") or {}
+    L = model.num_layers
+    for n in head_sizes(model, shortlist):
         for k, c in full.items():
-            if str(k) in short_ms and str(L) in calibration["ms_per_token"]:
-                out[(k, True)] = float(short_ms[str(k)]) / float(calibration["ms_per_token"][str(L)])
+            if n == 0:
+                out[(k, 0)] = c
+            elif str(n) in measured.get(str(k), {}):
+                out[(k, n)] = float(measured[str(k)][str(n)]) / float(calibration["ms_per_token"][str(L)])
             else:
-                out[(k, True)] = c * share[k]
+                out[(k, n)] = c * head_cost(model, k, n)
     return out
 
 
@@ -115,21 +135,22 @@ def _check_budget(budget) -> None:
 
 
 def choose_route(model, budget: float, calibration: dict | None = None, shortlist=None) -> tuple:
-    """((depth, shortlisted head), note): of the routes whose relative cost fits the budget in (0, 1]
-    (route_costs), the deepest, with the full head when both heads fit."""
+    """((depth, head), note): of the routes whose relative cost fits the budget in (0, 1] (route_costs),
+    the deepest, with the largest head that fits there."""
     _check_budget(budget)
     costs = route_costs(model, calibration, shortlist)
     fitting = [r for r, c in costs.items() if c <= budget + 1e-9]
+    V = model.adapter.vocab_size
     if fitting:
-        return max(fitting, key=lambda r: (r[0], not r[1])), None
+        return max(fitting, key=lambda r: (r[0], r[1] or V)), None
     r = min(costs, key=costs.get)
-    head = " with the shortlisted head" if r[1] else ""
+    head = f" with a {r[1]}-token head" if r[1] else ""
     return r, f"budget {budget:g} is below the cheapest exit (depth {r[0]}{head}, cost {costs[r]:.3f}); using it"
 
 
 def choose_exit(model, budget: float, calibration: dict | None = None) -> tuple:
     """(exit depth, note): the deepest exit whose relative cost with the full head fits the budget."""
-    (k, _), note = choose_route(model, budget, calibration, shortlist=False)
+    (k, _), note = choose_route(model, budget, calibration, shortlist=0)
     return k, note
 
 
@@ -157,12 +178,7 @@ class Budgets:
             raise ValueError("give one of budget, exit_layer and ms_per_token")
         if not any(given):
             budget = 1.0
-        if shortlist not in (None, True, False):
-            raise ValueError(f"shortlist must be None (budgets may buy the shortlisted head), True (always "
-                             f"it) or False (never), got {shortlist!r}")
-        if shortlist is True and getattr(model, "shortlist", None) is None:
-            raise ValueError("shortlist=True: the model has no vocabulary shortlist (bx.set_shortlist / "
-                             "bx.load(shortlist=...))")
+        self.sizes = head_sizes(model, shortlist)  # (validates the option)
         self.model, self.B, self.cal, self.shortlist = model, B, calibration, shortlist
         self.kind = "budget" if budget is not None else "exit" if exit_layer is not None else "latency"
         self.notes = [[] for _ in range(B)]
@@ -175,18 +191,20 @@ class Budgets:
         self.value, self._resolved = value, (step, resolved)
 
     def _one(self, v, b):
-        """((depth, shortlisted head), note or None) for one row's value."""
+        """((depth, head), note or None) for one row's value; exit_layer and ms_per_token take the
+        largest head the shortlist option allows (the full one by default)."""
         m = self.model
+        head = 0 if 0 in self.sizes else max(self.sizes)
         if self.kind == "exit":
             m.check_exit(v, "exit_layer")
-            return (v, self.shortlist is True), None
+            return (v, head), None
         if self.kind == "latency":
             k, note = exit_for_latency(m, float(v), self.cal)
-            return (k, self.shortlist is True), note
+            return (k, head), note
         return choose_route(m, v, self.cal, self.shortlist)
 
     def _resolve(self, v, step: int) -> list:
-        """[((exit, shortlisted head), note or None)] of every row at `step` for the value v; raises for a bad value."""
+        """[((exit, head), note or None)] of every row at `step` for the value v; raises for a bad value."""
         if callable(v):
             v = v(step)
         elif isinstance(v, dict):  # schedule {from_step: value}
@@ -203,7 +221,7 @@ class Budgets:
         return [self._one(x, b) for b, x in enumerate(vals)]
 
     def routes(self, step: int) -> list:
-        """[(exit depth, shortlisted head)] of every row at `step`."""
+        """[(exit depth, head)] of every row at `step` (head: 0 the full one, n the first n shortlisted tokens)."""
         at, resolved = self._resolved
         out = []
         for b, (route, note) in enumerate(resolved if at == step else self._resolve(self.value, step)):

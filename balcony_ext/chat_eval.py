@@ -12,14 +12,16 @@ and each exit answers the same prompts freely (greedy):
               (loops; the full model's own figure is the yardstick)
   chat_prefix mean number of leading tokens equal to the full model's answer
   chat_f1     token F1 between the exit's answer and the full model's (bags of token ids)
-With a vocabulary shortlist attached (shortlist.py), the same figures for the routes with the
-shortlisted head at every exit and at the full depth, under ("shortlist", k) (no KL: the shortlisted
-head gives the tokens off the list no probability).
+With a vocabulary shortlist attached (shortlist.py), the same figures for the routes with each
+shortlisted head it offers, at every exit and at the full depth, under (shortlist.head_method(n), k)
+(no KL: a shortlisted head gives the tokens off it no probability).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+
+from .shortlist import shortlisted_heads
 
 import torch
 import torch.nn.functional as F
@@ -95,9 +97,10 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
     stop = stop_token_ids(model)
     ids = [encode_prompt(model.tokenizer, t, chat=True) for t in texts]
     chunks = [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
-    routes = len(model.exits) * (2 if getattr(model, "shortlist", None) is not None else 1) + \
-        (getattr(model, "shortlist", None) is not None)
-    steps = len(chunks) * (2 + (routes if free else 0))
+    off = shortlisted_heads(model)  # {method: True for the tokens off that head}
+    sizes = {name: int((~o).sum()) for name, o in off.items()}
+    routes = [("balcony", k) for k in model.exits] + [(name, k) for name in off for k in model.exits + [L]]
+    steps = len(chunks) * (2 + (len(routes) if free else 0))
     bar = tqdm(total=steps, desc="chat evaluation", disable=not progress)
 
     def answers(k, **kw):
@@ -113,11 +116,7 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
     a = model.adapter
     methods = {("balcony", k): (lambda h, k=k: a.logits(model.exit_hidden(k, h))) for k in model.exits}
     methods.update(heads or {})
-    short = getattr(model, "shortlist", None)
-    if short is not None:
-        off = torch.ones(a.vocab_size, dtype=torch.bool, device=model.device)
-        off[short.to(model.device)] = False
-    short_top1 = {k: 0 for k in (model.exits + [L] if short is not None else [])}
+    short_top1 = {(name, k): 0 for name in off for k in model.exits + [L]}
     sums = {key: dict(top1=0.0, kl=0.0) for key in methods}
     n_answer = 0
     was_training = model.training
@@ -138,13 +137,14 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
         log_p = F.log_softmax(a.logits(final[mask]).float(), -1)
         top_p = log_p.argmax(-1)
         n_answer += int(mask.sum())
-        if short is not None:
-            short_top1[L] += (log_p.masked_fill(off, -float("inf")).argmax(-1) == top_p).sum().item()
+        for name, o in off.items():
+            short_top1[(name, L)] += (log_p.masked_fill(o, -float("inf")).argmax(-1) == top_p).sum().item()
         for (method, k), fn in methods.items():
             log_q = F.log_softmax(fn(hidden[k])[mask].float(), -1)
             sums[(method, k)]["top1"] += (log_q.argmax(-1) == top_p).sum().item()
-            if method == "balcony" and short is not None:
-                short_top1[k] += (log_q.masked_fill(off, -float("inf")).argmax(-1) == top_p).sum().item()
+            if method == "balcony":
+                for name, o in off.items():
+                    short_top1[(name, k)] += (log_q.masked_fill(o, -float("inf")).argmax(-1) == top_p).sum().item()
             sums[(method, k)]["kl"] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
         bar.update(1)
     model.train(was_training)
@@ -154,12 +154,11 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
                              chat_prefix=sum(map(len, ref)) / len(ref), chat_f1=1.0)}
     for key, s in sums.items():
         out[key] = dict(chat_top1=s["top1"] / max(1, n_answer), chat_kl=s["kl"] / max(1, n_answer))
-    for k, n in short_top1.items():
-        out[("shortlist", k)] = dict(chat_top1=n / max(1, n_answer), chat_kl=None)
+    for key, n in short_top1.items():
+        out[key] = dict(chat_top1=n / max(1, n_answer), chat_kl=None)
     if free:
-        routes = [("balcony", k, False) for k in model.exits] + [("shortlist", k, True) for k in short_top1]
-        for method, k, listed in routes:
-            got = [_strip_stop(t, stop) for t in answers(k, **(decoding or {}), **({"shortlist": True} if listed else {}))]
+        for method, k in routes:
+            got = [_strip_stop(t, stop) for t in answers(k, **(decoding or {}), shortlist=sizes.get(method, 0))]
             out[(method, k)].update(
                 chat_rep4=sum(map(repeated_ngram_share, got)) / len(got),
                 chat_prefix=sum(common_prefix(g, r) for g, r in zip(got, ref)) / len(got),

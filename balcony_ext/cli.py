@@ -111,7 +111,9 @@ def cmd_generate(args) -> int:
         print(piece, end="", flush=True)
     out = g.result()
     exits = sorted(set(out.exit_layers))
-    listed = f", {sum(out.shortlisted)} with the {model.shortlist.numel():,}-token head" if any(out.shortlisted) else ""
+    sizes = sorted({n for n in out.heads if n})
+    listed = (f", {sum(1 for n in out.heads if n)} with a shortlisted head of {'/'.join(f'{n:,}' for n in sizes)} tokens"
+              if sizes else "")
     print(f"\n\n[{len(out.tokens)} tokens at exit {'/'.join(map(str, exits))} of {model.num_layers}{listed}; "
           f"{out.tokens_per_second:.1f} tokens/s; first token after {out.time_to_first_token * 1000:.0f} ms]")
     for note in out.notes:
@@ -129,9 +131,11 @@ def cmd_calibrate(args) -> int:
     cal = calibrate(model, tokens=args.tokens, path=args.out)
     full = cal["ms_per_token"][str(model.num_layers)]
     short = cal.get("shortlist_ms_per_token", {})
-    print(f"{'exit':>5}{'ms/token':>10}{'rel cost':>10}" + (f"{'shortlisted head':>18}{'rel cost':>10}" if short else ""))
+    print(f"{'exit':>5}{'head':>8}{'ms/token':>10}{'rel cost':>10}")
     for k, ms in cal["ms_per_token"].items():
-        print(f"{k:>5}{ms:>10.2f}{ms / full:>10.3f}" + (f"{short[k]:>18.2f}{short[k] / full:>10.3f}" if k in short else ""))
+        print(f"{k:>5}{'full':>8}{ms:>10.2f}{ms / full:>10.3f}")
+        for n, v in short.get(k, {}).items():
+            print(f"{k:>5}{n:>8}{v:>10.2f}{v / full:>10.3f}")
     print(f"saved {args.out or calibration_path(model)}")
     return 0
 
@@ -164,49 +168,52 @@ def cmd_demo(args) -> int:
     if report.exists():
         for r in json.loads(report.read_text())["rows"]:
             figures[(r["method"], r["exit"])] = r
+    from .shortlist import head_method
+
     L = model.num_layers
-    listed = model.shortlist.numel() if model.shortlist is not None else 0
+    sizes = "/".join(f"{n // 1024}k" for n in model.shortlist_sizes)
     print(f"{model.name}: {L} layers, exits at {model.exits} (trained on {model.tokens_trained:,} tokens)"
-          + (f", a {listed:,}-token shortlisted head" if listed else "") + f"; prompt: {args.prompt!r}; greedy"
+          + (f", shortlisted heads of {sizes} tokens" if sizes else "") + f"; prompt: {args.prompt!r}; greedy"
           + (f", frequency_penalty {args.frequency_penalty:g}" if args.frequency_penalty else "") + "\n")
     budgets = args.budgets
-    if budgets is None:  # one budget per route (exit and head): its relative cost, rounded up to a hundredth
+    if budgets is None:  # tenths from 1 down to the cheapest route
         from .budgets import load_calibration, route_costs
 
-        budgets = sorted({math.ceil(c * 100 - 1e-6) / 100 for c in route_costs(model, load_calibration(model)).values()})
+        cheapest = min(route_costs(model, load_calibration(model)).values())
+        budgets = [b / 10 for b in range(10, 0, -1) if b / 10 >= cheapest - 0.1 + 1e-9]
     runs, seen = [], set()
     for budget in sorted(budgets, reverse=True):
         out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens,
                        frequency_penalty=args.frequency_penalty)
-        route = (out.exit_layers[0], bool(out.shortlisted and out.shortlisted[0]))
+        route = (out.exit_layers[0], out.heads[0])
         if args.budgets is None and route in seen:
             continue  # (a budget that buys the same route as a higher one)
         seen.add(route)
         runs.append((budget, route, out))
-        k, short = route
-        row = figures.get(("shortlist" if short else "full" if k == L else "balcony", k), {})
+        k, n = route
+        row = figures.get((head_method(n) if n else "full" if k == L else "balcony", k), {})
         agree = row.get("chat_top1")
         print(f"--- budget {budget:g}: " + ("the full model" if k == L else f"exit {k}")
-              + (" with the shortlisted head" if short else "") + f", {out.tokens_per_second:.1f} tokens/s"
+              + (f" with a {n:,}-token head" if n else "") + f", {out.tokens_per_second:.1f} tokens/s"
               + (f", agrees with the full model on {agree:.0%} of answer tokens" if agree is not None and
-                 route != (L, False) else ""))
+                 route != (L, 0) else ""))
         print(out.text.strip() + "\n")
-    full = next((o for b, r, o in runs if r == (L, False)), None)
+    full = next((o for b, r, o in runs if r == (L, 0)), None)
     print(f"{'budget':>7}{'exit':>6}{'head':>7}{'tokens/s':>10}{'speed-up':>10}{'chat top-1':>12}{'chat F1':>9}"
           f"{'held-out ppl':>14}")
-    for budget, (k, short), out in runs:
+    for budget, (k, n), out in runs:
         speed = out.tokens_per_second / full.tokens_per_second if full else float("nan")
-        row = figures.get(("shortlist" if short else "full" if k == L else "balcony", k), {})
+        row = figures.get((head_method(n) if n else "full" if k == L else "balcony", k), {})
         agree = f"{row['chat_top1']:.2f}" if row.get("chat_top1") is not None else "-"
         f1 = f"{row['chat_f1']:.2f}" if row.get("chat_f1") is not None else "-"
         ppl = f"{row['perplexity']:.1f}" if row.get("perplexity") is not None else "-"
-        head = f"{listed // 1024}k" if short else "full"
+        head = f"{n // 1024}k" if n else "full"
         print(f"{budget:>7g}{k:>6}{head:>7}{out.tokens_per_second:>10.1f}{speed:>9.2f}x{agree:>12}{f1:>9}{ppl:>14}")
     if figures:
         print("\nchat top-1: how often the route's next token equals the full model's along the full model's answers "
               "to held-out instructions;\nchat F1: its own greedy answers' token F1 with the full model's; held-out "
-              "ppl: perplexity on held-out text\n(the exits' evaluation report; the shortlisted head gives the tokens "
-              "off its list no probability, so no perplexity)")
+              "ppl: perplexity on held-out text\n(the exits' evaluation report; a shortlisted head gives the tokens "
+              "off it no probability, so no perplexity)")
     return 0
 
 
@@ -331,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     d.add_argument("--prompt", default="Why is the sky blue?")
     d.add_argument("--budgets", type=float, nargs="+", default=None,
-                   help="budgets to answer at (default: one per exit, at its relative cost, and 1)")
+                   help="budgets to answer at (default: 1, 0.9, 0.8, ... down to the cheapest route)")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--frequency-penalty", type=float, default=0.3,
                    help="OpenAI's frequency penalty at every budget (0: plain greedy); 0.3 measured best for the "

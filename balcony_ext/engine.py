@@ -86,12 +86,14 @@ class Engine:
         self.cache = cache if cache is not None else KVCache(w, batch, max_len, dev)
         self.cos, self.sin = w.rope(max_len) if w.native else (None, None)
         self.logits = torch.empty(batch, w.V, dtype=torch.float32, device=dev)
-        # the shortlisted head's logits (shortlist.py), then scattered into self.logits (-inf elsewhere)
-        self.short_logits, self._off_list = None, None  # (the latter: True for the tokens off the shortlist)
+        # a shortlisted head's logits (shortlist.py), then scattered into self.logits (-inf elsewhere);
+        # the rank of every token in the shortlist (its length for the tokens off it)
+        self._short_buf, self._rank, self._off = None, None, {}
         if w.short_ids is not None:
-            self.short_logits = torch.empty(batch, w.short_ids.numel(), dtype=torch.float32, device=dev)
-            self._off_list = torch.ones(w.V, dtype=torch.bool, device=dev)
-            self._off_list[w.short_ids] = False
+            N = w.short_ids.numel()
+            self._short_buf = torch.empty(batch * N, dtype=torch.float32, device=dev)
+            self._rank = torch.full((w.V,), N, dtype=torch.long, device=dev)
+            self._rank[w.short_ids] = torch.arange(N, device=dev)
         self.next_tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.workspace = None
         if native:
@@ -288,32 +290,32 @@ class Engine:
 
     # -- the prefill
     def prefill_step(self, exits: list, temperature, top_k, top_p, uniform, penalties=None,
-                     short=None) -> torch.Tensor:
+                     heads=None) -> torch.Tensor:
         """Every prompt token, the last included, through the layers each row's exit reads in one
         batched pass; the first new token comes from the last position (no separate decode step).
-        Leaves the caches as catch_up + step would; returns the next tokens [B]. short: per row, whether
-        its head is the shortlist (see step)."""
+        Leaves the caches as catch_up + step would; returns the next tokens [B]. heads: per row, its
+        head (see step)."""
         if bool((self.kv_len > 0).any()) or 0 in exits:
             self.catch_up(exits)
-            return self.step(exits, temperature, top_k, top_p, uniform, penalties, short)
+            return self.step(exits, temperature, top_k, top_p, uniform, penalties, heads)
         w = self.w
         fin = torch.zeros(self.B, w.H, dtype=torch.float32, device=self.model.device)
         self.catch_up(exits, upto=self.cache.length, last=fin)
-        self._head(fin, *self._short_rows(exits, short))
+        self._head(fin, self._head_plan(exits, heads))
         if penalties is not None:
             penalties.apply(self.logits, self.cache.tokens, self.cache.length)
         return ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform).cpu()
 
     # -- one decode step
-    def step(self, exits: list, temperature, top_k, top_p, uniform, penalties=None, short=None) -> torch.Tensor:
+    def step(self, exits: list, temperature, top_k, top_p, uniform, penalties=None, heads=None) -> torch.Tensor:
         """Decodes the last token of every row at its exit; returns the next tokens [B] and leaves
         the logits in self.logits. Rows' caches for their exits must be complete (catch_up).
         penalties (penalties.Penalties): applied to the logits, and the token chosen again.
-        short: per row, whether its head is the model's shortlist (its logits are the head's on the
-        shortlisted tokens and -inf elsewhere); when every running row's is, only those rows of the
-        head are read."""
+        heads: per row, 0 for the full LM head or n for the first n tokens of the model's shortlist (its
+        logits are the head's on those tokens and -inf elsewhere); when every running row has a
+        shortlisted head, only the head rows of the largest of them are read."""
         B = self.B
-        rows, compact = self._short_rows(exits, short)
+        plan = self._head_plan(exits, heads)
         pos = (self.cache.length - 1).clamp(min=0)
         last = self.cache.tokens[torch.arange(B), pos]
         ex = torch.tensor(exits, dtype=torch.long)
@@ -326,20 +328,21 @@ class Engine:
         if not self.w.native:  # the model's own modules: the last position through each row's layers
             fin = torch.zeros(B, self.w.H, dtype=torch.float32, device=self.model.device)
             self.catch_up(exits, upto=self.cache.length, last=fin)
-            self._head(fin, rows, compact)
+            self._head(fin, plan)
             nxt = ops.sample_tokens(self.logits, *self._device_inputs(last, pos, ex, temperature, top_k, top_p,
                                                                      uniform)[3:])
         elif self.native:
             w = self.w
+            head, out = self._head_out(plan)
             ops.decode_step(
-                last, pos, ex, self.exits, w.embed, w.base, w.exit, w.final_norm, w.head_short if compact else w.head,
-                self.cache.k, self.cache.v, self.cache.kept, self.cos, self.sin, w.eps, w.scale, self.workspace,
-                self.short_logits if compact else self.logits, temperature, top_k, top_p, uniform, self.next_tokens)
-            self._shortlisted(rows, compact)
-            nxt = ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform) if rows else self.next_tokens
+                last, pos, ex, self.exits, w.embed, w.base, w.exit, w.final_norm, head, self.cache.k, self.cache.v,
+                self.cache.kept, self.cos, self.sin, w.eps, w.scale, self.workspace, out, temperature, top_k, top_p,
+                uniform, self.next_tokens)
+            self._shortlisted(plan)
+            nxt = ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform) if plan[0] else self.next_tokens
         else:
             nxt = self._composed_step(*self._device_inputs(last, pos, ex, temperature, top_k, top_p, uniform),
-                                      exits=exits, short_rows=rows, compact=compact)
+                                      exits=exits, plan=plan)
         if penalties is not None:  # (the step's own choice, from the logits before them, is dropped)
             penalties.apply(self.logits, self.cache.tokens, self.cache.length)
             nxt = ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform)
@@ -363,8 +366,7 @@ class Engine:
         di, df = ints.to(dev, non_blocking=True), floats.to(dev, non_blocking=True)
         return di[0], di[1], di[2], df[0], di[3], df[1], df[2]
 
-    def _composed_step(self, last, pos, ex, temperature, top_k, top_p, uniform, exits: list, short_rows=(),
-                       compact=False):
+    def _composed_step(self, last, pos, ex, temperature, top_k, top_p, uniform, exits: list, plan=({}, 0)):
         """The decode step composed of the balcony ops, for any device (the path off the CPU, and
         native=False): every row runs every layer up to the deepest exit in use; masks built on the
         device (a position of -1: no cache write, no attention) keep each row to the layers of its
@@ -386,11 +388,9 @@ class Engine:
                     fin = torch.where((ex == k).unsqueeze(1), _rms(y, w.exit_norms[e], w.eps), fin)
         if L in exits:
             fin = torch.where((ex == L).unsqueeze(1), _rms(x, w.final_norm, w.eps), fin)
-        if compact:
-            self.short_logits.copy_(_linear(fin, w.head_short))
-        else:
-            self.logits.copy_(_linear(fin, w.head))
-        self._shortlisted(short_rows, compact)
+        head, out = self._head_out(plan)
+        out.copy_(_linear(fin, head))
+        self._shortlisted(plan)
         return ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform)
 
     def _decode_layer(self, slot: int, x, pos):
@@ -427,44 +427,65 @@ class Engine:
             return _rms(y, w.exit_norm(k), w.eps)
         return w.norms[k](y.to(w.dtype)).float()
 
-    def _head(self, fin, short_rows=(), compact=False):
-        """self.logits = the LM head on the normed rows fin [B, H] (soft-capped where the family caps);
-        short_rows' restricted to the shortlist (compact: every row's, computing only those head rows)."""
+    def _head(self, fin, plan=({}, 0)):
+        """self.logits = the LM head on the normed rows fin [B, H] (soft-capped where the family caps),
+        shortlisted as `plan` (_head_plan) says."""
         w = self.w
         if not w.native:
             self.logits.copy_(w.adapter.logits(fin.to(w.dtype)).float())
         else:
-            head, out = (w.head_short, self.short_logits) if compact else (w.head, self.logits)
+            head, out = self._head_out(plan)
             if fin.device.type == "cpu":
                 ops.linear_rows(fin, head, out=out)
             else:
                 out.copy_(_linear(fin, head))
-        self._shortlisted(short_rows, compact)
+        self._shortlisted(plan)
 
-    # -- the shortlisted head (shortlist.py)
-    def _short_rows(self, exits: list, short) -> tuple:
-        """(the rows whose head is the shortlist, whether every running row's is: then only the
-        shortlisted head rows are computed). The module path computes the whole head and masks it."""
-        if short is None or not any(short):
-            return [], False
-        if len(short) != self.B:
-            raise ValueError(f"short has {len(short)} entries for {self.B} rows")
+    # -- shortlisted heads (shortlist.py)
+    def _head_plan(self, exits: list, heads) -> tuple:
+        """({n: the running rows whose head is the first n shortlisted tokens}, compact): compact is
+        the largest n when every running row has a shortlisted head (then only those head rows are
+        computed), else 0 (the full head for every row, masked for theirs). The module path always
+        computes the full head."""
+        if heads is None or not any(heads):
+            return {}, 0
+        if len(heads) != self.B:
+            raise ValueError(f"heads has {len(heads)} entries for {self.B} rows")
         if self.w.short_ids is None:
-            raise ValueError("a row asks for the shortlisted head, but the model has no shortlist (set_shortlist)")
-        rows = [b for b in range(self.B) if short[b] and exits[b] != 0]
-        compact = bool(rows) and self.w.native and all(short[b] or exits[b] == 0 for b in range(self.B))
+            raise ValueError("a row asks for a shortlisted head, but the model has no shortlist (set_shortlist)")
+        N = self.w.short_ids.numel()
+        rows = {}
+        for b, n in enumerate(heads):
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= N:
+                raise ValueError(f"row {b}: a head of {n!r} shortlisted tokens; the shortlist has {N} (0: the full head)")
+            if n and exits[b] != 0:
+                rows.setdefault(n, []).append(b)
+        running = [b for b in range(self.B) if exits[b] != 0]
+        compact = max(rows) if rows and self.w.native and all(heads[b] for b in running) else 0
         return rows, compact
 
-    def _shortlisted(self, rows: list, compact: bool):
-        """After the head: the compact logits scattered into self.logits (-inf elsewhere), or the rows'
-        full logits masked to the shortlist."""
-        w = self.w
-        if compact:
+    def _head_out(self, plan) -> tuple:
+        """(the head's weight, the logits it writes) for a plan: the first n shortlisted rows into a
+        [B, n] buffer when compact, else the full head into self.logits."""
+        n = plan[1]
+        if not n:
+            return self.w.head, self.logits
+        return self.w.head_short[:n], self._short_buf[:self.B * n].view(self.B, n)
+
+    def _shortlisted(self, plan):
+        """After the head: the compact logits scattered into self.logits (-inf elsewhere), and every
+        shortlisted row's logits masked to its own head's tokens."""
+        rows, n = plan
+        if n:
             self.logits.fill_(float("-inf"))
-            self.logits.index_copy_(1, w.short_ids, self.short_logits)
-        elif rows:
-            idx = torch.tensor(rows, device=self.logits.device)
-            self.logits[idx] = self.logits[idx].masked_fill(self._off_list, float("-inf"))
+            self.logits.index_copy_(1, self.w.short_ids[:n], self._short_buf[:self.B * n].view(self.B, n))
+        for size, idx in rows.items():
+            if size == n:
+                continue  # (those rows are exactly the compact head's)
+            if size not in self._off:
+                self._off[size] = self._rank >= size  # True for the tokens off the first `size`
+            idx = torch.tensor(idx, device=self.logits.device)
+            self.logits[idx] = self.logits[idx].masked_fill(self._off[size], float("-inf"))
 
     # -- prompts
     def add_prompts(self, prompts: list):

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from .data import prepare
 from .files import atomic_write
 from .affine import new_affine_exits
-from .budgets import costs, head_share
+from .budgets import costs, head_cost
+from .shortlist import shortlisted_heads
 from .train import distill_loss_for, lr_factor, micro_batch
 
 
@@ -143,9 +144,10 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
     chat_prompts > 0 adds the chat evaluation (chat_eval.evaluate_chat) on that many held-out
     instructions: chat_top1 / chat_kl along the full model's answers for every method with an
     exit module or a lens, and for the balcony exits their free answers' chat_rep4 / chat_prefix /
-    chat_f1. With a vocabulary shortlist attached, rows of method "shortlist" are the routes with the
-    shortlisted head at every exit and the full depth: top-1 agreement (perplexity and KL have no
-    finite value where the next token is not shortlisted: None) and their chat figures."""
+    chat_f1. With a vocabulary shortlist attached, rows of methods "short16k" etc. (shortlist.head_method)
+    are the routes with each shortlisted head the shortlist offers, at every exit and the full depth
+    (their `head`: its size): top-1 agreement (perplexity and KL have no finite value where the next
+    token is off the head: None) and their chat figures."""
     from tqdm.auto import tqdm
 
     if not model.exits:
@@ -189,14 +191,11 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         heads.update({("affine", k): (lambda h, k=k: a.logits(lenses[k](h))) for k in exits})
 
     L = model.num_layers
-    short = getattr(model, "shortlist", None)
-    if short is not None:  # the routes with the shortlisted head: -inf off the shortlist
-        off = torch.ones(a.vocab_size, dtype=torch.bool, device=model.device)
-        off[short.to(model.device)] = False
-        heads.update({("shortlist", k): (lambda h, k=k: a.logits(model.exit_hidden(k, h)).masked_fill(off, -math.inf))
+    off = shortlisted_heads(model)  # {method: True for the tokens off that head}
+    for name, o in off.items():  # the routes with a shortlisted head: -inf off it
+        heads.update({(name, k): (lambda h, k=k, o=o: a.logits(model.exit_hidden(k, h)).masked_fill(o, -math.inf))
                       for k in exits})
-    sums = {key: dict(ce=0.0, kl=0.0, top1=0.0) for key in [("full", L)] + list(heads)
-            + ([("shortlist", L)] if short is not None else [])}
+    sums = {key: dict(ce=0.0, kl=0.0, top1=0.0) for key in [("full", L)] + list(heads) + [(n, L) for n in off]}
     n_tokens = 0
     was_training = model.training
     model.eval()
@@ -210,14 +209,14 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         n_tokens += targets.numel()
         sums[("full", model.num_layers)]["ce"] += F.nll_loss(log_p, targets, reduction="sum").item()
         sums[("full", model.num_layers)]["top1"] += targets.numel()
-        if short is not None:
-            sums[("shortlist", L)]["top1"] += (log_p.masked_fill(off, -math.inf).argmax(-1) == top_p).sum().item()
+        for name, o in off.items():
+            sums[(name, L)]["top1"] += (log_p.masked_fill(o, -math.inf).argmax(-1) == top_p).sum().item()
         for (method, k), fn in heads.items():
+            if method in off:  # agreement only
+                sums[(method, k)]["top1"] += (fn(hidden[k])[:, :-1][keep].argmax(-1) == top_p).sum().item()
+                continue
             log_q = F.log_softmax(fn(hidden[k])[:, :-1][keep].float(), -1)
             s = sums[(method, k)]
-            if method == "shortlist":
-                s["top1"] += (log_q.argmax(-1) == top_p).sum().item()
-                continue
             s["ce"] += F.nll_loss(log_q, targets, reduction="sum").item()
             s["kl"] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
             s["top1"] += (log_q.argmax(-1) == top_p).sum().item()
@@ -225,26 +224,29 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
     model.train(was_training)
 
     cost = costs(model)
-    share = head_share(model) if short is not None else {}
     elem = a.lm_head.weight.element_size()
     rows = []
     for (method, k), s in sums.items():
-        c = cost["full"] if method == "full" else cost[(method, k)] if method != "shortlist" else \
-            (cost[("balcony", k)] if k < L else cost["full"]) * share[k]
-        listed = method == "shortlist"
+        listed = off.get(method) is not None
+        if listed:
+            n = int((~off[method]).sum())
+            c = (cost[("balcony", k)] if k < L else cost["full"]) * head_cost(model, k, n)
+        else:
+            c = cost["full"] if method == "full" else cost[(method, k)]
         rows.append(dict(method=method, exit=k, perplexity=None if listed else math.exp(s["ce"] / n_tokens),
                          kl=None if listed else s["kl"] / n_tokens, top1=s["top1"] / n_tokens,
-                         rel_cost=c / cost["full"], params_per_token=c, bytes_per_token=c * elem))
+                         rel_cost=c / cost["full"], params_per_token=c, bytes_per_token=c * elem,
+                         **({"head": n} if listed else {})))
     if chat_prompts:
         from .chat_eval import evaluate_chat
 
-        extra = {key: fn for key, fn in heads.items() if key[0] not in ("balcony", "shortlist")}
+        extra = {key: fn for key, fn in heads.items() if key[0] != "balcony" and key[0] not in off}
         chat = evaluate_chat(model, prompts=chat_prompts, max_new_tokens=chat_max_new_tokens, heads=extra,
                              seed=seed, progress=progress)
         for r in rows:
             r.update(chat.get((r["method"], r["exit"]), {}))
-    order = {"full": 0, "balcony": 1, "shortlist": 2, "affine": 3, "untrained": 4, "truncation": 5}
-    rows.sort(key=lambda r: (order[r["method"]], r["exit"]))
+    order = {"full": 0, "balcony": 1, "affine": 3, "untrained": 4, "truncation": 5}
+    rows.sort(key=lambda r: (order.get(r["method"], 2), -r.get("head", 0), r["exit"]))
     info = dict(model=model.name, corpus=corpus.describe(), heldout_documents=corpus.heldout_docs, tokens=n_tokens,
                 seq_len=seq_len, exits=exits, tokens_trained=model.tokens_trained, affine_tokens=affine_tokens,
                 **(chat["_info"] if chat_prompts else {}),

@@ -39,7 +39,7 @@ class GenerationOutput:
     prompt_tokens: int
     finish_reason: str  # "stop" or "length"
     notes: list = field(default_factory=list)
-    shortlisted: list = field(default_factory=list)  # per token: whether the shortlisted head produced it
+    heads: list = field(default_factory=list)  # per token: 0 the full LM head, n a head of the first n shortlisted tokens
 
     def __str__(self):
         return self.text
@@ -138,14 +138,14 @@ class Sequence:
 
     def __init__(self, tokenizer, max_new: int, stop_ids: set, stop_strings: list):
         self.tokenizer, self.max_new, self.stop_ids, self.stop_strings = tokenizer, max_new, stop_ids, stop_strings
-        self.tokens, self.exit_layers, self.shortlisted = [], [], []
+        self.tokens, self.exit_layers, self.heads = [], [], []
         self.text, self.done, self.finish = "", False, "length"
 
-    def add(self, token: int, exit_layer: int, shortlisted: bool = False) -> str:
+    def add(self, token: int, exit_layer: int, head: int = 0) -> str:
         """Takes the next token; returns the new piece of text (empty while a character is incomplete)."""
         self.tokens.append(token)
         self.exit_layers.append(exit_layer)
-        self.shortlisted.append(shortlisted)
+        self.heads.append(head)
         tok = self.tokenizer
         text = tok.decode(self.tokens, skip_special_tokens=True) if tok is not None else ""
         piece, self.text = text[len(self.text):], text
@@ -234,17 +234,17 @@ class Generation:
         routes = self.budgets.routes(self.step_index)
         # finished rows stay idle (exit 0: no layer runs for them)
         exits = [0 if self.done[b] else routes[b][0] for b in range(e.B)]
-        short = [routes[b][1] for b in range(e.B)]
+        heads = [routes[b][1] for b in range(e.B)]
         uniform = torch.rand(e.B, generator=self.gen)
         if self.step_index == 0:
-            nxt = e.prefill_step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties, short)
+            nxt = e.prefill_step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties, heads)
         else:
             e.catch_up(exits)
-            nxt = e.step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties, short)
+            nxt = e.step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties, heads)
         pieces = [""] * e.B
         for b, q in enumerate(self.seqs):
             if not q.done:
-                pieces[b] = q.add(int(nxt[b]), exits[b], short[b])
+                pieces[b] = q.add(int(nxt[b]), exits[b], heads[b])
                 if not q.done:
                     e.append(b, q.tokens[-1])
         if self.step_index == 0:
@@ -280,7 +280,7 @@ class Generation:
                 tokens_per_second=(max(self.step_index - 1, 0) / decode_s) if decode_s > 0 else float("nan"),
                 time_to_first_token=(self.t_first - self.t_start) if self.t_first else float("nan"),
                 prompt_tokens=len(self.ids[b]), finish_reason=q.finish, notes=list(self.budgets.notes[b]),
-                shortlisted=list(q.shortlisted)))
+                heads=list(q.heads)))
         return outs[0] if self.single else outs
 
 
@@ -301,8 +301,9 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     (default: when it has one). presence_penalty, frequency_penalty (OpenAI's, in [-2, 2]) and
     repetition_penalty (Hugging Face's, > 0) discourage repeated tokens (see penalties.py); numbers
     or per-sequence lists. shortlist: with a vocabulary shortlist attached (shortlist.py), None lets a
-    budget below 1 buy the cheaper shortlisted head (out.shortlisted says which tokens it produced),
-    True uses it at every step (with exit_layer too), False never. stream=True returns a Generation to iterate for text pieces (its
+    budget below 1 buy a cheaper shortlisted head (out.heads says which head produced each token), True
+    only shortlisted heads (with exit_layer: the largest), False never, an int n the first n
+    shortlisted tokens at every step. stream=True returns a Generation to iterate for text pieces (its
     set_budget() changes the budget mid-generation); otherwise a GenerationOutput (a list for a
     list of prompts).
     """
@@ -326,20 +327,23 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
 @torch.no_grad()
 def calibrate(model, tokens: int = 32, context: int = 64, repeats: int = 3, path=None, progress: bool = True) -> dict:
     """Measures each exit's (and the full model's) decode milliseconds per token on this machine at
-    batch 1 (with the shortlisted head too, where the model has a shortlist) and saves them (default: the cache directory) for budgets and latency targets."""
+    batch 1 (with every shortlisted head too, where the model has a shortlist) and saves them (default: the cache directory) for budgets and latency targets."""
     from tqdm.auto import tqdm
 
     prompt = list(range(100, 100 + context))
     ms, short_ms = {}, {}
     depths = list(model.exits) + [model.num_layers]
-    heads = [False] + ([True] if getattr(model, "shortlist", None) is not None else [])
-    for k, short in tqdm([(k, s) for k in depths for s in heads], desc="calibrating", disable=not progress):
+    heads = [0] + (list(model.shortlist_sizes) if getattr(model, "shortlist", None) is not None else [])
+    for k, n in tqdm([(k, n) for k in depths for n in heads], desc="calibrating", disable=not progress):
         best = float("inf")
         for _ in range(repeats):
             out = generate(model, prompt, exit_layer=k, max_new_tokens=tokens, stop_tokens=[], calibration=None,
-                           shortlist=short)
+                           shortlist=n)
             best = min(best, 1000.0 / out.tokens_per_second)
-        (short_ms if short else ms)[str(k)] = best
+        if n:
+            short_ms.setdefault(str(k), {})[str(n)] = best
+        else:
+            ms[str(k)] = best
     cal = dict(model=model.name, ms_per_token=ms, threads=torch.get_num_threads(), context=context,
                measured=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if short_ms:

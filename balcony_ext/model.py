@@ -41,7 +41,8 @@ class BalconyModel(nn.Module):
         # Training bookkeeping carried into saved exits.
         self.tokens_trained = 0
         self.last_loss = None
-        self.shortlist = None  # token ids of the cheaper head the budgets may buy (shortlist.py)
+        self.shortlist = None  # token ids, most frequent first, whose leading parts are cheaper heads (shortlist.py)
+        self.shortlist_sizes = []  # the head sizes (leading parts) the budgets may buy
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.base.eval()

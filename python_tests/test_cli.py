@@ -36,8 +36,9 @@ def test_train_then_eval(tmp_path, capsys):
     rows = rows["rows"] if isinstance(rows, dict) else rows
     methods = {(r["method"], r["exit"]) for r in rows}
     assert any(m[1] == 15 for m in methods), methods
-    assert all(r["perplexity"] > 1 for r in rows if r["method"] != "shortlist")
-    assert {r["exit"] for r in rows if r["method"] == "shortlist"} == {15, 30}  # the shipped shortlist's routes
+    assert all(r["perplexity"] > 1 for r in rows if "head" not in r)
+    assert {(r["method"], r["exit"]) for r in rows if "head" in r} == {  # the shipped shortlist's routes
+        (f"short{n // 1024}k", k) for n in (32768, 16384, 8192, 4096) for k in (15, 30)}
 
     # serve the trained exit: generate at it, calibrate, use the calibration, bench
     assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--max-new-tokens", "5", "Hello"]) == 0
@@ -72,6 +73,6 @@ def test_demo(capsys):
     exits = json.loads(bundled_exits_path().with_suffix(".eval.json").read_text())["info"]["exits"]
     assert f"exits at {exits}" in out and "speed-up" in out and "held-out ppl" in out and "chat top-1" in out
     assert "budget 1: the full model, " in out and "greedy, frequency_penalty 0.3" in out
-    assert "the full model with the shortlisted head" in out  # the shipped shortlist's cheapest full-depth route
+    assert "budget 0.9: the full model with a 16,384-token head" in out  # the shipped shortlist's routes
     for k in exits:  # every exit answers at a budget of its own, with its chat agreement
         assert f": exit {k}" in out and "agrees with the full model on" in out

@@ -122,8 +122,8 @@ def main():
     decoding = {"frequency_penalty": 0.3}
     penalised = evaluate_chat(model, prompts=args.chat_prompts, decoding=decoding)
     report.info["chat_free_answers_with"] = dict(decoding=decoding, rows={
-        f"{m}@{k}": {f: v[f] for f in ("chat_rep4", "chat_prefix", "chat_f1")}
-        for (m, k), v in penalised.items() if m in ("balcony", "shortlist")})
+        f"{key[0]}@{key[1]}": {f: v[f] for f in ("chat_rep4", "chat_prefix", "chat_f1")}
+        for key, v in penalised.items() if isinstance(key, tuple) and key[0] != "full"})
     training = dict(tokens=model.tokens_trained, step_seconds=seconds, batch=args.batch, seq_len=args.seq,
                     recipe=recipe, chat_data=chat.describe(), final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None)
     report.info["training"] = docs.info["training"] = training
@@ -132,7 +132,7 @@ def main():
     check = bx.evaluate(model, data="shakespeare", seq_len=args.seq, max_tokens=CHECK_TOKENS, baselines=(), progress=False)
     report.info["check"] = dict(data="shakespeare", seq_len=args.seq, max_tokens=CHECK_TOKENS,
                                 perplexity={str(r["exit"]): r["perplexity"] for r in check.rows
-                                            if r["method"] != "shortlist"})
+                                            if "head" not in r})
     report.to_json(results.with_suffix(".json"))
     report.plot(results.with_suffix(".png"))
     docs.to_json(results.parent / (results.name + "_python_docs.json"))
