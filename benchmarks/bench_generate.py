@@ -90,7 +90,7 @@ def main():
         targets["min_exit_of_ideal_b1 (>=0.9)"] = min(r["of_ideal"] for r in exits)
     for r in rows:  # the shortlisted head at full depth: measured speed-up against the bytes it saves
         if r["exit"] == L and r.get("head", "full") != "full" and r["batch"] == 1 and "speedup_vs_full" in r:
-            targets[f"full_{r['dtype']}_{r['weights']}_shortlisted_speedup (ideal {r['ideal_speedup']:.2f})"] = \
+            targets[f"full_{r['dtype']}_{r['weights']}_head{r['head']}_speedup (ideal {r['ideal_speedup']:.2f})"] = \
                 r["speedup_vs_full"]
     with_hf = [r for r in rows if "hf_ttft_s" in r]
     if with_hf:
