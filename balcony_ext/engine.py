@@ -129,8 +129,8 @@ class Engine:
         if not self.w.native:
             return span_modules(self.w, self.cache, slot, x, starts, counts, outputs)
         w = self.w
-        lw = w.layer(slot)
         B, T, H = x.shape
+        lw = w.gemm_layer(slot) if B * T >= BF16_GEMM_ROWS else w.layer(slot)
         t = torch.arange(T, device=x.device)
         valid = t.unsqueeze(0) < counts.to(x.device).unsqueeze(1)
         pos = torch.where(valid, starts.to(x.device).unsqueeze(1) + t, torch.full_like(valid, -1, dtype=torch.long))
@@ -168,6 +168,7 @@ class Engine:
             q, x, pos, valid = q[rows, end, None], x[rows, end, None], pos[rows, end, None], valid[rows, end, None]
             T = 1
             low = low if B >= BF16_GEMM_ROWS else None
+            lw = lw if B >= BF16_GEMM_ROWS else w.layer(slot)  # (a few rows: the decode step's weights)
         if causal:
             att = F.scaled_dot_product_attention(q.transpose(1, 2), self.cache.k[slot][:, :, :P],
                                                  self.cache.v[slot][:, :, :P], is_causal=True, scale=w.scale,

@@ -84,6 +84,21 @@ def layer_weights(layer, fmt: str = "float") -> LayerWeights:
     )
 
 
+def _gemm_layer(blocks: LayerWeights, own: LayerWeights) -> LayerWeights:
+    """`blocks` with every block matrix replaced by a float matrix of its values in the model's dtype:
+    the model's own tensor (in `own`) where it equals them, else a dequantised copy."""
+    from .ops.linear_rows import is_blocks, weight_matrix
+
+    out = {}
+    for name, b, t in zip(LAYER_FIELDS, blocks, own):
+        if not is_blocks(b):
+            out[name] = b
+            continue
+        values = weight_matrix(b, t.dtype)
+        out[name] = t if torch.equal(values, t) else values
+    return LayerWeights(**out)
+
+
 class NativeWeights:
     """Every layer's weights (base layers, then the exits' layers and norms), the embedding, the head,
     the shapes the engine needs and the rotary tables."""
@@ -96,9 +111,12 @@ class NativeWeights:
         self.L = model.num_layers
         self.exits = list(model.exits)
         self.format = fmt = weight_format(model)
-        self.layers = [layer_weights(layer, fmt) for layer in a.layers]
-        for k in self.exits:
-            self.layers.append(layer_weights(model.exit_module(k).layer, fmt))
+        modules = list(a.layers) + [model.exit_module(k).layer for k in self.exits]
+        self.layers = [layer_weights(layer, fmt) for layer in modules]
+        # the multi-token passes' GEMMs read float matrices of the blocks' values: the model's own where
+        # they hold them (quantize rounds in place), else a dequantised copy (e.g. exits trained since)
+        self.gemm_layers = self.layers if fmt == "float" else [
+            _gemm_layer(lw, layer_weights(layer)) for lw, layer in zip(self.layers, modules)]
         self.exit_norms = [_vec(model.exit_module(k).norm.weight) for k in self.exits]
         # the flat lists the native step takes
         self.base = [t for lw in self.layers[:self.L] for t in lw]
@@ -126,6 +144,10 @@ class NativeWeights:
     def layer(self, slot: int) -> LayerWeights:
         """Cache slot `slot`'s layer: base layers 0..L-1, then one per exit."""
         return self.layers[slot]
+
+    def gemm_layer(self, slot: int) -> LayerWeights:
+        """The same layer with float matrices, for multi-token passes (the block formats' values)."""
+        return self.gemm_layers[slot]
 
     def exit_norm(self, k: int) -> torch.Tensor:
         """The norm after exit k's layer (the final norm for k == L)."""

@@ -82,3 +82,31 @@ def test_int8_is_close_to_float():
         a, b = m(ids, exits=[L])[L], q(ids, exits=[L])[L]
     pa, pb = a.softmax(-1), b.softmax(-1)
     assert (pa - pb).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+def test_multi_token_passes_read_float_matrices_of_the_blocks_values(fmt):
+    # the prefill's GEMMs read the model's own (rounded) matrices, not a dequantisation per call; an exit
+    # whose float weights no longer equal its blocks' values (trained after quantize) gets a copy of them
+    from balcony_ext.weights import engine_weights
+
+    m = bx.quantize(_model(), fmt)
+    with torch.no_grad():
+        m.exit_module(4).layer.mlp.down_proj.weight.add_(0.01)  # as if trained since: off the block grid
+    w = engine_weights(m)
+    for slot, own in ((0, m.adapter.layers[0]), (L + 1, m.exit_module(4).layer)):
+        g, b = w.gemm_layer(slot), w.layer(slot)
+        for name in ("q_proj", "down_proj"):
+            assert ops.is_blocks(getattr(b, name)) and not ops.is_blocks(getattr(g, name))
+            assert torch.equal(getattr(g, name), ops.weight_matrix(getattr(b, name)))
+    assert w.gemm_layer(0).down_proj.data_ptr() == m.adapter.layers[0].mlp.down_proj.weight.data_ptr()  # no copy
+    assert w.gemm_layer(L + 1).down_proj.data_ptr() != m.exit_module(4).layer.mlp.down_proj.weight.data_ptr()
+    # a prefill long enough for the GEMM path gives what the per-row path (the blocks) gives
+    ids = torch.randint(3, 250, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    engines = [Engine(m, 1, 48), Engine(m, 1, 48)]
+    engines[1].w = type(w).__new__(type(w))
+    engines[1].w.__dict__.update(w.__dict__, gemm_layers=w.layers)  # dequantising per call
+    for e in engines:
+        e.add_prompts([ids])
+        e.prefill_step([4], torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1), torch.rand(1))
+    torch.testing.assert_close(engines[0].logits, engines[1].logits, atol=1e-5, rtol=1e-5)
