@@ -39,7 +39,7 @@ def memory_bandwidth(mb: int = 256, repeats: int = 7) -> dict:
 
 
 # bytes per weight of the block formats (32 values and a float16 scale per block)
-BLOCK_BYTES = {"int8": 34 / 32, "q4": 18 / 32}
+BLOCK_BYTES = {"int8": 34 / 32, "q4": 18 / 32, "q4_1": 20 / 32}
 
 
 def bytes_per_token(model, k: int, head: int = 0) -> int:

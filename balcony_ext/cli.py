@@ -280,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", default=None, help="local Hugging Face checkpoint directory (default: bundled SmolLM2)")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         q.add_argument("--exits-file", default="bundled", help="saved exits (default: the shipped ones)")
-        q.add_argument("--weights", default="float", choices=["float", "int8", "q4"],
+        q.add_argument("--weights", default="float", choices=["float", "int8", "q4", "q4_1"],
                        help="int8: every matrix the decode step reads rounded to int8 blocks of 32 (8.5 bits per "
-                            "weight); q4: the decoder matrices to 4-bit blocks of 32 (4.5 bits), the head to int8")
+                            "weight); q4: the decoder matrices to 4-bit blocks of 32 (4.5 bits), the head to int8; "
+                            "q4_1: 4-bit blocks with a scale and a minimum (5 bits; exact for the default model)")
         q.add_argument("--shortlist", default="bundled",
                        help="a vocabulary shortlist file, whose cheaper head budgets below 1 may buy (default: the "
                             "one shipped for the default model; 'none': never)")

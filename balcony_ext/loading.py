@@ -142,8 +142,9 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     exits: "bundled" attaches the exits shipped in the package for the default model, if present;
     a path loads exits from that file; None attaches none.
     weights: "float" (the checkpoint's, in `dtype`), "int8" (every decoder matrix, the exits' too,
-    and the LM head rounded to int8 blocks of 32 with a float16 scale) or "q4" (the decoder matrices
-    rounded to 4-bit blocks of 32, the head to int8 blocks); the engine reads them as such:
+    and the LM head rounded to int8 blocks of 32 with a float16 scale), "q4" (the decoder matrices
+    rounded to 4-bit blocks of 32, the head to int8 blocks) or "q4_1" (4-bit blocks with a float16 scale
+    and minimum each, the head to int8 blocks: the default model exactly); the engine reads them as such:
     weights.quantize.
     shortlist: "bundled" attaches the vocabulary shortlist shipped for the default model (budgets may
     then buy a cheaper LM head: shortlist.py); a path loads one from that file; None attaches none.

@@ -11,7 +11,9 @@ model's own matrices (float32 or bfloat16); "int8" hands it every decoder matrix
 blocks (ops.quantize_q8: int8 in blocks of 32 with a float16 scale, 8.5 bits per weight); "q4" every
 decoder matrix as Q4 blocks (ops.quantize_q4: 4-bit values in blocks of 32 with a float16 scale, 4.5
 bits per weight, llama.cpp's Q4_0) and the LM head as Q8 blocks (as llama.cpp keeps its output matrix
-at a higher precision than its 4-bit layers); read by the
+at a higher precision than its 4-bit layers); "q4_1" likewise with Q4_1 blocks (ops.quantize_q4_1: a
+float16 scale and minimum per block of 32, 5 bits per weight, llama.cpp's Q4_1: it holds the default
+model, whose weights come from a Q4_1 GGUF file with a Q8_0 embedding, exactly); read by the
 native step and linear_rows as they are and dequantised for the multi-token GEMMs.
 """
 
@@ -21,10 +23,12 @@ from typing import NamedTuple
 
 import torch
 
-from .ops.linear_rows import Q8_BLOCK, dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
+from .ops.linear_rows import (Q8_BLOCK, dequantize_q4, dequantize_q4_1, dequantize_q8, quantize_q4, quantize_q4_1,
+                               quantize_q8)
 
-WEIGHT_FORMATS = ("float", "int8", "q4")
-HEAD_FORMAT = {"float": "float", "int8": "int8", "q4": "int8"}  # the LM head's format under each
+WEIGHT_FORMATS = ("float", "int8", "q4", "q4_1")
+HEAD_FORMAT = {"float": "float", "int8": "int8", "q4": "int8", "q4_1": "int8"}  # the LM head's format under each
+QUANTIZE = {"int8": quantize_q8, "q4": quantize_q4, "q4_1": quantize_q4_1}
 
 
 class LayerWeights(NamedTuple):
@@ -54,10 +58,8 @@ def _vec(t):
 
 
 def _mat(t, fmt: str = "float"):
-    if fmt == "int8" and t.shape[1] % Q8_BLOCK == 0:
-        return quantize_q8(t)
-    if fmt == "q4" and t.shape[1] % Q8_BLOCK == 0:
-        return quantize_q4(t)
+    if fmt in QUANTIZE and t.shape[1] % Q8_BLOCK == 0:
+        return QUANTIZE[fmt](t)
     return t.detach().contiguous()
 
 
@@ -228,14 +230,15 @@ def _layer_linears(model):
         yield from (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
 
-ROUND = {"int8": lambda w: dequantize_q8(quantize_q8(w), w.dtype), "q4": lambda w: dequantize_q4(quantize_q4(w), w.dtype)}
+ROUND = {"int8": lambda w: dequantize_q8(quantize_q8(w), w.dtype), "q4": lambda w: dequantize_q4(quantize_q4(w), w.dtype),
+         "q4_1": lambda w: dequantize_q4_1(quantize_q4_1(w), w.dtype)}
 
 
 @torch.no_grad()
 def quantize(model, weights: str = "int8"):
     """Puts the model's weights in `weights` format for generation: "int8" rounds every decoder matrix
-    (base layers and the exits attached now) and the LM head to Q8 blocks; "q4" the decoder matrices to
-    Q4 blocks and the head to Q8 blocks. In place in the model too (so evaluate() and training see the
+    (base layers and the exits attached now) and the LM head to Q8 blocks; "q4" ("q4_1") the decoder
+    matrices to Q4 (Q4_1) blocks and the head to Q8 blocks. In place in the model too (so evaluate() and training see the
     very weights the engine reads; the head is tied to the embedding in most small models, which is
     then rounded as well), and the engine reads the blocks. Matrices whose width is not a multiple of
     32 stay as they are. Returns the model."""

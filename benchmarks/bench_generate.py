@@ -1,10 +1,10 @@
 """Decode speed of generate() at every exit and the full model, beside Hugging Face generate.
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--exits-file F] [--batches 1 8]
-        [--dtypes float32 bfloat16] [--weights float int8 q4] [--prompt-len 64] [--tokens 32]
+        [--dtypes float32 bfloat16] [--weights float int8 q4 q4_1] [--prompt-len 64] [--tokens 32]
         [--gguf f32=model-f32.gguf q8_0=model-q8_0.gguf ...] [--no-shortlist]
 
-For each dtype, weight format (float: the dtype's own; int8 / q4 blocks, balcony_ext.weights) and batch
+For each dtype, weight format (float: the dtype's own; int8 / q4 / q4_1 blocks, balcony_ext.weights) and batch
 size: decode tokens/s per sequence and time to first token for every exit and the full model (each with
 the full head and, where the model has a vocabulary shortlist, the shortlisted head), Hugging
 Face `generate` at the same depth and dtype (the first k base layers + the balcony layer: the same
@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--weights", nargs="+", default=["float"], choices=["float", "int8", "q4"],
+    ap.add_argument("--weights", nargs="+", default=["float"], choices=["float", "int8", "q4", "q4_1"],
                     help="weight formats (Hugging Face is timed beside the float rows only)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-shortlist", action="store_true", help="skip the routes with the shortlisted head")
@@ -80,7 +80,7 @@ def main():
     bf = full.get(("bfloat16", 1))
     if bf and "vs_hf" in bf:
         targets["full_bf16_b1_vs_hf (>=2)"] = bf["vs_hf"]
-    for fmt in ("int8", "q4"):
+    for fmt in ("int8", "q4", "q4_1"):
         q = {r["dtype"]: r for r in full_head if r["exit"] == L and r["batch"] == 1 and r["weights"] == fmt}
         for dt, r in q.items():
             if (dt, 1) in full:
@@ -97,7 +97,8 @@ def main():
         targets["max_ttft_vs_hf (<=1)"] = max(r["ttft_s"] / r["hf_ttft_s"] for r in with_hf)
     peer = {r["dtype"]: r["tokens_per_s"] for r in rows if r["dtype"].startswith(("llama.cpp", "ours "))}
     for ours, theirs in (("ours float32 float", "llama.cpp f32"), ("ours bfloat16 float", "llama.cpp bf16"),
-                         ("ours bfloat16 int8", "llama.cpp q8_0"), ("ours bfloat16 q4", "llama.cpp q4_0")):
+                         ("ours bfloat16 int8", "llama.cpp q8_0"), ("ours bfloat16 q4", "llama.cpp q4_0"),
+                         ("ours bfloat16 q4_1", "llama.cpp q4_1")):
         if ours in peer and theirs in peer:
             fmt = ours.split()[2] if ours.split()[2] != "float" else ours.split()[1]
             targets[f"{fmt}_vs_{theirs} (>=1)"] = peer[ours] / peer[theirs]
@@ -107,7 +108,7 @@ def main():
 
 
 def llama_cpp_rows(args, ggufs: dict) -> list:
-    """llama.cpp at full depth, batch 1, beside our full depth in float32 / bfloat16 / int8 / q4,
+    """llama.cpp at full depth, batch 1, beside our full depth in float32 / bfloat16 / int8 / q4 / q4_1,
     alternating within every round; best of --repeats."""
     import time
 
@@ -119,7 +120,8 @@ def llama_cpp_rows(args, ggufs: dict) -> list:
     llms = {name: Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
             for name, path in ggufs.items()}
     ours = {f"{dt} {fmt}": bx.load(dtype=getattr(torch, dt), exits=None, weights=fmt)
-            for dt, fmt in (("float32", "float"), ("bfloat16", "float"), ("bfloat16", "int8"), ("bfloat16", "q4"))}
+            for dt, fmt in (("float32", "float"), ("bfloat16", "float"), ("bfloat16", "int8"), ("bfloat16", "q4"),
+                            ("bfloat16", "q4_1"))}
 
     def llama_time(llm, n):
         llm.reset()

@@ -60,12 +60,13 @@ def test_linear_rows_opcheck():
     torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w.bfloat16(), None, torch.empty(3, 9), True))
 
 
-# Q8 and Q4 weights: K a multiple of 32; odd row counts and N, every CPU instruction set
+# Q8, Q4 and Q4_1 weights: K a multiple of 32; odd row counts and N, every CPU instruction set
 Q8_SHAPES = [(1, 1, 32), (1, 17, 64), (3, 769, 96), (8, 576, 1536), (9, 33, 576), (13, 127, 160)]
-BLOCKS = {"q8": (ops.quantize_q8, ops.dequantize_q8), "q4": (ops.quantize_q4, ops.dequantize_q4)}
+BLOCKS = {"q8": (ops.quantize_q8, ops.dequantize_q8), "q4": (ops.quantize_q4, ops.dequantize_q4),
+          "q4_1": (ops.quantize_q4_1, ops.dequantize_q4_1)}
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q4_1"])
 @pytest.mark.parametrize("shape", Q8_SHAPES)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_linear_rows_blocks_match_dequantised_reference(cpu_capability, fmt, shape, bias):
@@ -73,15 +74,16 @@ def test_linear_rows_blocks_match_dequantised_reference(cpu_capability, fmt, sha
     quant, dequant = BLOCKS[fmt]
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x = torch.randn(M, K, generator=g)
-    w = quant(torch.randn(N, K, generator=g))
+    w = quant(torch.randn(N, K, generator=g) + (0.5 if fmt == "q4_1" else 0.0))  # (Q4_1: blocks off zero too)
     b = torch.randn(N, generator=g) if bias else None
     # x is rounded to int16 per row (the reference does the same): the float error left is the kernel's
     # float32 sum of per-block products, far below what the rounding of x moves (checked: float x is off)
     got = ops.linear_rows(x, w, b)
-    torch.testing.assert_close(got, ops.reference_linear_rows(x, w, b), atol=1e-6 * K ** 0.5, rtol=1e-5)
+    tol = 1e-6 * K ** 0.5 * (4 if fmt == "q4_1" else 1)  # (Q4_1: the minimums' terms, a second float32 sum)
+    torch.testing.assert_close(got, ops.reference_linear_rows(x, w, b), atol=tol, rtol=1e-5)
     unrounded = x @ dequant(w).T + (b if bias else 0)
     if K >= 576:
-        assert not torch.allclose(got, unrounded, atol=1e-6 * K ** 0.5, rtol=1e-5)
+        assert not torch.allclose(got, unrounded, atol=tol, rtol=1e-5)
     acc = torch.randn(M, N, generator=g)
     expected = acc + ops.reference_linear_rows(x, w, b)
     ops.linear_rows(x, w, b, out=acc, accumulate=True)
@@ -135,19 +137,53 @@ def test_quantize_q4_round_trip_and_layout():
         ops.quantize_q4(torch.randn(4, 33))
 
 
+def test_quantize_q4_1_round_trip_and_layout():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 96, generator=g) + 3.0  # blocks far from zero: the minimum carries them
+    w[1, :32] = 0.25  # a constant block: scale 0, every value the minimum
+    q = ops.quantize_q4_1(w)
+    assert q.dtype == torch.int16 and q.shape == (5, (48 + 12) // 2)
+    back = ops.dequantize_q4_1(q)
+    assert torch.equal(back[1, :32], torch.full((32,), 0.25))
+    blocks = w.reshape(5, 3, 32)
+    step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15
+    err = (back.reshape(5, 3, 32) - blocks).abs()
+    assert (err <= step * 0.5 * 1.01 + 2e-3).all()  # half a step (+ the float16 rounding of the minimum)
+    # the layout: nibbles as Q4's, then the float16 scales, then the float16 minimums
+    raw = q.view(torch.uint8)
+    v = raw[0, :16].int()
+    scale, low = raw[0, 48:50].view(torch.float16).float(), raw[0, 54:56].view(torch.float16).float()
+    torch.testing.assert_close(back[0, :16], (v & 15).float() * scale + low)
+    torch.testing.assert_close(back[0, 16:32], (v >> 4).float() * scale + low)
+    assert torch.equal(ops.quantize_q4_1(back), q)  # rounding twice changes nothing
+    # a matrix already on Q4_1 grids (both ends of every block used) is held exactly
+    grid = torch.randint(0, 16, (7, 64), generator=g).float()
+    grid[:, ::32], grid[:, 1::32] = 0, 15
+    d = (torch.rand(7, 2, 1, generator=g) + 0.01).half().float()
+    m = torch.randn(7, 2, 1, generator=g).half().float()
+    exact = (grid.reshape(7, 2, 32) * d + m).reshape(7, 64)
+    assert torch.equal(ops.dequantize_q4_1(ops.quantize_q4_1(exact)), exact)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.quantize_q4_1(torch.randn(4, 33))
+
+
 def test_linear_rows_blocks_errors():
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="Q8 weight row holds whole blocks of 32"):
         ops.linear_rows(x, torch.zeros(3, 35, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="Q4 weight row holds whole blocks of 32"):
         ops.linear_rows(x, torch.zeros(3, 35, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="Q4_1 weight row holds whole blocks of 32"):
+        ops.linear_rows(x, torch.zeros(3, 11, dtype=torch.int16))
+    with pytest.raises(RuntimeError, match="K = 64 columns but weight has 32"):
+        ops.linear_rows(x, ops.quantize_q4_1(torch.randn(3, 32)))
     with pytest.raises(RuntimeError, match="K = 64 columns but weight has 32"):
         ops.linear_rows(x, ops.quantize_q8(torch.randn(3, 32)))
     with pytest.raises(RuntimeError, match="K = 64 columns but weight has 32"):
         ops.linear_rows(x, ops.quantize_q4(torch.randn(3, 32)))
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q4_1"])
 def test_linear_rows_blocks_opcheck(fmt):
     x, w = torch.randn(3, 64), BLOCKS[fmt][0](torch.randn(9, 64))
     torch.library.opcheck(torch.ops.balcony.linear_rows.default, (x, w, None, torch.empty(3, 9), False))

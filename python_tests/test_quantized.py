@@ -1,4 +1,4 @@
-"""int8 and q4 weights (weights.quantize / bx.load(weights=...)): the engine reads Q8 / Q4 blocks and
+"""int8, q4 and q4_1 weights (weights.quantize / bx.load(weights=...)): the engine reads Q8 / Q4 / Q4_1 blocks and
 computes what the model, whose weights quantize() rounded in place, computes."""
 
 import pytest
@@ -57,13 +57,13 @@ def test_q4_rounds_the_layers_to_q4_and_the_head_to_q8():
     assert torch.equal(e.w.layer(0).down_proj, ops.quantize_q4(w0))  # the engine's blocks: the original's
 
 
-@pytest.mark.parametrize("fmt", ["int8", "q4"])
+@pytest.mark.parametrize("fmt", ["int8", "q4", "q4_1"])
 def test_block_native_step_matches_the_composed_step(cpu_capability, fmt):
     m = bx.quantize(_model(), fmt)
     assert_native_matches_composed(m, _prompts(4), [2, 4, L, 2], steps=4, tol=2e-4, same_tokens=True)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "q4"])
+@pytest.mark.parametrize("fmt", ["int8", "q4", "q4_1"])
 @pytest.mark.parametrize("k", [2, 4, L])
 def test_block_generation_equals_the_rounded_models_own_forward(k, fmt):
     m = bx.quantize(_model(), fmt)
@@ -75,6 +75,24 @@ def test_block_generation_equals_the_rounded_models_own_forward(k, fmt):
     assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
 
 
+def test_q4_1_holds_weights_on_its_grid_exactly():
+    # a model whose decoder matrices are Q4_1 values (as the default model's, from a Q4_1 GGUF file)
+    # and whose head is Q8 values: weights="q4_1" changes nothing, the engine reads those values
+    m = _model()
+    with torch.no_grad():
+        for lin in [l for layer in m.adapter.layers for l in (layer.self_attn.q_proj, layer.mlp.down_proj)]:
+            lin.weight.copy_(ops.dequantize_q4_1(ops.quantize_q4_1(lin.weight)))
+        m.adapter.lm_head.weight.copy_(ops.dequantize_q8(ops.quantize_q8(m.adapter.lm_head.weight)))
+    before = {n: p.clone() for n, p in m.base.named_parameters()}
+    bx.quantize(m, "q4_1")
+    for n, p in m.base.named_parameters():
+        if n.endswith(("q_proj.weight", "down_proj.weight", "embed_tokens.weight")):
+            assert torch.equal(p, before[n]), n
+    e = Engine(m, 1, 16)
+    assert e.w.layer(0).q_proj.dtype == torch.int16 and e.w.head.dtype == torch.uint8
+    assert torch.equal(ops.dequantize_q4_1(e.w.layer(0).q_proj), before["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_int8_is_close_to_float():
     m, q = _model(), bx.quantize(_model(), "int8")
     ids = torch.tensor([_prompts(1)[0]])
@@ -84,7 +102,7 @@ def test_int8_is_close_to_float():
     assert (pa - pb).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("fmt", ["int8", "q4"])
+@pytest.mark.parametrize("fmt", ["int8", "q4", "q4_1"])
 def test_multi_token_passes_read_float_matrices_of_the_blocks_values(fmt):
     # the prefill's GEMMs read the model's own (rounded) matrices, not a dequantisation per call; an exit
     # whose float weights no longer equal its blocks' values (trained after quantize) gets a copy of them

@@ -12,8 +12,8 @@ against their references, not used by bx.train."""
 
 from .decode_step import decode_step, decode_step_workspace
 from .decode_attention import decode_attention, reference_decode_attention
-from .linear_rows import (dequantize_q4, dequantize_q8, is_blocks, linear_rows, quantize_q4, quantize_q8,
-                          reference_linear_rows, weight_matrix)
+from .linear_rows import (dequantize_q4, dequantize_q4_1, dequantize_q8, is_blocks, linear_rows, quantize_q4,
+                          quantize_q4_1, quantize_q8, reference_linear_rows, weight_matrix)
 from .fused_linear_kl import fused_linear_kl, reference_fused_linear_kl
 from .rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
 from .rope_append import reference_rope_append, rope_append, rope_tables
@@ -42,6 +42,8 @@ __all__ = [
     "dequantize_q8",
     "quantize_q4",
     "dequantize_q4",
+    "quantize_q4_1",
+    "dequantize_q4_1",
     "is_blocks",
     "weight_matrix",
     "reference_linear_rows",

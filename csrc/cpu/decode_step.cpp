@@ -42,30 +42,42 @@ namespace {
 
 const float* opt_f32(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
-// A linear weight: float32 [N, K], bfloat16 [N, K], Q8 blocks as uint8 [N, K + K/16] or Q4 blocks as int8
-// [N, K/2 + K/16] (balcony/dtypes.h).
+// A linear weight: float32 [N, K], bfloat16 [N, K], Q8 blocks as uint8 [N, K + K/16], Q4 blocks as int8
+// [N, K/2 + K/16] or Q4_1 blocks as int16 [N, (K/2 + K/8) / 2] (balcony/dtypes.h).
 ScalarKind weight_kind(const at::Tensor& w, const char* what) {
   if (w.scalar_type() == at::kByte) return ScalarKind::Q8;
   if (w.scalar_type() == at::kChar) return ScalarKind::Q4;
+  if (w.scalar_type() == at::kShort) return ScalarKind::Q4_1;
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, what,
-              ": weight must be float32, bfloat16, Q8 blocks (uint8) or Q4 blocks (int8), got ", w.scalar_type());
+              ": weight must be float32, bfloat16, Q8 blocks (uint8), Q4 blocks (int8) or Q4_1 blocks (int16), got ",
+              w.scalar_type());
   return w.scalar_type() == at::kFloat ? ScalarKind::F32 : ScalarKind::BF16;
 }
 
-// Bytes of one block of 32 columns in a Q8 or Q4 row (0 for float weights).
+// Bytes of one block of 32 columns in a Q8, Q4 or Q4_1 row (0 for float weights).
 int64_t block_bytes(ScalarKind kind) {
-  return kind == ScalarKind::Q8 ? q8_row_bytes(kQ8Block) : kind == ScalarKind::Q4 ? q4_row_bytes(kQ8Block) : 0;
+  switch (kind) {
+    case ScalarKind::Q8: return q8_row_bytes(kQ8Block);
+    case ScalarKind::Q4: return q4_row_bytes(kQ8Block);
+    case ScalarKind::Q4_1: return q4_1_row_bytes(kQ8Block);
+    default: return 0;
+  }
 }
 
-// The weight's K (columns of x it multiplies); a Q8 row of K columns takes K + K/16 bytes, a Q4 row K/2 + K/16.
+const char* block_name(ScalarKind kind) {
+  return kind == ScalarKind::Q8 ? "Q8" : kind == ScalarKind::Q4 ? "Q4" : "Q4_1";
+}
+
+// The weight's K (columns of x it multiplies); a row of K columns takes K + K/16 bytes in Q8, K/2 + K/16 in
+// Q4, K/2 + K/8 in Q4_1.
 int64_t weight_cols(const at::Tensor& w, const char* what) {
   const auto kind = weight_kind(w, what);
   const int64_t per_block = block_bytes(kind);
   if (per_block == 0) return w.size(1);
-  TORCH_CHECK(w.size(1) % per_block == 0, what, ": a ", kind == ScalarKind::Q8 ? "Q8" : "Q4",
-              " weight row holds whole blocks of ", kQ8Block, " columns (", per_block, " bytes each), got ",
-              w.size(1), " bytes");
-  return w.size(1) / per_block * kQ8Block;
+  const int64_t bytes = w.size(1) * static_cast<int64_t>(w.element_size());
+  TORCH_CHECK(bytes % per_block == 0, what, ": a ", block_name(kind), " weight row holds whole blocks of ", kQ8Block,
+              " columns (", per_block, " bytes each), got ", bytes, " bytes");
+  return bytes / per_block * kQ8Block;
 }
 
 void check_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& out,
@@ -174,13 +186,16 @@ void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& k
 void check_layer(const std::vector<at::Tensor>& lw, int64_t at, const Dims& d, const char* what, int64_t index) {
   auto mat = [&](int64_t s, int64_t n, int64_t k, const char* name) {
     const at::Tensor& t = lw[at + s];
-    const bool q8 = t.scalar_type() == at::kByte, q4 = t.scalar_type() == at::kChar;
-    const int64_t cols = q8 ? q8_row_bytes(k) : q4 ? q4_row_bytes(k) : k;
+    const bool q8 = t.scalar_type() == at::kByte, q4 = t.scalar_type() == at::kChar,
+               q41 = t.scalar_type() == at::kShort;
+    const int64_t cols = q8 ? q8_row_bytes(k) : q4 ? q4_row_bytes(k) : q41 ? q4_1_row_bytes(k) / 2 : k;
     TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == cols && t.is_contiguous() &&
-                    (q8 || q4 ? k % kQ8Block == 0 : t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+                    (q8 || q4 || q41 ? k % kQ8Block == 0
+                                     : t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
                 "decode_step: ", what, " ", index, " ", name, " must be a contiguous float32/bfloat16 [", n, ", ", k,
-                "] matrix or its Q8 blocks (uint8 [", n, ", ", q8_row_bytes(k), "]) or Q4 blocks (int8 [", n, ", ",
-                q4_row_bytes(k), "]), got ", t.scalar_type(), " ", t.sizes());
+                "] matrix or its Q8 blocks (uint8 [", n, ", ", q8_row_bytes(k), "]), Q4 blocks (int8 [", n, ", ",
+                q4_row_bytes(k), "]) or Q4_1 blocks (int16 [", n, ", ", q4_1_row_bytes(k) / 2, "]), got ",
+                t.scalar_type(), " ", t.sizes());
   };
   auto vec = [&](int64_t s, int64_t n, const char* name, bool optional) {
     const at::Tensor& t = lw[at + s];

@@ -1,10 +1,11 @@
 // out[m, n] (+)= sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows of x: the matrix-vector
 // products of a decode step, where the weight is read once per step and memory bandwidth is
 // the limit. x, bias and out are float32; w is float32, bfloat16 (widened in registers), Q8
-// (int8 blocks of 32 with a float16 scale each) or Q4 (4-bit blocks of 32 with a float16 scale
-// each, see balcony/dtypes.h). For Q8 and Q4, x is first rounded to int16 with one scale per row
-// (relative error <= 2^-16 of the row's largest value) and each block's dot product is exact
-// integer arithmetic, scaled once per block.
+// (int8 blocks of 32 with a float16 scale each), Q4 (4-bit blocks of 32 with a float16 scale
+// each) or Q4_1 (4-bit blocks of 32 with a float16 scale and minimum each, see balcony/dtypes.h).
+// For the block formats, x is first rounded to int16 with one scale per row (relative error
+// <= 2^-16 of the row's largest value) and each block's dot product is exact integer arithmetic,
+// scaled once per block; Q4_1 adds each block's minimum times the block's sum of x (also exact).
 //
 // One weight row at a time, read front to back, feeding up to 8 rows of x (a few KiB, in L1).
 // NOTE: interleaving the loads of 4 weight rows (a 4-row register tile, the usual GEMM shape)
@@ -80,16 +81,17 @@ inline v32hi_t widen_block(const int8_t* w) {
   std::memcpy(&b, w, 32);
   return (v32hi_t)__builtin_ia32_pmovsxbw512_mask(b, v32hi_t{}, 0xffffffffu);
 }
-// Q4: 16 bytes -> 32 int16 values (low nibbles, then high nibbles, each minus 8)
-// (zero-extension through the instruction's builtin: __builtin_convertvector from bytes compiled to
-// scalar inserts, see vec.h)
+// Q4 / Q4_1: 16 bytes -> 32 int16 values (low nibbles, then high nibbles, each minus Off: 8 for Q4,
+// 0 for Q4_1) (zero-extension through the instruction's builtin: __builtin_convertvector from bytes
+// compiled to scalar inserts, see vec.h)
+template <int Off>
 inline v32hi_t widen_block_q4(const uint8_t* p) {
   typedef char v16qi_t __attribute__((vector_size(16)));
   typedef short v16hi_t __attribute__((vector_size(32)));
   v16qi_t b;
   std::memcpy(&b, p, 16);
   const v16hi_t w = (v16hi_t)__builtin_ia32_pmovzxbw256(b);
-  const v16hi_t lo = (w & 15) - 8, hi = (w >> 4) - 8;
+  const v16hi_t lo = (w & 15) - static_cast<short>(Off), hi = (w >> 4) - static_cast<short>(Off);
   return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
                                  21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
 }
@@ -108,11 +110,12 @@ inline v32hi_t widen_block(const int8_t* w) {
   std::memcpy(&b, w + 16, 16);
   return {(v16hi_t)__builtin_ia32_pmovsxbw256(a), (v16hi_t)__builtin_ia32_pmovsxbw256(b)};
 }
+template <int Off>
 inline v32hi_t widen_block_q4(const uint8_t* p) {
   v16qi_t b;
   std::memcpy(&b, p, 16);
   const v16hi_t w = (v16hi_t)__builtin_ia32_pmovzxbw256(b);
-  return {(w & 15) - 8, (w >> 4) - 8};
+  return {(w & 15) - static_cast<short>(Off), (w >> 4) - static_cast<short>(Off)};
 }
 inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
   v16hi_t a, b;
@@ -128,9 +131,10 @@ inline v32hi_t widen_block(const int8_t* w) {
   for (int k = 0; k < 32; ++k) out.w[k] = w[k];
   return out;
 }
+template <int Off>
 inline v32hi_t widen_block_q4(const uint8_t* p) {
   v32hi_t out;
-  for (int i = 0; i < 16; ++i) out.w[i] = (p[i] & 15) - 8, out.w[16 + i] = (p[i] >> 4) - 8;
+  for (int i = 0; i < 16; ++i) out.w[i] = (p[i] & 15) - Off, out.w[16 + i] = (p[i] >> 4) - Off;
   return out;
 }
 inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
@@ -143,23 +147,46 @@ inline vfloat block_dot(const v32hi_t& w16, const int16_t* x) {
 // The block formats as weight element types (their storage is bytes; see balcony/dtypes.h).
 struct q8_t { uint8_t byte; };
 struct q4_t { uint8_t byte; };
-template <typename T> constexpr bool kBlocks = std::is_same_v<T, q8_t> || std::is_same_v<T, q4_t>;
+struct q41_t { uint8_t byte; };
+template <typename T> constexpr bool kNibbles = std::is_same_v<T, q4_t> || std::is_same_v<T, q41_t>;
+template <typename T> constexpr bool kBlocks = std::is_same_v<T, q8_t> || kNibbles<T>;
 template <typename T> inline int64_t row_bytes(int64_t K) {
   if constexpr (std::is_same_v<T, q8_t>) return q8_row_bytes(K);
   else if constexpr (std::is_same_v<T, q4_t>) return q4_row_bytes(K);
+  else if constexpr (std::is_same_v<T, q41_t>) return q4_1_row_bytes(K);
   else return K * static_cast<int64_t>(sizeof(T));
 }
+// What a nibble stands for before the scale: v - 8 in Q4, v in Q4_1 (its minimum is added per block).
+template <typename T> constexpr int kNibbleOffset = std::is_same_v<T, q4_t> ? 8 : 0;
 // Block b of a row (its 32 values as int16).
 template <typename T> inline auto widen_at(const uint8_t* wr, int64_t b) {
   if constexpr (std::is_same_v<T, q8_t>) return widen_block(reinterpret_cast<const int8_t*>(wr) + b * kQ8Block);
-  else return widen_block_q4(wr + b * (kQ8Block / 2));
+  else return widen_block_q4<kNibbleOffset<T>>(wr + b * (kQ8Block / 2));
 }
 
-// One Q8 or Q4 weight row against MR rows of x rounded to int16 (xq, per-row scales xs): per block,
-// the exact integer dot product, converted and scaled by the block's weight scale into float
-// accumulators (two, alternating blocks: the order does not depend on MR); the row scale at the end.
+// Q4_1: sum over a row's blocks of min[b] * (block b's sum of int16 x), for MR rows of x (xsum: each row's
+// block sums, `blocks` per row), added to sums[] before the row scale.
+template <int MR>
+inline void add_block_minimums(const uint8_t* mins, const float* xsum, int64_t blocks, float* sums) {
+  constexpr int64_t CHUNK = 64;
+  float mn[CHUNK];
+  float acc[MR] = {};
+  for (int64_t b0 = 0; b0 < blocks; b0 += CHUNK) {
+    const int64_t nb = std::min(CHUNK, blocks - b0);
+    halves_to_floats(mins + 2 * b0, mn, nb);
+    for (int i = 0; i < MR; ++i)
+      for (int64_t j = 0; j < nb; ++j) acc[i] += mn[j] * xsum[i * blocks + b0 + j];
+  }
+  for (int i = 0; i < MR; ++i) sums[i] += acc[i];
+}
+
+// One Q8, Q4 or Q4_1 weight row against MR rows of x rounded to int16 (xq, per-row scales xs; xsum:
+// their block sums, for Q4_1): per block, the exact integer dot product, converted and scaled by the
+// block's weight scale into float accumulators (two, alternating blocks: the order does not depend
+// on MR); Q4_1's minimum terms; the row scale at the end.
 template <int MR, typename T>
-inline void linear_row_blocks(const int16_t* xq, const float* xs, const uint8_t* wr, int64_t K, float* sums) {
+inline void linear_row_blocks(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* wr, int64_t K,
+                              float* sums) {
   const uint8_t* scales = wr + (std::is_same_v<T, q8_t> ? K : K / 2);
   vfloat acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vsplat(0.f);
@@ -186,7 +213,9 @@ inline void linear_row_blocks(const int16_t* xq, const float* xs, const uint8_t*
       for (int i = 0; i < MR; ++i) acc[i][0] += block_dot(w0, xq + i * K + k0) * s0;
     }
   }
-  for (int i = 0; i < MR; ++i) sums[i] = vsum(acc[i][0] + acc[i][1]) * xs[i];
+  for (int i = 0; i < MR; ++i) sums[i] = vsum(acc[i][0] + acc[i][1]);
+  if constexpr (std::is_same_v<T, q41_t>) add_block_minimums<MR>(scales + 2 * blocks, xsum, blocks, sums);
+  for (int i = 0; i < MR; ++i) sums[i] *= xs[i];
 }
 
 // Q4 on AVX-512: two blocks per step. Their 32 bytes widen to 32 int16 lanes in one instruction:
@@ -207,13 +236,13 @@ inline void permute_q4_pairs(int16_t* xq, int64_t M, int64_t K) {
           std::memcpy(r + 48, t + 48, 32);
     }
 }
-template <int MR, int A>
+template <int MR, int A, int Off>
 __attribute__((always_inline)) inline void q4_pair(const uint8_t* p, float s0, float s1, const int16_t* xq, int64_t K,
                                                 vfloat (&acc)[MR][2]) {
   v32qi_t bytes;
   std::memcpy(&bytes, p, 32);
   const v32hi_t w = (v32hi_t)__builtin_ia32_pmovzxbw512_mask(bytes, v32hi_t{}, 0xffffffffu);
-  const v32hi_t lo = (w & 15) - 8, hi = (w >> 4) - 8;
+  const v32hi_t lo = (w & 15) - static_cast<short>(Off), hi = (w >> 4) - static_cast<short>(Off);
   // (a mask blend: built with a shuffle, GCC went through the stack and stalled store forwarding)
   const vfloat sv = __builtin_ia32_blendmps_512_mask(vsplat(s0), vsplat(s1), 0xff00);
   for (int i = 0; i < MR; ++i) {
@@ -225,8 +254,10 @@ __attribute__((always_inline)) inline void q4_pair(const uint8_t* p, float s0, f
     acc[i][A] += __builtin_convertvector(d, vfloat) * sv;
   }
 }
-template <int MR>
-inline void linear_row_q4_pairs(const int16_t* xq, const float* xs, const uint8_t* wr, int64_t K, float* sums) {
+template <int MR, typename T>
+inline void linear_row_q4_pairs(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* wr, int64_t K,
+                                float* sums) {
+  constexpr int Off = kNibbleOffset<T>;
   const uint8_t* scales = wr + K / 2;
   vfloat acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vsplat(0.f);
@@ -239,21 +270,23 @@ inline void linear_row_q4_pairs(const int16_t* xq, const float* xs, const uint8_
     int64_t j = 0;
     for (; j + 4 <= nb; j += 4) {
       const int64_t b = b0 + j;
-      q4_pair<MR, 0>(wr + b * 16, sc[j], sc[j + 1], xq + b * kQ8Block, K, acc);
-      q4_pair<MR, 1>(wr + (b + 2) * 16, sc[j + 2], sc[j + 3], xq + (b + 2) * kQ8Block, K, acc);
+      q4_pair<MR, 0, Off>(wr + b * 16, sc[j], sc[j + 1], xq + b * kQ8Block, K, acc);
+      q4_pair<MR, 1, Off>(wr + (b + 2) * 16, sc[j + 2], sc[j + 3], xq + (b + 2) * kQ8Block, K, acc);
     }
     if (j + 2 <= nb) {
-      q4_pair<MR, 0>(wr + (b0 + j) * 16, sc[j], sc[j + 1], xq + (b0 + j) * kQ8Block, K, acc);
+      q4_pair<MR, 0, Off>(wr + (b0 + j) * 16, sc[j], sc[j + 1], xq + (b0 + j) * kQ8Block, K, acc);
       j += 2;
     }
     if (j < nb) {  // the row's odd last block, x in plain order
       const int64_t b = b0 + j;
-      const auto w0 = widen_block_q4(wr + b * 16);
+      const auto w0 = widen_block_q4<Off>(wr + b * 16);
       const vfloat s0 = vsplat(sc[j]);
       for (int i = 0; i < MR; ++i) acc[i][1] += block_dot(w0, xq + i * K + b * kQ8Block) * s0;
     }
   }
-  for (int i = 0; i < MR; ++i) sums[i] = vsum(acc[i][0] + acc[i][1]) * xs[i];
+  for (int i = 0; i < MR; ++i) sums[i] = vsum(acc[i][0] + acc[i][1]);
+  if constexpr (std::is_same_v<T, q41_t>) add_block_minimums<MR>(scales + 2 * blocks, xsum, blocks, sums);
+  for (int i = 0; i < MR; ++i) sums[i] *= xs[i];
 }
 #else
 constexpr bool kQ4Pairs = false;
@@ -261,15 +294,16 @@ inline void permute_q4_pairs(int16_t*, int64_t, int64_t) {}
 #endif
 
 template <int MR, typename T>
-inline void linear_rows_mr(const float* x, int64_t x_stride, const int16_t* xq, const float* xs, const T* w, int64_t K,
-                           const float* bias, float* out, int64_t out_stride, bool accumulate, int64_t n_begin,
-                           int64_t n_end) {
+inline void linear_rows_mr(const float* x, int64_t x_stride, const int16_t* xq, const float* xs, const float* xsum,
+                           const T* w, int64_t K, const float* bias, float* out, int64_t out_stride, bool accumulate,
+                           int64_t n_begin, int64_t n_end) {
   float sums[MR];
   for (int64_t n = n_begin; n < n_end; ++n) {
-    if constexpr (std::is_same_v<T, q4_t> && kQ4Pairs)
-      linear_row_q4_pairs<MR>(xq, xs, reinterpret_cast<const uint8_t*>(w) + n * row_bytes<T>(K), K, sums);
+    const uint8_t* wr = reinterpret_cast<const uint8_t*>(w) + n * row_bytes<T>(K);
+    if constexpr (kNibbles<T> && kQ4Pairs)
+      linear_row_q4_pairs<MR, T>(xq, xs, xsum, wr, K, sums);
     else if constexpr (kBlocks<T>)
-      linear_row_blocks<MR, T>(xq, xs, reinterpret_cast<const uint8_t*>(w) + n * row_bytes<T>(K), K, sums);
+      linear_row_blocks<MR, T>(xq, xs, xsum, wr, K, sums);
     else
       linear_row<MR>(x, x_stride, w + n * K, K, sums);
     const float b = bias ? bias[n] : 0.f;
@@ -285,26 +319,40 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
                              float* out, int64_t out_stride, bool accumulate, int64_t n_begin, int64_t n_end) {
   // More than 8 rows of x: weight rows in blocks that stay in L1 while every group of 8 passes.
   const int64_t block = M <= 8 ? n_end - n_begin : std::max<int64_t>(4, 16 * 1024 / row_bytes<T>(K));
-  // Q8 and Q4: x rounded to int16 once per call, into this thread's scratch (M x K, small beside the weights;
-  // a plain buffer: no standard-library template is instantiated under this translation unit's target)
+  // the block formats: x rounded to int16 once per call, into this thread's scratch (M x K, small beside the
+  // weights; a plain buffer: no standard-library template is instantiated under this translation unit's
+  // target), and for Q4_1 each row's block sums of those integers (exact in float: |sum| < 2^21)
   thread_local int16_t* xq_buf = nullptr;
   thread_local float* xs_buf = nullptr;
   thread_local int64_t xq_cap = 0, xs_cap = 0;
   const int16_t* xq = nullptr;
   const float* xs = nullptr;
+  const float* xsum = nullptr;
   if constexpr (kBlocks<T>) {
+    const int64_t blocks = K / kQ8Block;
+    const int64_t xs_need = M + (std::is_same_v<T, q41_t> ? M * blocks : 0);
     if (xq_cap < M * K) {
       delete[] xq_buf;
       xq_buf = new int16_t[M * K];
       xq_cap = M * K;
     }
-    if (xs_cap < M) {
+    if (xs_cap < xs_need) {
       delete[] xs_buf;
-      xs_buf = new float[M];
-      xs_cap = M;
+      xs_buf = new float[xs_need];
+      xs_cap = xs_need;
     }
     quantize_rows_i16(x, x_stride, M, K, xq_buf, xs_buf);
-    if constexpr (std::is_same_v<T, q4_t>) permute_q4_pairs(xq_buf, M, K);
+    if constexpr (std::is_same_v<T, q41_t>) {
+      float* sums = xs_buf + M;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t b = 0; b < blocks; ++b) {
+          int32_t t = 0;
+          for (int64_t k = 0; k < kQ8Block; ++k) t += xq_buf[m * K + b * kQ8Block + k];
+          sums[m * blocks + b] = static_cast<float>(t);
+        }
+      xsum = sums;
+    }
+    if constexpr (kNibbles<T>) permute_q4_pairs(xq_buf, M, K);
     xq = xq_buf, xs = xs_buf;
   }
   for (int64_t nb = n_begin; nb < n_end; nb += block) {
@@ -315,8 +363,8 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
       switch (std::min<int64_t>(8, M - m)) {
 #define BALCONY_LINEAR_CASE(R) \
   case R:                                                                                                    \
-    linear_rows_mr<R>(xm, x_stride, xq ? xq + m * K : nullptr, xs ? xs + m : nullptr, w, K, bias, om, out_stride, \
-                      accumulate, nb, ne);                                                                      \
+    linear_rows_mr<R>(xm, x_stride, xq ? xq + m * K : nullptr, xs ? xs + m : nullptr,                         \
+                      xsum ? xsum + m * (K / kQ8Block) : nullptr, w, K, bias, om, out_stride, accumulate, nb, ne);  \
     break;
         BALCONY_LINEAR_CASE(1) BALCONY_LINEAR_CASE(2) BALCONY_LINEAR_CASE(3) BALCONY_LINEAR_CASE(4)
         BALCONY_LINEAR_CASE(5) BALCONY_LINEAR_CASE(6) BALCONY_LINEAR_CASE(7) BALCONY_LINEAR_CASE(8)
@@ -337,6 +385,9 @@ void linear_rows(ScalarKind wkind, const float* x, int64_t x_stride, int64_t M, 
                      n_end);
   else if (wkind == ScalarKind::Q4)
     linear_rows_impl(x, x_stride, M, static_cast<const q4_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
+                     n_end);
+  else if (wkind == ScalarKind::Q4_1)
+    linear_rows_impl(x, x_stride, M, static_cast<const q41_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
                      n_end);
   else
     linear_rows_impl(x, x_stride, M, static_cast<const float*>(w), K, bias, out, out_stride, accumulate, n_begin,

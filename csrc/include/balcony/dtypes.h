@@ -14,10 +14,15 @@ namespace balcony {
 // float16 scales (int8 [N, K / 2 + K / 16]); in block j of 32 columns, byte i (0 <= i < 16) holds
 // column 32j + i in its low nibble and column 32j + 16 + i in its high nibble, each value
 // v in 0..15 standing for (v - 8) * scale. 4.5 bits per weight, the bytes of llama.cpp's Q4_0.
-enum class ScalarKind : int { F32 = 0, BF16 = 1, Q8 = 2, Q4 = 3 };
+//
+// Q4_1 (linear_rows weights only, int16 storage): each row is K / 2 bytes of 4-bit values (laid out as
+// Q4's), then K / 32 float16 scales, then K / 32 float16 minimums (int16 [N, (K / 2 + K / 8) / 2]);
+// v in 0..15 stands for v * scale + min. 5 bits per weight, the bytes of llama.cpp's Q4_1.
+enum class ScalarKind : int { F32 = 0, BF16 = 1, Q8 = 2, Q4 = 3, Q4_1 = 4 };
 constexpr int64_t kQ8Block = 32;
 inline int64_t q8_row_bytes(int64_t K) { return K + K / kQ8Block * 2; }
 inline int64_t q4_row_bytes(int64_t K) { return K / 2 + K / kQ8Block * 2; }
+inline int64_t q4_1_row_bytes(int64_t K) { return K / 2 + K / kQ8Block * 4; }
 
 // IEEE float16 bits -> float (every value: normals, subnormals, infinities, NaN).
 inline float half_to_float(uint16_t h) {
