@@ -43,10 +43,10 @@ def costs(model) -> dict:
     return out
 
 
-def head_cost(model, k: int, n: int) -> float:
+def head_cost(model, k: int, n: int, c: dict | None = None) -> float:
     """The parameter cost of depth k with a head of the first n shortlisted tokens, relative to that
-    depth with the full head."""
-    c = costs(model)
+    depth with the full head (c: costs(model), when the caller has it)."""
+    c = costs(model) if c is None else c
     a = model.adapter
     base = c["full"] if k == model.num_layers else c[("balcony", k)]
     return 1.0 - (a.vocab_size - n) * a.hidden_size / base
@@ -80,6 +80,7 @@ def route_costs(model, calibration: dict | None = None, shortlist=None) -> dict:
     out = {}
     measured = (calibration or {}).get("shortlist_ms_per_token") or {}
     L = model.num_layers
+    params = costs(model)
     for n in head_sizes(model, shortlist):
         for k, c in full.items():
             if n == 0:
@@ -87,7 +88,7 @@ def route_costs(model, calibration: dict | None = None, shortlist=None) -> dict:
             elif str(n) in measured.get(str(k), {}):
                 out[(k, n)] = float(measured[str(k)][str(n)]) / float(calibration["ms_per_token"][str(L)])
             else:
-                out[(k, n)] = c * head_cost(model, k, n)
+                out[(k, n)] = c * head_cost(model, k, n, params)
     return out
 
 
@@ -186,9 +187,11 @@ class Budgets:
 
     def set(self, value, step: int):
         """Uses `value` from `step` on. It is resolved for that step first: a bad value raises and changes
-        nothing (the resolution is kept for that step, so a callable is still called once per step)."""
+        nothing (the resolution is kept for that step, so a callable is still called once per step; a
+        number or a per-sequence list resolves the same at every step and is kept for all)."""
         resolved = self._resolve(value, step)
         self.value, self._resolved = value, (step, resolved)
+        self._fixed = not callable(value) and not isinstance(value, dict)
 
     def _one(self, v, b):
         """((depth, head), note or None) for one row's value; exit_layer and ms_per_token take the
@@ -224,7 +227,7 @@ class Budgets:
         """[(exit depth, head)] of every row at `step` (head: 0 the full one, n the first n shortlisted tokens)."""
         at, resolved = self._resolved
         out = []
-        for b, (route, note) in enumerate(resolved if at == step else self._resolve(self.value, step)):
+        for b, (route, note) in enumerate(resolved if at == step or self._fixed else self._resolve(self.value, step)):
             if note and note not in self.notes[b]:
                 self.notes[b].append(note)
             out.append(route)
