@@ -80,11 +80,12 @@ def _strip_stop(tokens: list, stop_ids: set) -> list:
 @torch.no_grad()
 def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, batch_size: int = 16, heads=None,
                   free: bool = True, n_instructions: int = 4000, seed: int = 0, progress: bool = True,
-                  decoding: dict | None = None) -> dict:
+                  decoding: dict | None = None, shortlisted: bool = True) -> dict:
     """Chat figures per exit (see the module docstring). prompts: how many held-out instructions,
     or the instruction texts themselves. heads: extra teacher-forced-only methods {(method, k):
     fn(hidden_k) -> logits} (e.g. affine exits). decoding: generate() options for the exits' free
     answers (e.g. {"frequency_penalty": 0.5}; the full model's reference answers stay greedy).
+    shortlisted=False leaves out the routes with shortlisted heads.
     Returns {(method, k): {figures}}, the full model under ("full", num_layers) with its own chat_rep4."""
     from tqdm.auto import tqdm
 
@@ -97,7 +98,7 @@ def evaluate_chat(model, prompts: int | list = 64, max_new_tokens: int = 128, ba
     stop = stop_token_ids(model)
     ids = [encode_prompt(model.tokenizer, t, chat=True) for t in texts]
     chunks = [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
-    off = shortlisted_heads(model)  # {method: True for the tokens off that head}
+    off = shortlisted_heads(model) if shortlisted else {}  # {method: True for the tokens off that head}
     sizes = {name: int((~o).sum()) for name, o in off.items()}
     routes = [("balcony", k) for k in model.exits] + [(name, k) for name in off for k in model.exits + [L]]
     steps = len(chunks) * (2 + (len(routes) if free else 0))

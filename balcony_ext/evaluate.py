@@ -211,11 +211,16 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         sums[("full", model.num_layers)]["top1"] += targets.numel()
         for name, o in off.items():
             sums[(name, L)]["top1"] += (log_p.masked_fill(o, -math.inf).argmax(-1) == top_p).sum().item()
+        exit_logits = {}  # the balcony exits' logits of this batch, which their shortlisted heads mask
         for (method, k), fn in heads.items():
             if method in off:  # agreement only
-                sums[(method, k)]["top1"] += (fn(hidden[k])[:, :-1][keep].argmax(-1) == top_p).sum().item()
+                lg = exit_logits[k].masked_fill(off[method], -math.inf) if k in exit_logits else fn(hidden[k])
+                sums[(method, k)]["top1"] += (lg[:, :-1][keep].argmax(-1) == top_p).sum().item()
                 continue
-            log_q = F.log_softmax(fn(hidden[k])[:, :-1][keep].float(), -1)
+            logits = fn(hidden[k])
+            if method == "balcony":
+                exit_logits[k] = logits
+            log_q = F.log_softmax(logits[:, :-1][keep].float(), -1)
             s = sums[(method, k)]
             s["ce"] += F.nll_loss(log_q, targets, reduction="sum").item()
             s["kl"] += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()

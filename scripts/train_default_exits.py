@@ -120,7 +120,7 @@ def main():
     from balcony_ext.chat_eval import evaluate_chat
 
     decoding = {"frequency_penalty": 0.3}
-    penalised = evaluate_chat(model, prompts=args.chat_prompts, decoding=decoding)
+    penalised = evaluate_chat(model, prompts=args.chat_prompts, decoding=decoding, shortlisted=False)
     report.info["chat_free_answers_with"] = dict(decoding=decoding, rows={
         f"{key[0]}@{key[1]}": {f: v[f] for f in ("chat_rep4", "chat_prefix", "chat_f1")}
         for key, v in penalised.items() if isinstance(key, tuple) and key[0] != "full"})
