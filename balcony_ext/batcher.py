@@ -94,6 +94,11 @@ class Request:
         return self.seq.exit_layers if self.seq else []
 
     @property
+    def heads(self) -> list:
+        """Per generated token: 0 the full LM head, n a head of the first n shortlisted tokens."""
+        return self.seq.heads if self.seq else []
+
+    @property
     def finish_reason(self) -> str:
         if self.cancelled:
             return "cancelled"

@@ -8,7 +8,8 @@ request may give `budget` (in (0, 1]), `exit_layer` or `max_ms_per_token`, `min_
 under load), `top_k` and `repetition_penalty`; the OpenAI client passes them with `extra_body`.
 OpenAI fields the server does not implement (logit_bias, tools, response_format other than text, ...)
 get a 400 instead of being ignored. Responses add `exit_layers`
-(the exit of every generated token) and `exits` (tokens per exit). All requests run on one
+(the exit of every generated token), `heads` (the LM head of each: 0 the full one, n a shortlisted head
+of n tokens, which a budget below 1 may buy) and `exits` (tokens per exit). All requests run on one
 continuous-batching Batcher in a background thread.
 """
 
@@ -302,7 +303,7 @@ class _Shape:
             choice = {"index": 0, "text": req.text, "finish_reason": req.finish_reason, "logprobs": None}
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model_id,
                 "choices": [choice], "usage": self.usage(req), "exit_layers": list(req.exit_layers),
-                "exits": self.exits(req), "notes": list(req.notes)}
+                "heads": list(req.heads), "exits": self.exits(req), "notes": list(req.notes)}
 
     def chunk(self, text=None, finish=None, exit_layer=None, first=False):
         if self.kind == "chat.completion":
@@ -338,7 +339,7 @@ class _Shape:
                                      "param": None, "code": None}})
                 return
             last = self.chunk(finish=req.finish_reason)
-            last["exit_layers"], last["exits"] = list(req.exit_layers), self.exits(req)
+            last["exit_layers"], last["heads"], last["exits"] = list(req.exit_layers), list(req.heads), self.exits(req)
             yield sse(last)
             if (self.body.stream_options or {}).get("include_usage"):
                 tail = self.chunk()

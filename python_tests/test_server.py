@@ -74,6 +74,7 @@ def test_completion_and_chat_completion(server, model):
     alone = _alone(model, "Hello there", False, budget=0.6, max_new_tokens=8)
     assert r.choices[0].text == alone.text
     assert r.model_extra["exit_layers"] == alone.exit_layers == [k] * len(alone.tokens)
+    assert r.model_extra["heads"] == alone.heads == [0] * len(alone.tokens)  # (no shortlist: the full head)
     assert r.usage.completion_tokens == len(alone.tokens) and r.usage.prompt_tokens == 11
     assert r.choices[0].finish_reason == alone.finish_reason
 
