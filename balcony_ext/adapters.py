@@ -13,7 +13,8 @@ and need nothing here. A model type not in FAMILIES is taken apart by the names 
 `*ForCausalLM` uses and accepted only if its own forward and the adapter's composition of its
 modules give the same logits on a probe (never silently wrong).
 
-The decode engine (engine.py, the native step) runs the Llama family (`Family.native`); the other
+The decode engine (engine.py, the native step) runs the Llama family and Phi-3 (whose fused q/k/v and
+gate/up projections it reads as row slices) with full rotary embeddings (`Family.native`); the other
 families attach, train, evaluate, save and load exits through their own modules.
 """
 
@@ -55,13 +56,22 @@ FAMILIES = {
     "qwen3": Family("Qwen3ForCausalLM", native=True),
     "gemma2": Family("Gemma2ForCausalLM", logit_softcap="final_logit_softcapping"),
     "gemma3_text": Family("Gemma3ForCausalLM", rotary_per_layer_type=True, logit_softcap="final_logit_softcapping"),
-    "phi3": Family("Phi3ForCausalLM"),
+    "phi3": Family("Phi3ForCausalLM", native=True),  # (with partial rotary: through its modules)
     "olmo2": Family("Olmo2ForCausalLM", input_norm=None),
     "gpt_neox": Family("GPTNeoXForCausalLM", inner="gpt_neox", norm="final_layer_norm", embed="embed_in",
                        attention="attention"),
 }
 SUPPORTED = {t: f.causal_lm for t, f in FAMILIES.items()}  # model_type -> class name
 NATIVE = sorted(t for t, f in FAMILIES.items() if f.native)
+LLAMA_FIELDS = {"llama", "mistral", "qwen2", "qwen3"}  # whose config hash leaves the other families' fields out
+
+
+def rotary_fraction(config) -> float:
+    """The share of each head's dimensions that rotary embeddings turn (1.0: all)."""
+    f = getattr(config, "partial_rotary_factor", None)
+    if f is None:
+        f = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor")
+    return 1.0 if f is None else float(f)
 
 
 class UnsupportedModelError(ValueError):
@@ -145,8 +155,8 @@ class DecoderAdapter:
 
     @property
     def native(self) -> bool:
-        """Whether the decode engine (generate) runs this family."""
-        return self.family.native
+        """Whether the decode engine (generate) runs this model: its family, with full rotary embeddings."""
+        return self.family.native and rotary_fraction(self.config) == 1.0
 
     @property
     def logit_softcap(self) -> float | None:
@@ -207,7 +217,7 @@ class DecoderAdapter:
             layer_types=getattr(c, "layer_types", None),
             sliding_window=getattr(c, "sliding_window", None),
         )
-        if not self.family.native:  # (the Llama family's fields stay as shipped exits recorded them)
+        if self.model_type not in LLAMA_FIELDS:  # (the Llama family's fields stay as shipped exits recorded them)
             fields.update(logit_softcap=self.logit_softcap,
                           partial_rotary_factor=getattr(c, "partial_rotary_factor", None),
                           use_parallel_residual=getattr(c, "use_parallel_residual", None))

@@ -63,26 +63,54 @@ def _mat(t, fmt: str = "float"):
     return t.detach().contiguous()
 
 
-def layer_weights(layer, fmt: str = "float") -> LayerWeights:
-    """A Hugging Face Llama-family decoder layer's tensors (raises for what the engine does not run)."""
+def _projections(layer) -> dict:
+    """{name: (weight, bias or None)} of a decoder layer's q/k/v, o, gate, up and down projections: the
+    model's own, or row slices (views) of Phi-3's fused qkv_proj and gate_up_proj."""
     attn, mlp = layer.self_attn, layer.mlp
-    if getattr(attn.o_proj, "bias", None) is not None or any(
-            getattr(getattr(mlp, n), "bias", None) is not None for n in ("gate_proj", "up_proj", "down_proj")):
+    out = {}
+    qkv = getattr(attn, "qkv_proj", None)
+    if qkv is not None:
+        c = attn.config
+        q_rows = int(c.num_attention_heads) * int(attn.head_dim)
+        kv_rows = (qkv.weight.shape[0] - q_rows) // 2
+        w = qkv.weight
+        for name, rows in (("q_proj", slice(0, q_rows)), ("k_proj", slice(q_rows, q_rows + kv_rows)),
+                           ("v_proj", slice(q_rows + kv_rows, None))):
+            out[name] = (w[rows], qkv.bias[rows] if qkv.bias is not None else None)
+    else:
+        out.update({n: (getattr(attn, n).weight, getattr(attn, n).bias) for n in ("q_proj", "k_proj", "v_proj")})
+    out["o_proj"] = (attn.o_proj.weight, attn.o_proj.bias)
+    gate_up = getattr(mlp, "gate_up_proj", None)
+    if gate_up is not None:  # (the gate's rows first, as Phi-3 splits them)
+        half = gate_up.weight.shape[0] // 2
+        out["gate_proj"] = (gate_up.weight[:half], gate_up.bias[:half] if gate_up.bias is not None else None)
+        out["up_proj"] = (gate_up.weight[half:], gate_up.bias[half:] if gate_up.bias is not None else None)
+    else:
+        out.update({n: (getattr(mlp, n).weight, getattr(mlp, n).bias) for n in ("gate_proj", "up_proj")})
+    out["down_proj"] = (mlp.down_proj.weight, mlp.down_proj.bias)
+    return out
+
+
+def layer_weights(layer, fmt: str = "float") -> LayerWeights:
+    """A Hugging Face Llama-family (or Phi-3) decoder layer's tensors (raises for what the engine does not run)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    proj = _projections(layer)
+    if any(proj[n][1] is not None for n in ("o_proj", "gate_proj", "up_proj", "down_proj")):
         raise NotImplementedError("generate(): output-projection and MLP biases are not supported by the decode step")
-    act = getattr(mlp, "act_fn", None)
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
     if act is not None and type(act).__name__ not in ("SiLU", "SiLUActivation"):
         raise NotImplementedError(f"generate(): the MLP activation {type(act).__name__} is not SiLU")
     qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     return LayerWeights(
         input_norm=_vec(layer.input_layernorm.weight),
-        q_proj=_mat(attn.q_proj.weight, fmt), q_bias=_vec(attn.q_proj.bias),
-        k_proj=_mat(attn.k_proj.weight, fmt), k_bias=_vec(attn.k_proj.bias),
-        v_proj=_mat(attn.v_proj.weight, fmt), v_bias=_vec(attn.v_proj.bias),
+        q_proj=_mat(proj["q_proj"][0], fmt), q_bias=_vec(proj["q_proj"][1]),
+        k_proj=_mat(proj["k_proj"][0], fmt), k_bias=_vec(proj["k_proj"][1]),
+        v_proj=_mat(proj["v_proj"][0], fmt), v_bias=_vec(proj["v_proj"][1]),
         q_norm=_vec(qn.weight if qn is not None else None), k_norm=_vec(kn.weight if kn is not None else None),
-        o_proj=_mat(attn.o_proj.weight, fmt),
+        o_proj=_mat(proj["o_proj"][0], fmt),
         post_norm=_vec(layer.post_attention_layernorm.weight),
-        gate_proj=_mat(mlp.gate_proj.weight, fmt), up_proj=_mat(mlp.up_proj.weight, fmt),
-        down_proj=_mat(mlp.down_proj.weight, fmt),
+        gate_proj=_mat(proj["gate_proj"][0], fmt), up_proj=_mat(proj["up_proj"][0], fmt),
+        down_proj=_mat(proj["down_proj"][0], fmt),
     )
 
 
@@ -223,11 +251,14 @@ def weight_format(model) -> str:
 
 
 def _layer_linears(model):
+    """Every decoder matrix's nn.Linear, base layers and exits (Phi-3's fused ones once each)."""
     a = model.adapter
     layers = list(a.layers) + [model.exit_module(k).layer for k in model.exits]
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        yield from (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
+        gu = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+        yield from (*qkv, attn.o_proj, *gu, mlp.down_proj)
 
 
 ROUND = {"int8": lambda w: dequantize_q8(quantize_q8(w), w.dtype), "q4": lambda w: dequantize_q4(quantize_q4(w), w.dtype),

@@ -96,7 +96,7 @@ def _gen_model(model_type, layers=6, exits=(2, 4)):
 @pytest.mark.parametrize("model_type", NEW)
 def test_generate_at_full_depth_equals_hugging_face_generate(model_type):
     m = _gen_model(model_type)
-    assert not m.adapter.native
+    assert m.adapter.native == (model_type == "phi3")  # (Phi-3: the native step, on its fused projections' rows)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22]]  # 10 + 14 tokens: past the window of 8
     outs = generate(m, prompts, exit_layer=m.num_layers, max_new_tokens=14, stop_tokens=[])
     for ids, out in zip(prompts, outs):
@@ -128,11 +128,40 @@ def test_exit_switches_catch_up_to_what_a_fresh_forward_gives(model_type):
 def test_families_outside_the_native_step_refuse_it_and_int8_by_name():
     from balcony_ext.weights import quantize
 
-    m = _gen_model("phi3")
-    with pytest.raises(NotImplementedError, match="phi3"):
+    m = _gen_model("olmo2")
+    with pytest.raises(NotImplementedError, match="olmo2"):
         generate(m, [5, 6, 7], max_new_tokens=2, native=True)
-    with pytest.raises(NotImplementedError, match="phi3"):
+    with pytest.raises(NotImplementedError, match="olmo2"):
         quantize(m, "int8")
+
+
+def test_phi3_runs_the_native_step_on_row_slices_of_its_fused_projections(cpu_capability):
+    from balcony_ext.weights import engine_weights, quantize
+    from step_checks import assert_native_matches_composed
+
+    m = _gen_model("phi3")
+    assert m.adapter.native
+    w = engine_weights(m)
+    attn, mlp = m.adapter.layers[0].self_attn, m.adapter.layers[0].mlp
+    q_rows = w.Hq * w.D
+    assert w.layer(0).q_proj.data_ptr() == attn.qkv_proj.weight.data_ptr()  # views, no copies
+    assert torch.equal(w.layer(0).k_proj, attn.qkv_proj.weight[q_rows:q_rows + w.Hkv * w.D])
+    assert torch.equal(w.layer(0).up_proj, mlp.gate_up_proj.weight[w.I:])
+    assert_native_matches_composed(m, [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], [2, m.num_layers], steps=4, tol=2e-4)
+    # Q4_1 blocks of the fused matrices: generation equals the rounded model's own forward
+    quantize(m, "q4_1")
+    ids = [5, 6, 7, 8, 9]
+    out = generate(m, ids, exit_layer=4, max_new_tokens=6, stop_tokens=[], calibration=None)
+    with torch.no_grad():
+        logits = m(torch.tensor([ids + out.tokens]), exits=[4])[4][0]
+    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
+    # partial rotary embeddings: not the native step's; the model's own modules run it
+    partial = tiny_balcony("phi3", layers=4, partial_rotary_factor=0.5, initializer_range=0.2)
+    assert not partial.adapter.native
+    out = generate(partial, ids, max_new_tokens=6, stop_tokens=[], calibration=None)
+    ref = partial.base.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    assert out.tokens == ref
 
 
 def test_unknown_model_type_accepted_when_the_probe_agrees():
