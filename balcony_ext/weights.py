@@ -19,6 +19,7 @@ native step and linear_rows as they are and dequantised for the multi-token GEMM
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -241,6 +242,13 @@ def engine_weights(model):
         if not model.adapter.native and weight_format(model) != "float":
             raise NotImplementedError(f"{weight_format(model)} weights run in the native step, which does not "
                                       f"cover {model.adapter.model_type}; load it with float weights")
+        if not model.adapter.native and getattr(model, "_module_notice", None) is None:
+            from .adapters import NATIVE
+
+            model._module_notice = (f"{model.adapter.model_type} decodes through the model's own modules, layer "
+                                    f"by layer (correct, slower): the native step covers {', '.join(NATIVE)} "
+                                    "with full rotary embeddings")
+            warnings.warn(model._module_notice, RuntimeWarning, stacklevel=3)
         cached = (key, NativeWeights(model) if model.adapter.native else ModuleWeights(model))
         model._engine_weights = cached
     return cached[1]
