@@ -4,9 +4,11 @@ PyTorch's own linear on the same weights (CPU only: linear_rows is the CPU decod
     python benchmarks/bench_linear_rows.py --threads 1
     python benchmarks/bench_linear_rows.py --shapes 49152x576 1536x576 --rows 1 8
 
-Weight formats: float32, bfloat16 (widened in registers), Q8 (int8 blocks of 32 with a float16 scale) and
-Q4 (4-bit blocks of 32 with a float16 scale), x rounded to int16 per row for the block formats. PyTorch's
-F.linear runs on float32 weights (for float32, Q8 and Q4, whose dequantised matrices are float32) and on bfloat16 weights with bfloat16 activations. The contenders
+Weight formats: float32, bfloat16 (widened in registers), Q8 (int8 blocks of 32 with a float16 scale), Q4
+(4-bit blocks of 32 with a float16 scale) and Q4_1 (4-bit blocks with a float16 scale and minimum), x
+rounded to int16 per row for the block formats. PyTorch's F.linear runs on float32 weights (for float32 and
+the block formats, whose dequantised matrices are float32) and on bfloat16 weights with bfloat16
+activations. The contenders
 alternate within every round (the machine drifts between minutes); each figure is the best of the
 rounds' medians. GB/s counts the weight bytes read, beside the copy bandwidth measured first.
 Prints a table, then one JSON line.
@@ -44,23 +46,23 @@ def main():
     for shape in args.shapes:
         N, K = map(int, shape.split("x"))
         w = torch.randn(N, K, generator=g) * 0.05
-        weights = {"float32": w, "bfloat16": w.bfloat16(), "q8": ops.quantize_q8(w), "q4": ops.quantize_q4(w)}
-        w_q8, w_q4 = ops.dequantize_q8(weights["q8"]), ops.dequantize_q4(weights["q4"])
+        weights = {"float32": w, "bfloat16": w.bfloat16(), "q8": ops.quantize_q8(w), "q4": ops.quantize_q4(w),
+                   "q4_1": ops.quantize_q4_1(w)}
+        dequantised = {f: ops.weight_matrix(weights[f]) for f in ("q8", "q4", "q4_1")}
         for M in args.rows:
             x = torch.randn(M, K, generator=g)
             xb = x.bfloat16()
             contenders = {f"ours {f}": (lambda wf=wf: ops.linear_rows(x, wf)) for f, wf in weights.items()}
             contenders["torch float32"] = lambda: F.linear(x, w)
             contenders["torch bfloat16"] = lambda: F.linear(xb, weights["bfloat16"])
-            contenders["torch q8 (dequantised, float32)"] = lambda: F.linear(x, w_q8)
-            contenders["torch q4 (dequantised, float32)"] = lambda: F.linear(x, w_q4)
+            for f, wd in dequantised.items():
+                contenders[f"torch {f} (dequantised, float32)"] = lambda wd=wd: F.linear(x, wd)
             best = {k: float("inf") for k in contenders}
             reps = max(5, min(200, int(3e7 / (N * K))))
             for _ in range(args.rounds):
                 for name, fn in contenders.items():
                     best[name] = min(best[name], median_time(fn, warmup=2, reps=reps))
-            nbytes = {"float32": 4 * N * K, "bfloat16": 2 * N * K, "q8": weights["q8"].numel(),
-                      "q4": weights["q4"].numel()}
+            nbytes = {f: wf.numel() * wf.element_size() for f, wf in weights.items()}
             for f in weights:
                 ref = {"float32": "torch float32", "bfloat16": "torch bfloat16"}.get(
                     f, f"torch {f} (dequantised, float32)")

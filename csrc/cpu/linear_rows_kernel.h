@@ -165,19 +165,27 @@ template <typename T> inline auto widen_at(const uint8_t* wr, int64_t b) {
 }
 
 // Q4_1: sum over a row's blocks of min[b] * (block b's sum of int16 x), for MR rows of x (xsum: each row's
-// block sums, `blocks` per row), added to sums[] before the row scale.
+// block sums, a row every xsum_stride(blocks) floats, zero past `blocks`), added to sums[] before the row
+// scale. Whole vectors only: the minimums are zero-padded like the sums.
+constexpr int64_t xsum_stride(int64_t blocks) { return (blocks + 15) / 16 * 16; }
 template <int MR>
 inline void add_block_minimums(const uint8_t* mins, const float* xsum, int64_t blocks, float* sums) {
   constexpr int64_t CHUNK = 64;
+  const int64_t stride = xsum_stride(blocks);
   float mn[CHUNK];
-  float acc[MR] = {};
+  float acc[MR][4] = {};  // four running sums per row: a chain of dependent adds would be the cost
   for (int64_t b0 = 0; b0 < blocks; b0 += CHUNK) {
     const int64_t nb = std::min(CHUNK, blocks - b0);
     halves_to_floats(mins + 2 * b0, mn, nb);
-    for (int i = 0; i < MR; ++i)
-      for (int64_t j = 0; j < nb; ++j) acc[i] += mn[j] * xsum[i * blocks + b0 + j];
+    for (int i = 0; i < MR; ++i) {
+      const float* xr = xsum + i * stride + b0;
+      int64_t j = 0;
+      for (; j + 4 <= nb; j += 4)
+        for (int u = 0; u < 4; ++u) acc[i][u] += mn[j + u] * xr[j + u];
+      for (; j < nb; ++j) acc[i][0] += mn[j] * xr[j];
+    }
   }
-  for (int i = 0; i < MR; ++i) sums[i] += acc[i];
+  for (int i = 0; i < MR; ++i) sums[i] += (acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3]);
 }
 
 // One Q8, Q4 or Q4_1 weight row against MR rows of x rounded to int16 (xq, per-row scales xs; xsum:
@@ -330,7 +338,7 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
   const float* xsum = nullptr;
   if constexpr (kBlocks<T>) {
     const int64_t blocks = K / kQ8Block;
-    const int64_t xs_need = M + (std::is_same_v<T, q41_t> ? M * blocks : 0);
+    const int64_t xs_need = M + (std::is_same_v<T, q41_t> ? M * xsum_stride(blocks) : 0);
     if (xq_cap < M * K) {
       delete[] xq_buf;
       xq_buf = new int16_t[M * K];
@@ -344,11 +352,12 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
     quantize_rows_i16(x, x_stride, M, K, xq_buf, xs_buf);
     if constexpr (std::is_same_v<T, q41_t>) {
       float* sums = xs_buf + M;
+      const int64_t stride = xsum_stride(blocks);
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t b = 0; b < stride; ++b) {
           int32_t t = 0;
-          for (int64_t k = 0; k < kQ8Block; ++k) t += xq_buf[m * K + b * kQ8Block + k];
-          sums[m * blocks + b] = static_cast<float>(t);
+          for (int64_t k = 0; b < blocks && k < kQ8Block; ++k) t += xq_buf[m * K + b * kQ8Block + k];
+          sums[m * stride + b] = static_cast<float>(t);
         }
       xsum = sums;
     }
@@ -364,7 +373,8 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
 #define BALCONY_LINEAR_CASE(R) \
   case R:                                                                                                    \
     linear_rows_mr<R>(xm, x_stride, xq ? xq + m * K : nullptr, xs ? xs + m : nullptr,                         \
-                      xsum ? xsum + m * (K / kQ8Block) : nullptr, w, K, bias, om, out_stride, accumulate, nb, ne);  \
+                      xsum ? xsum + m * xsum_stride(K / kQ8Block) : nullptr, w, K, bias, om, out_stride, accumulate, \
+                      nb, ne);                                                                                      \
     break;
         BALCONY_LINEAR_CASE(1) BALCONY_LINEAR_CASE(2) BALCONY_LINEAR_CASE(3) BALCONY_LINEAR_CASE(4)
         BALCONY_LINEAR_CASE(5) BALCONY_LINEAR_CASE(6) BALCONY_LINEAR_CASE(7) BALCONY_LINEAR_CASE(8)
