@@ -45,15 +45,23 @@ def test_quantize_rounds_the_model_and_the_engine_reads_q8_blocks():
         bx.quantize(m, "q4")
 
 
-def test_q4_rounds_the_layers_to_q4_and_the_head_to_q8():
+@pytest.mark.parametrize("fmt", ["q4", "q4_1"])
+def test_4bit_rounds_the_base_layers_to_4bit_and_the_exits_and_head_to_q8(fmt):
+    quant, dequant, storage = {"q4": (ops.quantize_q4, ops.dequantize_q4, torch.int8),
+                               "q4_1": (ops.quantize_q4_1, ops.dequantize_q4_1, torch.int16)}[fmt]
     m = _model()
     w0, h0 = m.adapter.layers[0].mlp.down_proj.weight.clone(), m.adapter.lm_head.weight.clone()
-    bx.quantize(m, "q4")
-    assert torch.equal(m.adapter.layers[0].mlp.down_proj.weight, ops.dequantize_q4(ops.quantize_q4(w0)))
+    x0 = m.exit_module(2).layer.mlp.down_proj.weight.clone()
+    bx.quantize(m, fmt)
+    assert torch.equal(m.adapter.layers[0].mlp.down_proj.weight, dequant(quant(w0)))
     assert torch.equal(m.adapter.lm_head.weight, ops.dequantize_q8(ops.quantize_q8(h0)))
+    assert torch.equal(m.exit_module(2).layer.mlp.down_proj.weight, ops.dequantize_q8(ops.quantize_q8(x0)))
     e = Engine(m, 2, 32)
-    assert e.w.format == "q4" and e.w.layer(0).down_proj.dtype == torch.int8 and e.w.layer(L).q_proj.dtype == torch.int8
+    assert e.w.format == fmt and e.w.layer(0).down_proj.dtype == storage
+    assert e.w.layer(L).q_proj.dtype == torch.uint8  # the exits' layers in int8 blocks (weights.EXIT_FORMAT)
     assert e.w.head.dtype == torch.uint8
+    if fmt == "q4_1":
+        return
     assert torch.equal(e.w.layer(0).down_proj, ops.quantize_q4(w0))  # the engine's blocks: the original's
 
 
