@@ -112,12 +112,14 @@ class Report:
         panels = [("perplexity", "held-out perplexity", True)] + ([("chat_top1", "chat top-1 agreement with the full "
                                                                      "model", False)] if chat else [])
         full = self.row("full")
+        methods = list(dict.fromkeys(r["method"] for r in self.rows if r["method"] != "full"))
+        colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # (a method keeps its colour in every panel)
         for ax, (key, label, log) in zip(axes[0], panels):
-            for method in dict.fromkeys(r["method"] for r in self.rows if r["method"] != "full"):
+            for method in methods:
                 pts = sorted((r["rel_cost"], r[key]) for r in self.rows
                              if r["method"] == method and r.get(key) is not None)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=method)
+                    ax.plot(*zip(*pts), marker="o", label=method, color=colors[method])
             ax.scatter([full["rel_cost"]], [full[key]], marker="*", s=150, color="k", label="full model", zorder=3)
             if log:
                 ax.set_yscale("log")
