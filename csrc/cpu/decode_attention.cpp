@@ -9,14 +9,9 @@
 #include "../torch_utils.h"
 #include "attention_args.h"
 #include "capability.h"
+#include "kernels.h"
 #include "cpu_ops.h"
 
-BALCONY_CPU_KERNEL(void, decode_attention_split,
-                   (balcony::ScalarKind kind, const balcony::cpu::DecodeAttentionArgs& args, float* scratch,
-                    int64_t begin, int64_t end))
-BALCONY_CPU_KERNEL(void, decode_attention_merge,
-                   (balcony::ScalarKind kind, const balcony::cpu::DecodeAttentionArgs& args, int64_t begin,
-                    int64_t end))
 
 namespace balcony {
 namespace {

@@ -21,15 +21,9 @@
 #include "../torch_utils.h"
 #include "balcony/layer_layout.h"
 #include "capability.h"
+#include "kernels.h"
 #include "cpu_ops.h"
 #include "linear_rows.h"
-BALCONY_CPU_KERNEL(void, rms_norm,
-                   (balcony::ScalarKind kind, const void* x, int64_t x_stride, const void* w, void* out,
-                    int64_t out_stride, void* residual, int64_t res_stride, int64_t hidden, float eps, int64_t begin,
-                    int64_t end))
-BALCONY_CPU_KERNEL(void, silu_and_mul,
-                   (balcony::ScalarKind kind, const void* in, int64_t in_stride, void* out, int64_t out_stride,
-                    int64_t inter, int64_t begin, int64_t end))
 
 namespace balcony {
 namespace {

@@ -5,11 +5,8 @@
 
 #include "../fused_linear_kl_driver.h"
 #include "capability.h"
+#include "kernels.h"
 
-BALCONY_CPU_KERNEL(void, fused_kl_rows,
-                   (balcony::ScalarKind kind, void* s, int64_t s_stride, const void* t, int64_t t_stride,
-                    int64_t vocab, float* loss, float grad_scale, bool compute_grad, float* scratch, int64_t begin,
-                    int64_t end))
 
 namespace balcony {
 

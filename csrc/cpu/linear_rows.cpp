@@ -8,13 +8,10 @@
 
 #include "../torch_utils.h"
 #include "capability.h"
+#include "kernels.h"
 #include "cpu_ops.h"
 #include "linear_rows.h"
 
-BALCONY_CPU_KERNEL(void, linear_rows,
-                   (balcony::ScalarKind wkind, const float* x, int64_t x_stride, int64_t M, const void* w, int64_t K,
-                    const float* bias, float* out, int64_t out_stride, bool accumulate, int64_t n_begin,
-                    int64_t n_end))
 
 namespace balcony {
 

@@ -4,17 +4,8 @@
 
 #include "../rms_norm_args.h"
 #include "capability.h"
+#include "kernels.h"
 
-BALCONY_CPU_KERNEL(void, rms_norm,
-                   (balcony::ScalarKind kind, const void* x, int64_t x_stride, const void* w, void* out,
-                    int64_t out_stride, void* residual, int64_t res_stride, int64_t hidden, float eps, int64_t begin,
-                    int64_t end))
-BALCONY_CPU_KERNEL(void, rms_norm_backward,
-                   (balcony::ScalarKind kind, const void* g, int64_t g_stride, const void* x, int64_t x_stride,
-                    const void* w, void* grad_x, int64_t gx_stride, float* grad_w_acc, int64_t hidden, float eps,
-                    int64_t begin, int64_t end))
-BALCONY_CPU_KERNEL(void, sum_partials,
-                   (balcony::ScalarKind kind, const float* acc, int64_t parts, int64_t hidden, void* out))
 
 namespace balcony {
 namespace {

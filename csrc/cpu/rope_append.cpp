@@ -6,9 +6,8 @@
 #include "../torch_utils.h"
 #include "attention_args.h"
 #include "capability.h"
+#include "kernels.h"
 
-BALCONY_CPU_KERNEL(void, rope_append,
-                   (balcony::ScalarKind kind, const balcony::cpu::RopeAppendArgs& args, int64_t begin, int64_t end))
 
 namespace balcony {
 

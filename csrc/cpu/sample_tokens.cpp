@@ -5,12 +5,9 @@
 
 #include "../sample_tokens_args.h"
 #include "capability.h"
+#include "kernels.h"
 #include "cpu_ops.h"
 
-BALCONY_CPU_KERNEL(void, sample_rows,
-                   (balcony::ScalarKind kind, const void* logits, int64_t stride, int64_t vocab,
-                    const float* temperature, const int64_t* top_k, const float* top_p, const float* uniform,
-                    int64_t* out, float* scratch, int64_t begin, int64_t end))
 
 namespace balcony {
 

@@ -4,13 +4,8 @@
 
 #include "../silu_and_mul_args.h"
 #include "capability.h"
+#include "kernels.h"
 
-BALCONY_CPU_KERNEL(void, silu_and_mul,
-                   (balcony::ScalarKind kind, const void* in, int64_t in_stride, void* out, int64_t out_stride,
-                    int64_t inter, int64_t begin, int64_t end))
-BALCONY_CPU_KERNEL(void, silu_and_mul_backward,
-                   (balcony::ScalarKind kind, const void* grad, int64_t grad_stride, const void* in,
-                    int64_t in_stride, void* grad_in, int64_t gi_stride, int64_t inter, int64_t begin, int64_t end))
 
 namespace balcony {
 namespace {
