@@ -1,6 +1,8 @@
-"""Shared check: the native decode step and the composed step, side by side on the same prompts."""
+"""Shared checks: the native decode step and the composed step side by side on the same prompts, and
+the ops a step dispatches."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from balcony_ext.engine import Engine
 
@@ -24,3 +26,15 @@ def assert_native_matches_composed(model, prompts, exits, steps, tol, max_len=32
             for b in range(B):
                 e.append(b, int(nxt[1][b]))
     return engines
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name ("namespace.op") of every op dispatched inside the `with` block, in .ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(f"{func.namespace}.{func._opname}")
+        return func(*args, **(kwargs or {}))

@@ -13,7 +13,7 @@ import balcony_ext as bx
 from balcony_ext.budgets import choose_exit, exit_costs
 from balcony_ext.engine import Engine
 from balcony_ext.model import attach
-from step_checks import assert_native_matches_composed
+from step_checks import RecordOps, assert_native_matches_composed
 from tiny_models import tiny_balcony
 
 L = 6
@@ -68,17 +68,6 @@ SYNCS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.equal", 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_composed_step_has_no_host_sync_and_only_allowed_ops(dtype):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(f"{func.namespace}.{func._opname}")
-            return func(*args, **(kwargs or {}))
-
     m = _model(dtype=dtype)
     prompts = _prompts(4)
     e = Engine(m, 4, 32, native=False)
@@ -88,7 +77,7 @@ def test_composed_step_has_no_host_sync_and_only_allowed_ops(dtype):
     pos = (e.cache.length - 1).clamp(min=0)
     last = e.cache.tokens[torch.arange(4), pos]
     sampling = (torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4))
-    with Record() as rec:
+    with RecordOps() as rec:
         e._composed_step(last, pos, torch.tensor(exits), *sampling, exits=exits)
     assert not SYNCS & set(rec.ops), sorted(SYNCS & set(rec.ops))
     assert set(rec.ops) <= COMPOSED_STEP_OPS, sorted(set(rec.ops) - COMPOSED_STEP_OPS)

@@ -13,6 +13,7 @@ from balcony_ext.engine import Engine
 from balcony_ext.model import attach
 from balcony_ext.shortlist import (ShortlistFileError, build_shortlist, check_shortlist, coverage, load_shortlist,
                                    save_shortlist, set_shortlist)
+from step_checks import RecordOps
 from tiny_models import tiny_balcony
 
 L = 6
@@ -145,18 +146,7 @@ def test_shortlisted_rows_get_the_full_logits_masked_to_the_list(dtype, native, 
 
 
 def test_shortlisted_composed_step_has_no_host_sync():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from test_generate import COMPOSED_STEP_OPS, SYNCS
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(f"{func.namespace}.{func._opname}")
-            return func(*args, **(kwargs or {}))
 
     m = _model()
     for heads in ([86, 40, 86, 0], [86, 0, 40, 40]):  # compact head (the idle row aside); masked rows
@@ -170,7 +160,7 @@ def test_shortlisted_composed_step_has_no_host_sync():
         assert plan[1] == (86 if heads[1] else 0)
         e._shortlisted(plan)  # (the first call caches each size's mask; later steps only read them)
         sampling = (torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4))
-        with Record() as rec:
+        with RecordOps() as rec:
             e._composed_step(last, pos, torch.tensor(exits), *sampling, exits=exits, plan=plan)
         assert not SYNCS & set(rec.ops), sorted(SYNCS & set(rec.ops))
         allowed = COMPOSED_STEP_OPS | {"aten.index_copy_", "aten.masked_fill"}
