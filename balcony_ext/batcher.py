@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budgets import choose_exit, choose_route, exit_costs, exit_for_latency, load_calibration
+from .budgets import choose_exit, exit_costs, load_calibration, resolve_route
 from .controller import LoadController
 from .engine import Engine
 from .generate import Sequence, check_seed, fresh_seed, stop_strings, stop_token_ids
@@ -42,7 +42,8 @@ from .penalties import Penalties, check_penalties
 class Request:
     """One generation request. Give at most one of budget, exit_layer and ms_per_token (none: full
     depth); min_budget is the floor the load controller never goes below (default: the request's
-    own exit, i.e. never lowered)."""
+    own exit, i.e. never lowered). shortlist: as generate's (None: the budget may buy a shortlisted
+    head; False: never; True: only shortlisted heads; n: the first n shortlisted tokens)."""
 
     prompt_ids: list
     max_new_tokens: int = 128
@@ -50,6 +51,7 @@ class Request:
     exit_layer: int | None = None
     ms_per_token: float | None = None
     min_budget: float | None = None
+    shortlist: bool | int | None = None
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -147,21 +149,17 @@ class Batcher:
     # -- requests
     def resolve_exit(self, req: Request) -> tuple:
         """(exit, floor exit, notes) of a request, and req.head (a budget may buy a shortlisted head where
-        the model has a vocabulary shortlist); raises ValueError for a bad budget or exit."""
+        the model has a vocabulary shortlist; req.shortlist as generate's); raises ValueError for a bad
+        budget, exit or shortlist option."""
         m = self.model
         given = [x is not None for x in (req.budget, req.exit_layer, req.ms_per_token)]
         if sum(given) > 1:
             raise ValueError("give one of budget, exit_layer and ms_per_token")
-        notes = []
-        if req.exit_layer is not None:
-            k = req.exit_layer
-            m.check_exit(k, "exit_layer")
-        elif req.ms_per_token is not None:
-            k, note = exit_for_latency(m, req.ms_per_token, self.calibration)
-            notes += [note] if note else []
-        else:
-            (k, req.head), note = choose_route(m, 1.0 if req.budget is None else req.budget, self.calibration)
-            notes += [note] if note else []
+        kind, value = (("exit", req.exit_layer) if req.exit_layer is not None else
+                       ("latency", req.ms_per_token) if req.ms_per_token is not None else
+                       ("budget", 1.0 if req.budget is None else req.budget))
+        (k, req.head), note = resolve_route(m, kind, value, self.calibration, req.shortlist)
+        notes = [note] if note else []
         floor = k
         if req.min_budget is not None:
             floor, _ = choose_exit(m, req.min_budget, self.calibration)

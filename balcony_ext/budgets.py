@@ -57,6 +57,8 @@ def head_sizes(model, shortlist=None) -> list:
     model's shortlist offers; False the full head only; True the offered sizes only; an int n that
     head only (0: the full one). Raises for an option the model cannot serve."""
     listed = getattr(model, "shortlist", None)
+    if shortlist is not None and not isinstance(shortlist, int):  # (bool is an int)
+        raise ValueError(f"shortlist must be None, True, False or a head size (an int), got {shortlist!r}")
     if shortlist is None:
         return [0] + (list(model.shortlist_sizes) if listed is not None else [])
     if shortlist is False or (isinstance(shortlist, int) and not isinstance(shortlist, bool) and shortlist == 0):
@@ -169,6 +171,21 @@ def exit_for_latency(model, ms_per_token: float, calibration: dict | None) -> tu
     return k, f"{ms_per_token:g} ms/token is below the fastest exit (depth {k}, {ms[k]:.2f} ms/token); using it"
 
 
+def resolve_route(model, kind: str, value, calibration: dict | None, shortlist=None) -> tuple:
+    """((depth, head), note or None) for one sequence's `value` of kind "budget", "exit" (exit_layer)
+    or "latency" (ms_per_token); exit_layer and ms_per_token take the largest head the shortlist
+    option allows (the full one by default). Raises for a bad value or option."""
+    sizes = head_sizes(model, shortlist)
+    head = 0 if 0 in sizes else max(sizes)
+    if kind == "exit":
+        model.check_exit(value, "exit_layer")
+        return (value, head), None
+    if kind == "latency":
+        k, note = exit_for_latency(model, float(value), calibration)
+        return (k, head), note
+    return choose_route(model, value, calibration, shortlist)
+
+
 class Budgets:
     """Turns budget / exit_layer / ms_per_token (numbers, per-sequence lists, schedules or
     callables of the step) into the exit of every row at every step."""
@@ -194,17 +211,8 @@ class Budgets:
         self._fixed = not callable(value) and not isinstance(value, dict)
 
     def _one(self, v, b):
-        """((depth, head), note or None) for one row's value; exit_layer and ms_per_token take the
-        largest head the shortlist option allows (the full one by default)."""
-        m = self.model
-        head = 0 if 0 in self.sizes else max(self.sizes)
-        if self.kind == "exit":
-            m.check_exit(v, "exit_layer")
-            return (v, head), None
-        if self.kind == "latency":
-            k, note = exit_for_latency(m, float(v), self.cal)
-            return (k, head), note
-        return choose_route(m, v, self.cal, self.shortlist)
+        """((depth, head), note or None) for one row's value (resolve_route)."""
+        return resolve_route(self.model, self.kind, v, self.cal, self.shortlist)
 
     def _resolve(self, v, step: int) -> list:
         """[((exit, head), note or None)] of every row at `step` for the value v; raises for a bad value."""

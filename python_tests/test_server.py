@@ -75,6 +75,8 @@ def test_completion_and_chat_completion(server, model):
     assert r.choices[0].text == alone.text
     assert r.model_extra["exit_layers"] == alone.exit_layers == [k] * len(alone.tokens)
     assert r.model_extra["heads"] == alone.heads == [0] * len(alone.tokens)  # (no shortlist: the full head)
+    with pytest.raises(openai.BadRequestError, match="no vocabulary shortlist"):
+        c.completions.create(model=model.name, prompt="Hello", max_tokens=2, extra_body={"shortlist": True})
     assert r.usage.completion_tokens == len(alone.tokens) and r.usage.prompt_tokens == 11
     assert r.choices[0].finish_reason == alone.finish_reason
 

@@ -306,3 +306,20 @@ def test_evaluate_reports_each_shortlisted_head(tmp_path):
     assert "short40" in str(rep) and (tmp_path / "e.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "e.json").read_text())
     assert len(saved["rows"]) == 1 + len(EXITS) + 2 * (len(EXITS) + 1)
+
+
+def test_batcher_requests_take_the_shortlist_option_as_generate_does():
+    m = _model()
+    b = Batcher(m, max_batch=2, max_len=64, prefill_chunk=64, calibration=None)
+    p = _prompts(1, seed=4)[0]
+    r = b.submit(Request(p, max_new_tokens=5, stop_tokens=[], exit_layer=4, shortlist=40))
+    q = b.submit(Request(p, max_new_tokens=5, stop_tokens=[], budget=route_costs(m)[(L, 86)], shortlist=False))
+    while b.busy:
+        b.iterate()
+    alone = bx.generate(m, p, exit_layer=4, shortlist=40, max_new_tokens=5, stop_tokens=[], calibration=None)
+    assert r.tokens == alone.tokens and r.heads == [40] * 5
+    assert q.heads == [0] * 5 and q.exit_layers[0] < L
+    for bad, words in ((True, "no vocabulary shortlist"), ("yes", "shortlist must be")):
+        plain = Batcher(_model(shortlist=False), max_batch=1, max_len=32, calibration=None)
+        with pytest.raises(ValueError, match=words):
+            plain.submit(Request(p, max_new_tokens=2, shortlist=bad))
