@@ -61,14 +61,14 @@ def head_sizes(model, shortlist=None) -> list:
         raise ValueError(f"shortlist must be None, True, False or a head size (an int), got {shortlist!r}")
     if shortlist is None:
         return [0] + (list(model.shortlist_sizes) if listed is not None else [])
-    if shortlist is False or (isinstance(shortlist, int) and not isinstance(shortlist, bool) and shortlist == 0):
+    if shortlist is False or (shortlist is not True and shortlist == 0):
         return [0]
     if listed is None:
         raise ValueError(f"shortlist={shortlist!r}: the model has no vocabulary shortlist (bx.set_shortlist / "
                          "bx.load(shortlist=...))")
     if shortlist is True:
         return list(model.shortlist_sizes)
-    if not isinstance(shortlist, int) or not 0 <= shortlist <= listed.numel():
+    if not 0 <= shortlist <= listed.numel():
         raise ValueError(f"shortlist must be None, True, False or a head size in 0..{listed.numel()} (the "
                          f"shortlist's length; 0: the full head), got {shortlist!r}")
     return [shortlist]
@@ -196,7 +196,7 @@ class Budgets:
             raise ValueError("give one of budget, exit_layer and ms_per_token")
         if not any(given):
             budget = 1.0
-        self.sizes = head_sizes(model, shortlist)  # (validates the option)
+        head_sizes(model, shortlist)  # (validates the option before anything else)
         self.model, self.B, self.cal, self.shortlist = model, B, calibration, shortlist
         self.kind = "budget" if budget is not None else "exit" if exit_layer is not None else "latency"
         self.notes = [[] for _ in range(B)]

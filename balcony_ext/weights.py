@@ -159,9 +159,9 @@ class NativeWeights:
         self.exit = [t for e, lw in enumerate(self.layers[self.L:]) for t in (*lw, self.exit_norms[e])]
         self.embed = a.embed_tokens.weight.detach()
         self.head = _mat(a.lm_head.weight, HEAD_FORMAT[fmt])
-        self.short_ids, self.head_short = _shortlist(model)
-        if self.short_ids is not None:  # the head's shortlisted rows, in the head's format
-            self.head_short = _mat(a.lm_head.weight[self.short_ids.to(a.lm_head.weight.device)], HEAD_FORMAT[fmt])
+        self.short_ids = _short_ids(model)
+        self.head_short = None if self.short_ids is None else _mat(  # the head's shortlisted rows, ranked
+            a.lm_head.weight[self.short_ids], HEAD_FORMAT[fmt])
         self.final_norm = _vec(a.final_norm.weight)
         self.eps = a.rms_norm_eps
         self.H = a.hidden_size
@@ -227,14 +227,14 @@ class ModuleWeights:
         self.norms = {**{k: model.exit_module(k).norm for k in self.exits}, self.L: a.final_norm}
         self.adapter = a
         self.dtype = model.dtype
-        self.short_ids, self.head_short = _shortlist(model)
+        self.short_ids = _short_ids(model)  # (the module path masks the full head's logits)
         self.sdpa = getattr(c, "_attn_implementation", None) == "sdpa"
 
 
-def _shortlist(model):
-    """(the shortlisted token ids on the model's device, None): the head rows are built by the caller."""
+def _short_ids(model):
+    """The model's shortlisted token ids (rank order) on its device, or None."""
     ids = getattr(model, "shortlist", None)
-    return (ids.to(model.device) if ids is not None else None), None
+    return ids.to(model.device) if ids is not None else None
 
 
 def engine_weights(model):
