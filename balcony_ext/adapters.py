@@ -13,9 +13,10 @@ and need nothing here. A model type not in FAMILIES is taken apart by the names 
 `*ForCausalLM` uses and accepted only if its own forward and the adapter's composition of its
 modules give the same logits on a probe (never silently wrong).
 
-The decode engine (engine.py, the native step) runs the Llama family and Phi-3 (whose fused q/k/v and
-gate/up projections it reads as row slices) with full rotary embeddings (`Family.native`); the other
-families attach, train, evaluate, save and load exits through their own modules.
+The decode engine (engine.py, the native step) runs the Llama family, Phi-3 (whose fused q/k/v and
+gate/up projections it reads as row slices) and OLMo 2 (norms after its sublayers, q/k norms over all
+heads) with full rotary embeddings (`Family.native`); the other families attach, train, evaluate, save
+and load exits and generate through their own modules.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ FAMILIES = {
     "gemma2": Family("Gemma2ForCausalLM", logit_softcap="final_logit_softcapping"),
     "gemma3_text": Family("Gemma3ForCausalLM", rotary_per_layer_type=True, logit_softcap="final_logit_softcapping"),
     "phi3": Family("Phi3ForCausalLM", native=True),  # (with partial rotary: through its modules)
-    "olmo2": Family("Olmo2ForCausalLM", input_norm=None),
+    "olmo2": Family("Olmo2ForCausalLM", input_norm=None, native=True),  # (norms after its sublayers)
     "gpt_neox": Family("GPTNeoXForCausalLM", inner="gpt_neox", norm="final_layer_norm", embed="embed_in",
                        attention="attention"),
 }

@@ -29,6 +29,20 @@ def _rms(x, w, eps):
     return ops.rms_norm(x.contiguous(), w, eps)
 
 
+def _norm(x, w, eps):
+    """A layer's norm where it has one (layer_layout.h: an absent norm is the identity)."""
+    return _rms(x, w, eps) if w.numel() else x
+
+
+def _qk_norm(t, w, eps):
+    """q or k [..., heads, D] normed per head (D entries) or over all heads (heads x D entries)."""
+    if not w.numel():
+        return t
+    if w.numel() == t.shape[-1]:
+        return _rms(t, w, eps)
+    return _rms(t.flatten(-2), w, eps).view(t.shape)
+
+
 # Rows from which a multi-token pass with bfloat16 weights uses a bfloat16 GEMM (as Hugging Face does)
 # instead of linear_rows, which reads the weight once but is built for the few rows of a decode step.
 BF16_GEMM_ROWS = 32
@@ -148,15 +162,10 @@ class Engine:
         def to_low(a):
             return a.to(low) if low is not None else a
 
-        xn = to_low(_rms(x, lw.input_norm, w.eps))
-        q = lin(xn, lw.q_proj, lw.q_bias).view(B, T, w.Hq, w.D)
-        k = lin(xn, lw.k_proj, lw.k_bias).view(B, T, w.Hkv, w.D)
+        xn = to_low(_norm(x, lw.input_norm, w.eps))
+        q = _qk_norm(lin(xn, lw.q_proj, lw.q_bias).view(B, T, w.Hq, w.D), lw.q_norm, w.eps).contiguous()
+        k = _qk_norm(lin(xn, lw.k_proj, lw.k_bias).view(B, T, w.Hkv, w.D), lw.k_norm, w.eps).contiguous()
         v = lin(xn, lw.v_proj, lw.v_bias).view(B, T, w.Hkv, w.D).contiguous()
-        if lw.q_norm.numel():
-            q = _rms(q, lw.q_norm, w.eps).view(B, T, w.Hq, w.D)
-        if lw.k_norm.numel():
-            k = _rms(k, lw.k_norm, w.eps).view(B, T, w.Hkv, w.D)
-        q, k = q.contiguous(), k.contiguous()
         ops.rope_append(q, k, v, self.cache.k[slot], self.cache.v[slot], pos, self.cos, self.sin)
         if outputs == "none":
             return None
@@ -181,10 +190,11 @@ class Engine:
             mask[..., 0] |= ~valid  # padding rows attend to something (their output is discarded)
             att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask.unsqueeze(1),
                                                  scale=w.scale)
-        x = x + lin(to_low(att.transpose(1, 2).reshape(B, T, w.Hq * w.D)), lw.o_proj, widen=False)
-        xn = to_low(_rms(x, lw.post_norm, w.eps))
+        h = lin(to_low(att.transpose(1, 2).reshape(B, T, w.Hq * w.D)), lw.o_proj)
+        x = x + _norm(h, lw.attn_out_norm, w.eps)
+        xn = to_low(_norm(x, lw.post_norm, w.eps))
         gu = torch.cat([lin(xn, lw.gate_proj, widen=False), lin(xn, lw.up_proj, widen=False)], dim=-1)
-        return x + lin(ops.silu_and_mul(gu), lw.down_proj, widen=False)
+        return x + _norm(lin(ops.silu_and_mul(gu), lw.down_proj), lw.mlp_out_norm, w.eps)
 
     def _grid(self, starts, counts):
         """Row and position indices [B,T] of the positions starts[b] .. starts[b]+counts[b]-1 (past a
@@ -398,23 +408,22 @@ class Engine:
         """One decoder layer (cache slot `slot`) for one token per row, x [B, H] float32 at positions
         pos [B] (-1: the row writes no cache entry and attends to nothing; its output is unused)."""
         w, lw, B = self.w, self.w.layer(slot), x.shape[0]
-        xn = _rms(x, lw.input_norm, w.eps)
-        q = _linear(xn, lw.q_proj, lw.q_bias).view(B, 1, w.Hq, w.D)
-        k = _linear(xn, lw.k_proj, lw.k_bias).view(B, 1, w.Hkv, w.D)
+        xn = _norm(x, lw.input_norm, w.eps)
+        q = _qk_norm(_linear(xn, lw.q_proj, lw.q_bias).view(B, 1, w.Hq, w.D), lw.q_norm, w.eps).contiguous()
+        k = _qk_norm(_linear(xn, lw.k_proj, lw.k_bias).view(B, 1, w.Hkv, w.D), lw.k_norm, w.eps)
         v = _linear(xn, lw.v_proj, lw.v_bias).view(B, 1, w.Hkv, w.D)
-        if lw.q_norm.numel():
-            q = _rms(q, lw.q_norm, w.eps)
-        if lw.k_norm.numel():
-            k = _rms(k, lw.k_norm, w.eps)
-        q = q.contiguous()
         ops.rope_append(q, k.contiguous(), v.contiguous(), self.cache.k[slot], self.cache.v[slot], pos.view(B, 1),
                         self.cos, self.sin)
         att = ops.decode_attention(q.view(B, w.Hq, w.D), self.cache.k[slot], self.cache.v[slot], pos + 1, w.scale)
         h = _linear(att.reshape(B, w.Hq * w.D), lw.o_proj)
-        x = x.clone()
-        ops.fused_add_rms_norm(h, x, lw.post_norm, w.eps)  # x += attention output; h = post-norm(x)
+        if lw.attn_out_norm.numel() or not lw.post_norm.numel():  # (OLMo 2's order)
+            x = x + _norm(h, lw.attn_out_norm, w.eps)
+            h = _norm(x, lw.post_norm, w.eps)
+        else:
+            x = x.clone()
+            ops.fused_add_rms_norm(h, x, lw.post_norm, w.eps)  # x += attention output; h = post-norm(x)
         gu = torch.cat([_linear(h, lw.gate_proj), _linear(h, lw.up_proj)], dim=-1)
-        return x + _linear(ops.silu_and_mul(gu), lw.down_proj)
+        return x + _norm(_linear(ops.silu_and_mul(gu), lw.down_proj), lw.mlp_out_norm, w.eps)
 
     # -- the pieces that differ between the native weights and the model's own modules
     def _embed(self, ids):

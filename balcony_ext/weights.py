@@ -51,6 +51,8 @@ class LayerWeights(NamedTuple):
     gate_proj: torch.Tensor
     up_proj: torch.Tensor
     down_proj: torch.Tensor
+    attn_out_norm: torch.Tensor
+    mlp_out_norm: torch.Tensor
 
 
 LAYER_FIELDS = LayerWeights._fields
@@ -96,8 +98,18 @@ def _projections(layer) -> dict:
     return out
 
 
+def _norms(layer) -> tuple:
+    """A decoder layer's (input, pre-MLP, attention-output, MLP-output) norm modules, None where it has
+    none: Llama's input and post-attention norms come before their sublayers; OLMo 2 normalises each
+    sublayer's output instead (its post_attention_layernorm is an output norm)."""
+    if getattr(layer, "input_layernorm", None) is None and hasattr(layer, "post_feedforward_layernorm"):
+        return None, None, layer.post_attention_layernorm, layer.post_feedforward_layernorm
+    return layer.input_layernorm, layer.post_attention_layernorm, None, None
+
+
 def layer_weights(layer, fmt: str = "float") -> LayerWeights:
-    """A Hugging Face Llama-family (or Phi-3) decoder layer's tensors (raises for what the engine does not run)."""
+    """A Hugging Face Llama-family, Phi-3 or OLMo 2 decoder layer's tensors (raises for what the engine
+    does not run)."""
     attn, mlp = layer.self_attn, layer.mlp
     proj = _projections(layer)
     if any(proj[n][1] is not None for n in ("o_proj", "gate_proj", "up_proj", "down_proj")):
@@ -106,16 +118,18 @@ def layer_weights(layer, fmt: str = "float") -> LayerWeights:
     if act is not None and type(act).__name__ not in ("SiLU", "SiLUActivation"):
         raise NotImplementedError(f"generate(): the MLP activation {type(act).__name__} is not SiLU")
     qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    norms = [_vec(n.weight if n is not None else None) for n in _norms(layer)]
     return LayerWeights(
-        input_norm=_vec(layer.input_layernorm.weight),
+        input_norm=norms[0],
         q_proj=_mat(proj["q_proj"][0], fmt), q_bias=_vec(proj["q_proj"][1]),
         k_proj=_mat(proj["k_proj"][0], fmt), k_bias=_vec(proj["k_proj"][1]),
         v_proj=_mat(proj["v_proj"][0], fmt), v_bias=_vec(proj["v_proj"][1]),
         q_norm=_vec(qn.weight if qn is not None else None), k_norm=_vec(kn.weight if kn is not None else None),
         o_proj=_mat(proj["o_proj"][0], fmt),
-        post_norm=_vec(layer.post_attention_layernorm.weight),
+        post_norm=norms[1],
         gate_proj=_mat(proj["gate_proj"][0], fmt), up_proj=_mat(proj["up_proj"][0], fmt),
         down_proj=_mat(proj["down_proj"][0], fmt),
+        attn_out_norm=norms[2], mlp_out_norm=norms[3],
     )
 
 

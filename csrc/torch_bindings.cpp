@@ -87,8 +87,8 @@ TORCH_LIBRARY(balcony, m) {
   // base layers up to the deepest exit in use, each row's balcony layer + exit norm (or the final
   // norm at exit_of_row == L; 0 = an idle row, no layer runs), the LM head into logits [B,V], and the next tokens into next_tokens [B] (as sample_tokens).
   // Weight lists: the tensors of balcony/layer_layout.h per decoder layer, in its order (input norm, q,
-  // q bias, k, k bias, v, v bias, q norm, k norm, o, post-attention norm, gate, up, down; empty tensors
-  // for absent ones; balcony_ext/weights.py names the same fields), exits add their norm. Caches: float32 [B,Hkv,S,D] per slot (L base layers, then one per exit); kept:
+  // q bias, k, k bias, v, v bias, q norm, k norm, o, post-attention norm, gate, up, down, attention-output
+  // norm, MLP-output norm; empty tensors for absent ones; balcony_ext/weights.py names the same fields), exits add their norm. Caches: float32 [B,Hkv,S,D] per slot (L base layers, then one per exit); kept:
   // float32 [B,S,H] per exit, receives the hidden state after that depth at each row's position.
   m.def(
       "decode_step(Tensor tokens, Tensor positions, Tensor exit_of_row, int[] exit_depths, Tensor embed, "

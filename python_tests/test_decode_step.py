@@ -38,7 +38,7 @@ def test_layer_layout_is_the_native_steps():
     names = [n.strip() for n in re.sub(r"//[^\n]*", "", enum).split(",") if n.strip()]
     assert names[-1] == "kPerLayer"
     assert [n.lower() for n in names[:-1]] == list(LAYER_FIELDS)
-    assert PER_LAYER == len(LayerWeights._fields) == 14 and PER_EXIT == 15
+    assert PER_LAYER == len(LayerWeights._fields) == 16 and PER_EXIT == 17
     e = _engine()
     assert len(e.w.base) == PER_LAYER * e.L and len(e.w.exit) == PER_EXIT * len(e.exits)
     assert e.w.layer(0).q_proj is e.w.base[LAYER_FIELDS.index("q_proj")]
@@ -73,3 +73,19 @@ def test_decode_step_fake_kernel_checks_shapes():
             assert "logits must be [B, V]" in str(exc)
         else:
             raise AssertionError("the fake kernel accepted logits of the wrong shape")
+
+
+def test_decode_step_names_a_malformed_layer_tensor():
+    import pytest
+
+    e = _engine()
+    args = list(_args(e, [2, 4, 0]))
+    base = list(args[5])
+    q_norm, out_norm = LAYER_FIELDS.index("q_norm"), LAYER_FIELDS.index("mlp_out_norm")
+    for slot, bad, msg in ((q_norm, torch.ones(e.w.D + 1), rf"layer 0 q norm must be a contiguous float32 \[{e.w.D}\] "
+                                                            rf"or \[{e.w.Hq * e.w.D}\]"),
+                           (out_norm, torch.ones(e.w.H - 1), rf"layer 0 MLP-output norm must be a contiguous float32 "
+                                                             rf"\[{e.w.H}\]")):
+        args[5] = base[:slot] + [bad] + base[slot + 1:]
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.balcony.decode_step(*args)

@@ -16,6 +16,7 @@ from test_train import _corpus
 from tiny_models import tiny_balcony, tiny_hf
 
 NEW = ["gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox"]
+NATIVE_NEW = {"phi3", "olmo2"}  # Phi-3 on its fused projections' rows, OLMo 2 with its output norms
 
 
 def _ids(T=24, B=2, seed=0):
@@ -96,7 +97,7 @@ def _gen_model(model_type, layers=6, exits=(2, 4)):
 @pytest.mark.parametrize("model_type", NEW)
 def test_generate_at_full_depth_equals_hugging_face_generate(model_type):
     m = _gen_model(model_type)
-    assert m.adapter.native == (model_type == "phi3")  # (Phi-3: the native step, on its fused projections' rows)
+    assert m.adapter.native == (model_type in NATIVE_NEW)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22]]  # 10 + 14 tokens: past the window of 8
     outs = generate(m, prompts, exit_layer=m.num_layers, max_new_tokens=14, stop_tokens=[])
     for ids, out in zip(prompts, outs):
@@ -128,10 +129,10 @@ def test_exit_switches_catch_up_to_what_a_fresh_forward_gives(model_type):
 def test_families_outside_the_native_step_refuse_it_and_int8_by_name():
     from balcony_ext.weights import quantize
 
-    m = _gen_model("olmo2")
-    with pytest.raises(NotImplementedError, match="olmo2"):
+    m = _gen_model("gemma2")
+    with pytest.raises(NotImplementedError, match="gemma2"):
         generate(m, [5, 6, 7], max_new_tokens=2, native=True)
-    with pytest.raises(NotImplementedError, match="olmo2"):
+    with pytest.raises(NotImplementedError, match="gemma2"):
         quantize(m, "int8")
 
 
@@ -163,6 +164,26 @@ def test_phi3_runs_the_native_step_on_row_slices_of_its_fused_projections(cpu_ca
     ref = partial.base.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                                 pad_token_id=0)[0, len(ids):].tolist()
     assert out.tokens == ref
+
+
+def test_olmo2_runs_the_native_step_with_norms_after_its_sublayers(cpu_capability):
+    from balcony_ext.weights import engine_weights, quantize
+    from step_checks import assert_native_matches_composed
+
+    m = _gen_model("olmo2")
+    w = engine_weights(m)
+    lw, layer = w.layer(0), m.adapter.layers[0]
+    assert lw.input_norm.numel() == 0 and lw.post_norm.numel() == 0  # no norms before the sublayers
+    assert torch.equal(lw.attn_out_norm, layer.post_attention_layernorm.weight)
+    assert torch.equal(lw.mlp_out_norm, layer.post_feedforward_layernorm.weight)
+    assert lw.q_norm.numel() == w.Hq * w.D and lw.k_norm.numel() == w.Hkv * w.D  # over all heads of a row
+    assert_native_matches_composed(m, [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], [2, m.num_layers], steps=4, tol=2e-4)
+    quantize(m, "q4_1")
+    ids = [5, 6, 7, 8, 9]
+    out = generate(m, ids, exit_layer=4, max_new_tokens=6, stop_tokens=[], calibration=None)
+    with torch.no_grad():
+        logits = m(torch.tensor([ids + out.tokens]), exits=[4])[4][0]
+    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
 
 
 def test_unknown_model_type_accepted_when_the_probe_agrees():

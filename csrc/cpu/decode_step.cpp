@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "../torch_utils.h"
@@ -67,18 +68,42 @@ struct Work {  // views into the caller's float32 workspace
 using RopeAppendFn = void(at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
-// One decoder layer over all B rows, the residual stream in w.x (updated in place).
+void add_rows(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+// q or k [rows, heads * D] normed per head (a norm of D entries) or over each row (heads * D entries)
+void qk_norm(float* t, const at::Tensor& norm, int64_t rows, int64_t heads, int64_t D, float eps) {
+  if (norm.numel() == D)
+    norm_rows(t, D, norm, t, D, rows * heads, D, eps);
+  else if (norm.numel())
+    norm_rows(t, heads * D, norm, t, heads * D, rows, heads * D, eps);
+}
+
+// One decoder layer over all B rows, the residual stream in w.x (updated in place); the norms a
+// layer lacks are the identity (balcony/layer_layout.h).
 void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& key_cache, at::Tensor& value_cache,
                const at::Tensor& pos, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin, float eps,
                double scale) {
   static auto rope = c10::Dispatcher::singleton().findSchemaOrThrow("balcony::rope_append", "").typed<RopeAppendFn>();
   const int64_t B = d.B, H = d.H, QD = d.Hq * d.D, KD = d.Hkv * d.D, I = d.I;
-  norm_rows(w.x, H, lw[INPUT_NORM], w.xn, H, B, H, eps);
-  linear_into(w.xn, H, B, lw[Q_PROJ], opt_f32(lw[Q_BIAS]), w.q, QD, false);
-  linear_into(w.xn, H, B, lw[K_PROJ], opt_f32(lw[K_BIAS]), w.k, KD, false);
-  linear_into(w.xn, H, B, lw[V_PROJ], opt_f32(lw[V_BIAS]), w.v, KD, false);
-  if (lw[Q_NORM].numel()) norm_rows(w.q, d.D, lw[Q_NORM], w.q, d.D, B * d.Hq, d.D, eps);
-  if (lw[K_NORM].numel()) norm_rows(w.k, d.D, lw[K_NORM], w.k, d.D, B * d.Hkv, d.D, eps);
+  auto normed = [&](const at::Tensor& norm) -> const float* {  // the sublayer's input
+    if (!norm.numel()) return w.x;
+    norm_rows(w.x, H, norm, w.xn, H, B, H, eps);
+    return w.xn;
+  };
+  auto add_out = [&](const float* a, int64_t a_cols, const at::Tensor& weight, const at::Tensor& out_norm) {
+    if (!out_norm.numel()) return linear_into(a, a_cols, B, weight, nullptr, w.x, H, true);
+    linear_into(a, a_cols, B, weight, nullptr, w.xn, H, false);
+    norm_rows(w.xn, H, out_norm, w.xn, H, B, H, eps);
+    add_rows(w.x, w.xn, B * H);
+  };
+  const float* a = normed(lw[INPUT_NORM]);
+  linear_into(a, H, B, lw[Q_PROJ], opt_f32(lw[Q_BIAS]), w.q, QD, false);
+  linear_into(a, H, B, lw[K_PROJ], opt_f32(lw[K_BIAS]), w.k, KD, false);
+  linear_into(a, H, B, lw[V_PROJ], opt_f32(lw[V_BIAS]), w.v, KD, false);
+  qk_norm(w.q, lw[Q_NORM], B, d.Hq, d.D, eps);
+  qk_norm(w.k, lw[K_NORM], B, d.Hkv, d.D, eps);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor q = at::from_blob(w.q, {B, 1, d.Hq, d.D}, f32);
   at::Tensor k = at::from_blob(w.k, {B, 1, d.Hkv, d.D}, f32);
@@ -89,12 +114,12 @@ void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& k
   const int64_t splits = std::min(decode_attention_cpu_splits(B, d.Hkv, max_len, 0), w.max_splits);
   decode_attention_cpu_into(q.view({B, d.Hq, d.D}), key_cache, value_cache, w.llen, max_len, scale, splits, w.attn,
                             w.part_ml, w.part_o, w.attn_scratch);
-  linear_into(w.attn, QD, B, lw[O_PROJ], nullptr, w.x, H, true);
-  norm_rows(w.x, H, lw[POST_NORM], w.xn, H, B, H, eps);
-  linear_into(w.xn, H, B, lw[GATE_PROJ], nullptr, w.gu, 2 * I, false);
-  linear_into(w.xn, H, B, lw[UP_PROJ], nullptr, w.gu + I, 2 * I, false);
+  add_out(w.attn, QD, lw[O_PROJ], lw[ATTN_OUT_NORM]);
+  a = normed(lw[POST_NORM]);
+  linear_into(a, H, B, lw[GATE_PROJ], nullptr, w.gu, 2 * I, false);
+  linear_into(a, H, B, lw[UP_PROJ], nullptr, w.gu + I, 2 * I, false);
   BALCONY_CPU_DISPATCH(silu_and_mul)(ScalarKind::F32, w.gu, 2 * I, w.act, I, I, 0, B);
-  linear_into(w.act, I, B, lw[DOWN_PROJ], nullptr, w.x, H, true);
+  add_out(w.act, I, lw[DOWN_PROJ], lw[MLP_OUT_NORM]);
 }
 
 void check_layer(const std::vector<at::Tensor>& lw, int64_t at, const Dims& d, const char* what, int64_t index) {
@@ -105,27 +130,31 @@ void check_layer(const std::vector<at::Tensor>& lw, int64_t at, const Dims& d, c
                 what, " ", index, " ", name, " must be a contiguous [", n, ", ", k, "] matrix (float32, bfloat16) or "
                 "its Q8 / Q4 / Q4_1 blocks (balcony/dtypes.h), got ", t.scalar_type(), " ", t.sizes());
   };
-  auto vec = [&](int64_t s, int64_t n, const char* name, bool optional) {
+  auto vec = [&](int64_t s, int64_t n, const char* name, bool optional, int64_t or_n = -1) {
     const at::Tensor& t = lw[at + s];
     if (optional && t.numel() == 0) return;
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.is_contiguous() && t.scalar_type() == at::kFloat, "decode_step: ",
-                what, " ", index, " ", name, " must be a contiguous float32 [", n, "], got ", t.scalar_type(), " ",
+    TORCH_CHECK(t.dim() == 1 && (t.size(0) == n || t.size(0) == or_n) && t.is_contiguous() &&
+                    t.scalar_type() == at::kFloat,
+                "decode_step: ", what, " ", index, " ", name, " must be a contiguous float32 [", n, "]",
+                or_n > 0 ? " or [" + std::to_string(or_n) + "]" : std::string(), ", got ", t.scalar_type(), " ",
                 t.sizes());
   };
-  vec(INPUT_NORM, d.H, "input norm", false);
+  vec(INPUT_NORM, d.H, "input norm", true);
   mat(Q_PROJ, d.Hq * d.D, d.H, "q_proj");
   vec(Q_BIAS, d.Hq * d.D, "q bias", true);
   mat(K_PROJ, d.Hkv * d.D, d.H, "k_proj");
   vec(K_BIAS, d.Hkv * d.D, "k bias", true);
   mat(V_PROJ, d.Hkv * d.D, d.H, "v_proj");
   vec(V_BIAS, d.Hkv * d.D, "v bias", true);
-  vec(Q_NORM, d.D, "q norm", true);
-  vec(K_NORM, d.D, "k norm", true);
+  vec(Q_NORM, d.D, "q norm", true, d.Hq * d.D);
+  vec(K_NORM, d.D, "k norm", true, d.Hkv * d.D);
   mat(O_PROJ, d.H, d.Hq * d.D, "o_proj");
-  vec(POST_NORM, d.H, "post-attention norm", false);
+  vec(POST_NORM, d.H, "post-attention norm", true);
   mat(GATE_PROJ, d.I, d.H, "gate_proj");
   mat(UP_PROJ, d.I, d.H, "up_proj");
   mat(DOWN_PROJ, d.H, d.I, "down_proj");
+  vec(ATTN_OUT_NORM, d.H, "attention-output norm", true);
+  vec(MLP_OUT_NORM, d.H, "MLP-output norm", true);
 }
 
 }  // namespace
