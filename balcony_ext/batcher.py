@@ -24,6 +24,8 @@ the step predicted with everyone at their floors fits the target. Every move is 
 from __future__ import annotations
 
 import itertools
+import numbers
+import reprlib
 import threading
 import time
 from collections import deque
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budgets import choose_exit, exit_costs, load_calibration, resolve_route
+from .budgets import check_calibration, choose_exit, exit_costs, load_calibration, resolve_route
 from .controller import LoadController
 from .engine import Engine
 from .generate import Sequence, check_seed, fresh_seed, stop_strings, stop_token_ids
@@ -116,6 +118,14 @@ class Batcher:
     def __init__(self, model, max_batch: int = 8, max_len: int = 2048, prefill_chunk: int = 256,
                  slo_ms_per_token: float | None = None, native: bool | None = None, calibration="auto",
                  admission_control: bool = False):
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in (max_batch, max_len, prefill_chunk)):
+            raise ValueError(f"max_batch, max_len and prefill_chunk must be positive ints, got {max_batch!r}, "
+                             f"{max_len!r} and {prefill_chunk!r}")
+        if slo_ms_per_token is not None and (isinstance(slo_ms_per_token, bool) or not isinstance(
+                slo_ms_per_token, numbers.Real) or not (0 < slo_ms_per_token < float("inf"))):
+            raise ValueError(f"slo_ms_per_token must be a finite number > 0 (milliseconds per step) or None, "
+                             f"got {slo_ms_per_token!r}")
+        check_calibration(calibration)
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be positive, got {max_batch} and {prefill_chunk}")
         self.model = model
@@ -168,7 +178,13 @@ class Batcher:
 
     def submit(self, req: Request) -> Request:
         """Validates the request and queues it; raises ValueError (nothing queued) for a bad one."""
-        ids = list(req.prompt_ids)
+        if isinstance(req.prompt_ids, (str, bytes)) or not isinstance(req.prompt_ids, (list, tuple, torch.Tensor)):
+            raise ValueError(f"prompt_ids must be a list of token ids (ints), got {type(req.prompt_ids).__name__}"
+                             f" {reprlib.repr(req.prompt_ids)}")
+        ids = req.prompt_ids.tolist() if isinstance(req.prompt_ids, torch.Tensor) else list(req.prompt_ids)
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt_ids must be a list of token ids (ints), got {reprlib.repr(req.prompt_ids)}")
+        ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("the prompt is empty")
         self.model.check_token_ids(ids)
@@ -177,12 +193,14 @@ class Batcher:
         if len(ids) + req.max_new_tokens > self.max_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={req.max_new_tokens} it needs "
                              f"{len(ids) + req.max_new_tokens} positions, past the context of {self.max_len}")
-        if not (req.temperature >= 0 and req.temperature < float("inf")):
+        real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731
+        if not (real(req.temperature) and req.temperature >= 0 and req.temperature < float("inf")):
             raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
-        if not 0 < req.top_p <= 1:
+        if not (real(req.top_p) and 0 < req.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
         if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or req.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {req.top_k!r}")
+        req.top_k = min(req.top_k, self.model.adapter.vocab_size)  # (top_k >= the vocabulary: no cut)
         check_penalties(req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
         req.target_exit, req.floor_exit, req.notes = self.resolve_exit(req)
         req.exit = req.target_exit  # (the controller's ceiling applies when the prompt is admitted)

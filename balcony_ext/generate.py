@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .budgets import Budgets, calibration_path, load_calibration
+from .budgets import Budgets, calibration_path, check_calibration, load_calibration
 from .engine import Engine
 from .penalties import Penalties
 from .files import atomic_write
@@ -72,6 +72,8 @@ def check_seed(seed) -> None:
 
 def stop_strings(stop) -> list:
     """The stop strings as a list: a string, or a list of non-empty strings."""
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {reprlib.repr(stop)}")
     items = [stop] if isinstance(stop, str) else list(stop or [])
     for s in items:
         if not isinstance(s, str) or not s:
@@ -121,7 +123,7 @@ def stop_token_ids(model, stop_tokens=None) -> set:
         elif eos:
             ids.update(eos)
     else:
-        if isinstance(stop_tokens, (str, bytes)) or not all(
+        if not isinstance(stop_tokens, (list, tuple, set, frozenset)) or not all(
                 isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in stop_tokens):
             raise ValueError(f"stop_tokens must be a list of token ids (ints), got {reprlib.repr(stop_tokens)}")
         ids.update(int(t) for t in stop_tokens)
@@ -170,8 +172,14 @@ class Generation:
                  stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto",
                  presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None):
         self.t_start = time.perf_counter()  # the time to first token counts from the call
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"max_len must be a positive int (cache positions per sequence) or None, got {max_len!r}")
+        if chat not in (None, True, False):
+            raise ValueError(f"chat must be True, False or None (the chat template when the tokenizer has one), "
+                             f"got {chat!r}")
+        check_calibration(calibration)
         self.model = model
         self.ids = [encode_prompt(model.tokenizer, p, chat) for p in prompts]
         for b, ids in enumerate(self.ids):
@@ -181,20 +189,20 @@ class Generation:
         self.single = single
         B = len(self.ids)
 
-        def rows(name, v, dtype, ok, allowed):
+        def rows(name, v, dtype, ok, allowed, limit=None):
             v = list(v) if isinstance(v, (list, tuple)) else [v] * B
             if len(v) != B:
                 raise ValueError(f"{len(v)} per-sequence {name} values for {B} prompts")
             for x in v:
                 if isinstance(x, bool) or not ok(x):
                     raise ValueError(f"{name} must be {allowed}, got {x!r}")
-            return torch.tensor(v, dtype=dtype)
+            return torch.tensor(v if limit is None else [min(x, limit) for x in v], dtype=dtype)
 
         real = lambda x: isinstance(x, numbers.Real)  # noqa: E731
         self.temperature = rows("temperature", temperature, torch.float32,
                                 lambda x: real(x) and math.isfinite(x) and x >= 0, "a finite number >= 0 (0: greedy)")
         self.top_k = rows("top_k", top_k, torch.long, lambda x: isinstance(x, numbers.Integral) and x >= 0,
-                          "an int >= 0 (0: no top-k cut)")
+                          "an int >= 0 (0: no top-k cut)", limit=model.adapter.vocab_size)  # (top_k >= V: no cut)
         self.top_p = rows("top_p", top_p, torch.float32, lambda x: real(x) and 0 < x <= 1, "in (0, 1]")
         self.penalties = Penalties.of(B, presence_penalty, frequency_penalty, repetition_penalty,
                                       start=[len(i) for i in self.ids])
@@ -307,6 +315,8 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     set_budget() changes the budget mid-generation); otherwise a GenerationOutput (a list for a
     list of prompts).
     """
+    if not isinstance(stream, bool):
+        raise ValueError(f"stream must be True or False, got {stream!r}")
     prompt = _from_array(prompt)
     if not isinstance(prompt, (str, list, tuple)):
         raise _prompt_type_error(prompt)

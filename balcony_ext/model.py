@@ -229,6 +229,8 @@ def attach(model: BalconyModel, exits, init: str = "last", norm_init: str = "fin
     if not isinstance(model, BalconyModel):
         raise TypeError(f"attach() needs a BalconyModel, got {type(model).__name__}")
     exits = model.validate_exits(exits)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
     existing = [k for k in exits if str(k) in model.balconies]
     if existing and not replace:
         raise ValueError(f"exits {existing} are already attached; pass replace=True to re-initialise them")

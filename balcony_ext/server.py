@@ -33,13 +33,17 @@ from .batcher import Batcher, Request
 from .generate import encode_prompt
 
 
+# the chat roles a message may have (tool messages need tools, which this server does not implement)
+ROLES = ("system", "developer", "user", "assistant")
+
 # OpenAI request fields that would change the answer and that this server does not implement
 UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "functions", "function_call", "response_format", "top_logprobs",
                "suffix", "prediction", "audio", "modalities")
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: a boolean is not a number, "yes" not a boolean, 2.0 not a token count (an int is still a float)
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = 1.0
@@ -69,7 +73,7 @@ class CompletionBody(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | None = None
 
@@ -218,7 +222,7 @@ def create_app(model, batcher: Batcher, model_id: str | None = None) -> FastAPI:
         req.on_done = lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", None, None))
         try:
             batcher.submit(req)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise APIError(400, str(exc)) from None
         except RuntimeError as exc:
             raise APIError(503, str(exc), kind="server_error", code="shutting_down") from None
@@ -264,7 +268,13 @@ def create_app(model, batcher: Batcher, model_id: str | None = None) -> FastAPI:
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
         if not body.messages:
             raise APIError(400, "messages is empty", param="messages")
-        msgs = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+        for i, m in enumerate(body.messages):
+            if m.role not in ROLES:
+                raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}",
+                               param=f"messages.{i}.role")
+            if m.content is None:
+                raise APIError(400, f"messages[{i}] has no content", param=f"messages.{i}.content")
+        msgs = [{"role": m.role, "content": m.content} for m in body.messages]
         try:
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # the template's own complaint (e.g. roles out of order)

@@ -195,6 +195,8 @@ def read_shortlist(path) -> tuple:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"shortlist file {path} does not exist")
+    if path.is_dir():
+        raise ShortlistFileError(f"{path} is a directory, not a shortlist file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

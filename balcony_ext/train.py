@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import random
 import time
 from pathlib import Path
@@ -126,6 +127,34 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_train_args(model, lr, batch_size, seq_len, grad_accum, warmup, clip, weight_decay, checkpoint_every,
+                     seed, bf16, callback) -> None:
+    """Raises ValueError naming the first training argument out of its range (before any data is prepared)."""
+    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+    count = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1  # noqa: E731
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("grad_accum", grad_accum),
+                    ("checkpoint_every", checkpoint_every)):
+        if not count(v):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise ValueError(f"seq_len={seq_len} is past the model's {positions} positions (max_position_embeddings)")
+    if not (real(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not (real(warmup) and 0 <= warmup <= 1):
+        raise ValueError(f"warmup (the fraction of the steps that warm up) must be in [0, 1], got {warmup!r}")
+    if clip is not None and not (real(clip) and clip >= 0):
+        raise ValueError(f"clip must be a finite number >= 0 (0 or None: no clipping), got {clip!r}")
+    if not (real(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    if bf16 not in (None, True, False):
+        raise ValueError(f"bf16 must be True, False or None (on with CUDA), got {bf16!r}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be a function (step, info) or None, got {callback!r}")
+
+
 # The settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("exits", "tokens", "lr", "batch_size", "seq_len", "grad_accum", "warmup", "clip", "weight_decay",
                "seed", "total_steps")
@@ -158,8 +187,11 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
         raise ValueError("the model has no exits to train; call attach(model, exits=[...]) first")
     if loss_impl not in ("fused", "reference"):
         raise ValueError(f"loss_impl must be 'fused' or 'reference', got {loss_impl!r}")
-    if not tokens > 0:
+    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Real) or not (0 < tokens < math.inf):
         raise ValueError(f"tokens (the number of training tokens) must be positive, got {tokens!r}")
+    check_train_args(model, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, warmup=warmup,
+                     clip=clip, weight_decay=weight_decay, checkpoint_every=checkpoint_every, seed=seed, bf16=bf16,
+                     callback=callback)
     loss_fn = distill_loss_for(model, loss_impl)
     exits = model.exits
     device = model.device

@@ -163,6 +163,15 @@ def test_load_controller_holds_requests_the_floors_cannot_serve(monkeypatch):
     (dict(temperature=-1.0), "temperature"),
     (dict(prompt_ids=[5, 10_000]), "vocabulary"),
     (dict(ms_per_token=5.0), "calibrat"),
+    (dict(temperature=True), "temperature must be a finite number >= 0, got True"),
+    (dict(temperature="hot"), "temperature must be a finite number >= 0, got 'hot'"),
+    (dict(top_p="0.5"), r"top_p must be in \(0, 1\], got '0.5'"),
+    (dict(top_p=True), r"top_p must be in \(0, 1\], got True"),
+    (dict(prompt_ids="hello"), r"prompt_ids must be a list of token ids \(ints\), got str"),
+    (dict(prompt_ids=[1.0, 2.0]), r"prompt_ids must be a list of token ids \(ints\)"),
+    (dict(prompt_ids=5), r"prompt_ids must be a list of token ids \(ints\), got int"),
+    (dict(stop=5), "stop must be a non-empty string or a list of them"),
+    (dict(stop_tokens=2), "stop_tokens must be a list of token ids"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_queued(kw, match):
     m = _model()
@@ -223,3 +232,27 @@ def test_unseeded_sampling_leaves_the_global_generator_alone():
     while b.busy:
         b.iterate()
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_batch=0), "max_batch, max_len and prefill_chunk must be positive ints"),
+    (dict(max_len=None), "max_batch, max_len and prefill_chunk must be positive ints"),
+    (dict(prefill_chunk=2.5), "max_batch, max_len and prefill_chunk must be positive ints"),
+    (dict(slo_ms_per_token=-5), r"slo_ms_per_token must be a finite number > 0 .*got -5"),
+    (dict(slo_ms_per_token=float("nan")), r"slo_ms_per_token must be a finite number > 0 .*got nan"),
+    (dict(calibration="junk"), "calibration must be 'auto', None or a calibration"),
+])
+def test_bad_batcher_settings_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Batcher(_model(), **{"max_batch": 2, "max_len": 32, "calibration": None, **kw})
+
+
+def test_top_k_past_the_vocabulary_is_no_cut():
+    m = _model()
+    b = Batcher(m, max_batch=2, max_len=32, calibration=None)
+    req = b.submit(Request(_ids(5, 0), max_new_tokens=3, temperature=1.0, top_k=2**70, seed=1, stop_tokens=[]))
+    while b.busy:
+        b.iterate()  # (an overflow inside the step before)
+    alone = bx.generate(m, _ids(5, 0), max_new_tokens=3, temperature=1.0, top_k=0, seed=1, stop_tokens=[],
+                        calibration=None)
+    assert req.finish_reason == "length" and req.tokens == alone.tokens

@@ -13,6 +13,24 @@ def test_info(capsys):
     assert "CUDA kernels built:" in out and "CPU kernels:" in out
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "--budget", "abc", "hi"], "argument --budget: a budget is a number in (0, 1], got 'abc'"),
+    (["serve", "--port", "99999"], "argument --port: a port is an int in 0..65535, got '99999'"),
+    (["bench", "--batch", "0"], "argument --batch: must be a positive int, got '0'"),
+    (["bench", "--tokens", "-3"], "argument --tokens: must be a positive int, got '-3'"),
+])
+def test_bad_option_values_named_before_the_model_loads(argv, needle, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert needle in capsys.readouterr().err
+
+
+def test_missing_file_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "hi"]) == 2  # (a FileNotFoundError traceback before)
+    err = capsys.readouterr().err
+    assert "balcony generate: error:" in err and "no config.json there" in err and "Traceback" not in err
+
+
 def test_bad_choice_is_rejected():
     with pytest.raises(SystemExit):
         main(["train", "--init", "sideways"])  # argparse rejects an unknown choice

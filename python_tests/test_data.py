@@ -111,3 +111,11 @@ def test_command_line_data_specs():
     assert data_spec(["dir=with=equals=1"]) == [("dir=with=equals", 1.0)]
     with pytest.raises(ValueError, match="mix weighted and unweighted"):
         data_spec(["chat=0.7", "shakespeare"])
+
+
+def test_unknown_data_name_lists_the_named_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data path no-such-data does not exist \(named data: 'self', "
+                                                 r"'shakespeare'"):
+        prepare("no-such-data", ByteTokenizer())
+    with pytest.raises(TypeError, match=r"data must be a Corpus, .* got dict"):
+        prepare({"shakespeare": 1.0}, ByteTokenizer())

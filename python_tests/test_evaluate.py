@@ -67,3 +67,21 @@ def test_untrained_baseline_equals_fresh_last_init():
     attach(model, [2], init="last")
     rep = evaluate(model, data=_corpus(), seq_len=32, progress=False)
     assert rep.row("untrained", 2)["perplexity"] == pytest.approx(rep.row("balcony", 2)["perplexity"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seq_len=0), "seq_len must be an int >= 1, got 0"),
+    (dict(seq_len=-1), "seq_len must be an int >= 1, got -1"),
+    (dict(seq_len=300), r"seq_len=300 is past the model's 256 positions"),
+    (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+    (dict(max_tokens=0), "max_tokens must be a positive int or None"),
+    (dict(max_tokens=-5), "max_tokens must be a positive int or None"),
+    (dict(affine_tokens=-1), "affine_tokens must be an int >= 0, got -1"),
+    (dict(chat_prompts=-1), "chat_prompts must be an int >= 0, got -1"),
+    (dict(baselines="truncation"), "baselines must be a list of 'truncation' / 'untrained', got the string"),
+])
+def test_bad_evaluation_arguments_named(kw, match):
+    model = tiny_balcony()
+    attach(model, [2])
+    with pytest.raises(ValueError, match=match):
+        evaluate(model, data=_corpus(), **{"seq_len": 32, "progress": False, **kw})

@@ -176,3 +176,20 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_exits(_trained(), path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]
+
+
+def test_misused_paths_models_and_dtypes_named(tmp_path):
+    model = _trained()
+    with pytest.raises(IsADirectoryError, match="is a directory; give the exits file's path"):
+        save_exits(model, tmp_path)
+    for dtype in ("bfloat16", torch.int8):  # an int dtype would silently round the weights to integers
+        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+            save_exits(model, tmp_path / "e.safetensors", dtype=dtype)
+    assert not (tmp_path / "e.safetensors").exists()
+    path = save_exits(model, tmp_path / "e.safetensors")
+    with pytest.raises(ExitsFileError, match="is a directory, not an exits file"):
+        load_exits(tiny_balcony(), tmp_path)
+    with pytest.raises(TypeError, match=r"load_exits\(\) needs a BalconyModel, got object"):
+        load_exits(object(), path)
+    with pytest.raises(TypeError, match=r"save_exits\(\) needs a BalconyModel, got object"):
+        save_exits(object(), path)

@@ -197,3 +197,11 @@ def test_base_frozen_and_unchanged_by_training():
     for k, v in model.base.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.base.parameters())
+
+
+@pytest.mark.parametrize("seed", ["x", 1.5, True])
+def test_attach_seed_must_be_an_int(seed):
+    model = tiny_balcony()
+    with pytest.raises(ValueError, match=r"seed must be an int or None, got"):
+        attach(model, [2], init="random", seed=seed)
+    assert model.exits == []

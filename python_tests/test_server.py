@@ -184,6 +184,15 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
     ({"prompt": "x", "seed": 2**70}, 400, "seed must be an int"),
     ({"prompt": "x", "stop": [""]}, 400, "stop must be a non-empty string"),
     ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
+    # strict types: a boolean is not a number, a string not a boolean (each was accepted as one before)
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
+    ({"prompt": "x", "temperature": True}, 400, "temperature: Input should be a valid number"),
+    ({"prompt": "x", "budget": True}, 400, "budget: Input should be a valid number"),
+    ({"prompt": "x", "exit_layer": True}, 400, "exit_layer: Input should be a valid integer"),
+    ({"prompt": "x", "seed": True}, 400, "seed: Input should be a valid integer"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
+    ({"prompt": "x", "n": "2"}, 400, "n: Input should be a valid integer"),
+    ({"prompt": [True, False]}, 400, "prompt"),
 ])
 def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(server, model, body, status, needle):
     with httpx.Client(base_url=server.url, timeout=30) as h:
@@ -247,3 +256,21 @@ def test_shutdown_finishes_running_requests_and_refuses_new_ones(model, monkeypa
     assert not s.thread.is_alive()
     with pytest.raises(httpx.ConnectError):
         httpx.get(s.url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize("messages,needle", [
+    ([{"role": "user"}], "messages[0] has no content"),
+    ([{"role": "system", "content": "be brief"}, {"role": "user", "content": None}], "messages[1] has no content"),
+    ([{"role": "banana", "content": "hi"}], "messages[0].role must be one of system, developer, user, assistant"),
+])
+def test_chat_messages_without_content_or_with_unknown_roles_refused(server, model, messages, needle):
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        r = h.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["error"]["message"]
+
+
+def test_top_k_past_the_vocabulary_is_served(server, model):
+    with httpx.Client(base_url=server.url, timeout=30) as h:  # (a 500 from an overflow inside the step before)
+        r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "top_k": 10**30, "seed": 1})
+        assert r.status_code == 200, r.text

@@ -201,3 +201,56 @@ def test_reference_loss_impl_trains_the_same():
         torch.testing.assert_close(b.balconies.state_dict()[k], v, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="loss_impl"):
         train(a, loss_impl="fast", **kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(tokens=float("inf")), r"tokens \(the number of training tokens\) must be positive, got inf"),
+    (dict(tokens=True), r"tokens \(the number of training tokens\) must be positive, got True"),
+    (dict(tokens="100"), r"tokens \(the number of training tokens\) must be positive, got '100'"),
+    (dict(lr=0), "lr must be a finite number > 0, got 0"),
+    (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+    (dict(lr="1e-3"), "lr must be a finite number > 0"),
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
+    (dict(batch_size=-1), "batch_size must be a positive int, got -1"),
+    (dict(batch_size=True), "batch_size must be a positive int, got True"),
+    (dict(seq_len=0), "seq_len must be a positive int, got 0"),
+    (dict(seq_len=2.5), "seq_len must be a positive int, got 2.5"),
+    (dict(seq_len=300), r"seq_len=300 is past the model's 256 positions \(max_position_embeddings\)"),
+    (dict(grad_accum=0), "grad_accum must be a positive int, got 0"),
+    (dict(grad_accum=-1), "grad_accum must be a positive int, got -1"),
+    (dict(warmup=-1), r"warmup .* must be in \[0, 1\], got -1"),
+    (dict(warmup=float("nan")), r"warmup .* must be in \[0, 1\], got nan"),
+    (dict(clip=float("nan")), "clip must be a finite number >= 0"),
+    (dict(clip=-1), "clip must be a finite number >= 0"),
+    (dict(weight_decay=-1), "weight_decay must be a finite number >= 0"),
+    (dict(checkpoint_every=0), "checkpoint_every must be a positive int, got 0"),
+    (dict(seed="x"), r"seed must be an int in \[0, 2\*\*32\), got 'x'"),
+    (dict(seed=1.5), r"seed must be an int in \[0, 2\*\*32\), got 1.5"),
+    (dict(bf16="no"), "bf16 must be True, False or None"),
+    (dict(callback=5), "callback must be a function"),
+    (dict(data=None), None),
+    (dict(data=[("a", 0.5, 1)]), r"a data mixture is a list of \(data, weight\) pairs"),
+])
+def test_bad_training_arguments_named_and_nothing_trained(kw, match):
+    model = tiny_balcony()
+    attach(model, [2])
+    before = {k: v.clone() for k, v in model.balconies.state_dict().items()}
+    args = dict(data=_corpus(), tokens=2 * 4 * 16, batch_size=4, seq_len=16, progress=False) | kw
+    if match is None:
+        with pytest.raises(TypeError, match=r"data must be a Corpus, a name \('self', 'shakespeare'"):
+            train(model, **args)
+    else:
+        with pytest.raises(ValueError, match=match):
+            train(model, **args)
+    assert model.tokens_trained == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.balconies.state_dict().items())
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), True, "0.5", -1, 0])
+def test_mixture_weights_checked_before_any_part_is_prepared(weight):
+    model = tiny_balcony()
+    attach(model, [2])
+    # "no-such-data" would fail if it were prepared: the weights are checked first
+    with pytest.raises(ValueError, match="mixture weights must be positive finite numbers"):
+        train(model, data=[(_corpus(), weight), ("no-such-data", 1.0)], tokens=128, batch_size=4, seq_len=16,
+              progress=False)
