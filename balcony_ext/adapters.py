@@ -47,7 +47,8 @@ class Family:
     input_norm: str | None = "input_layernorm"  # None: the family normalises after its sublayers
     rotary_per_layer_type: bool = False  # rotary_emb(x, position_ids, layer_type) (Gemma 3)
     logit_softcap: str | None = None  # config field: logits = cap * tanh(logits / cap)
-    native: bool = False  # the decode engine runs it
+    norm_offset: float = 0.0  # its RMS norms scale by (offset + w) (Gemma: 1)
+    native: bool = False  # the decode engine runs it (with full rotary embeddings and no soft-caps)
 
 
 FAMILIES = {
@@ -55,8 +56,9 @@ FAMILIES = {
     "mistral": Family("MistralForCausalLM", native=True),
     "qwen2": Family("Qwen2ForCausalLM", native=True),
     "qwen3": Family("Qwen3ForCausalLM", native=True),
-    "gemma2": Family("Gemma2ForCausalLM", logit_softcap="final_logit_softcapping"),
-    "gemma3_text": Family("Gemma3ForCausalLM", rotary_per_layer_type=True, logit_softcap="final_logit_softcapping"),
+    "gemma2": Family("Gemma2ForCausalLM", logit_softcap="final_logit_softcapping", norm_offset=1.0),
+    "gemma3_text": Family("Gemma3ForCausalLM", rotary_per_layer_type=True, logit_softcap="final_logit_softcapping",
+                          norm_offset=1.0, native=True),
     "phi3": Family("Phi3ForCausalLM", native=True),  # (with partial rotary: through its modules)
     "olmo2": Family("Olmo2ForCausalLM", input_norm=None, native=True),  # (norms after its sublayers)
     "gpt_neox": Family("GPTNeoXForCausalLM", inner="gpt_neox", norm="final_layer_norm", embed="embed_in",
@@ -156,8 +158,10 @@ class DecoderAdapter:
 
     @property
     def native(self) -> bool:
-        """Whether the decode engine (generate) runs this model: its family, with full rotary embeddings."""
-        return self.family.native and rotary_fraction(self.config) == 1.0
+        """Whether the decode engine (generate) runs this model: its family, with full rotary embeddings
+        and no soft-capping of attention scores or logits."""
+        return (self.family.native and rotary_fraction(self.config) == 1.0 and self.logit_softcap is None
+                and not getattr(self.config, "attn_logit_softcapping", None))
 
     @property
     def logit_softcap(self) -> float | None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import ops
 from .kv_cache import KVCache
 from .module_layers import span_modules
-from .weights import engine_weights
+from .weights import engine_weights, module_weights
 
 
 def _rms(x, w, eps):
@@ -32,6 +32,14 @@ def _rms(x, w, eps):
 def _norm(x, w, eps):
     """A layer's norm where it has one (layer_layout.h: an absent norm is the identity)."""
     return _rms(x, w, eps) if w.numel() else x
+
+
+def _act_and_mul(gu, activation: str):
+    """The MLP's activation(gate) * up on gu = [gate | up] (ops.silu_and_mul for SiLU)."""
+    if activation == "silu":
+        return ops.silu_and_mul(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def _qk_norm(t, w, eps):
@@ -82,15 +90,16 @@ class Engine:
     def __init__(self, model, batch: int, max_len: int, native: bool | None = None, cache: KVCache | None = None):
         self.model = model
         self.w = w = engine_weights(model)
-        if w.sliding is not None and max_len > w.sliding:
-            raise NotImplementedError(f"generate(): this model uses sliding-window attention ({w.sliding} tokens); "
-                                      f"sequences up to that length are supported, asked for {max_len}")
         if max_len > w.max_positions:
             raise ValueError(f"prompt plus max_new_tokens needs {max_len} positions, past the model's "
                              f"{w.max_positions} (max_position_embeddings)")
         dev = model.device
         if native is None:
             native = dev.type == "cpu" and hasattr(torch.ops.balcony, "decode_step") and w.native
+        if not native and w.native and w.sliding is not None and max_len > w.sliding:
+            # the composed step attends to every position: past a sliding window, the modules' masks
+            # (the native step attends within each layer's window)
+            self.w = w = module_weights(model)
         if native and not w.native:
             raise NotImplementedError(f"native=True: the native step does not run {model.adapter.model_type}; "
                                       "its layers run through the model's own modules (native=None or False)")
@@ -166,11 +175,14 @@ class Engine:
         q = _qk_norm(lin(xn, lw.q_proj, lw.q_bias).view(B, T, w.Hq, w.D), lw.q_norm, w.eps).contiguous()
         k = _qk_norm(lin(xn, lw.k_proj, lw.k_bias).view(B, T, w.Hkv, w.D), lw.k_norm, w.eps).contiguous()
         v = lin(xn, lw.v_proj, lw.v_bias).view(B, T, w.Hkv, w.D).contiguous()
-        ops.rope_append(q, k, v, self.cache.k[slot], self.cache.v[slot], pos, self.cos, self.sin)
+        r = w.rope_of(slot)
+        ops.rope_append(q, k, v, self.cache.k[slot], self.cache.v[slot], pos, self.cos[r], self.sin[r])
         if outputs == "none":
             return None
         P = int((starts + counts).max())
-        causal = outputs == "all" and P == T and bool((counts == T).all())  # a plain causal prefill
+        window = w.slot_window[slot] if w.slot_window else 0
+        # a plain causal prefill (within the window, where the layer has one)
+        causal = outputs == "all" and P == T and bool((counts == T).all()) and (not window or P <= window)
         if outputs == "last":  # the rest of the layer for each row's last position only
             rows = torch.arange(B, device=x.device)
             end = (counts.to(x.device) - 1).clamp(min=0)
@@ -187,6 +199,8 @@ class Engine:
             vals = self.cache.v[slot][:, :, :P].repeat_interleave(w.Hq // w.Hkv, dim=1)
             j = torch.arange(P, device=x.device)
             mask = j.view(1, 1, P) <= pos.unsqueeze(-1)  # [B,T,P]
+            if window:  # a sliding-window layer: the last `window` positions up to each query's
+                mask &= j.view(1, 1, P) > pos.unsqueeze(-1) - window
             mask[..., 0] |= ~valid  # padding rows attend to something (their output is discarded)
             att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask.unsqueeze(1),
                                                  scale=w.scale)
@@ -194,7 +208,7 @@ class Engine:
         x = x + _norm(h, lw.attn_out_norm, w.eps)
         xn = to_low(_norm(x, lw.post_norm, w.eps))
         gu = torch.cat([lin(xn, lw.gate_proj, widen=False), lin(xn, lw.up_proj, widen=False)], dim=-1)
-        return x + _norm(lin(ops.silu_and_mul(gu), lw.down_proj), lw.mlp_out_norm, w.eps)
+        return x + _norm(lin(_act_and_mul(gu, w.activation), lw.down_proj), lw.mlp_out_norm, w.eps)
 
     def _grid(self, starts, counts):
         """Row and position indices [B,T] of the positions starts[b] .. starts[b]+counts[b]-1 (past a
@@ -347,8 +361,8 @@ class Engine:
             head, out = self._head_out(plan)
             ops.decode_step(
                 last, pos, ex, self.exits, w.embed, w.base, w.exit, w.final_norm, head, self.cache.k, self.cache.v,
-                self.cache.kept, self.cos, self.sin, w.eps, w.scale, self.workspace, out, temperature, top_k, top_p,
-                uniform, self.next_tokens)
+                self.cache.kept, self.cos, self.sin, w.slot_rope, w.slot_window, w.eps, w.scale, w.embed_scale, w.activation,
+                self.workspace, out, temperature, top_k, top_p, uniform, self.next_tokens)
             self._shortlisted(plan)
             nxt = ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform) if plan[0] else self.next_tokens
         else:
@@ -385,7 +399,7 @@ class Engine:
         the host from the same exits as a list; nothing reads the device."""
         w, L, B, dev = self.w, self.L, self.B, last.device
         rows = torch.arange(B, device=dev)
-        x = w.embed[last].float()  # [B, H]
+        x = self._embed(last)  # [B, H]
         fin = torch.zeros(B, w.H, dtype=torch.float32, device=dev)
         for i in range(max(exits)):
             x = self._decode_layer(i, x, torch.where(ex > i, pos, -1))
@@ -412,8 +426,9 @@ class Engine:
         q = _qk_norm(_linear(xn, lw.q_proj, lw.q_bias).view(B, 1, w.Hq, w.D), lw.q_norm, w.eps).contiguous()
         k = _qk_norm(_linear(xn, lw.k_proj, lw.k_bias).view(B, 1, w.Hkv, w.D), lw.k_norm, w.eps)
         v = _linear(xn, lw.v_proj, lw.v_bias).view(B, 1, w.Hkv, w.D)
+        r = w.rope_of(slot)
         ops.rope_append(q, k.contiguous(), v.contiguous(), self.cache.k[slot], self.cache.v[slot], pos.view(B, 1),
-                        self.cos, self.sin)
+                        self.cos[r], self.sin[r])
         att = ops.decode_attention(q.view(B, w.Hq, w.D), self.cache.k[slot], self.cache.v[slot], pos + 1, w.scale)
         h = _linear(att.reshape(B, w.Hq * w.D), lw.o_proj)
         if lw.attn_out_norm.numel() or not lw.post_norm.numel():  # (OLMo 2's order)
@@ -423,12 +438,15 @@ class Engine:
             x = x.clone()
             ops.fused_add_rms_norm(h, x, lw.post_norm, w.eps)  # x += attention output; h = post-norm(x)
         gu = torch.cat([_linear(h, lw.gate_proj), _linear(h, lw.up_proj)], dim=-1)
-        return x + _norm(_linear(ops.silu_and_mul(gu), lw.down_proj), lw.mlp_out_norm, w.eps)
+        return x + _norm(_linear(_act_and_mul(gu, w.activation), lw.down_proj), lw.mlp_out_norm, w.eps)
 
     # -- the pieces that differ between the native weights and the model's own modules
     def _embed(self, ids):
         w = self.w
-        return (w.embed[ids] if w.native else w.adapter.embed_tokens(ids)).float()
+        if not w.native:
+            return w.adapter.embed_tokens(ids).float()
+        x = w.embed[ids].float()
+        return x * w.embed_scale if w.embed_scale != 1.0 else x
 
     def _exit_norm(self, k: int, y):
         """The norm after exit k's layer (the final norm for k == L) on float32 rows y."""

@@ -60,8 +60,22 @@ PER_LAYER = len(LAYER_FIELDS)  # tensors per decoder layer in the native step's 
 PER_EXIT = PER_LAYER + 1  # an exit's layer, then its norm
 
 
-def _vec(t):
-    return t.detach().float().contiguous() if t is not None else torch.empty(0)
+def _vec(t, offset: float = 0.0):
+    """A float32 copy of a norm or bias (a norm's weight plus `offset`: Gemma's norms scale by 1 + w)."""
+    return (t.detach().float() + offset).contiguous() if t is not None else torch.empty(0)
+
+
+ACTIVATION_NAMES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh",
+                    "PytorchGELUTanh": "gelu_tanh"}  # the MLP's act_fn class -> ops.decode_step activation
+
+
+def mlp_activation(layer) -> str:
+    """The gate activation of a decoder layer's MLP ("silu" or "gelu_tanh"; raises for another)."""
+    act = getattr(layer.mlp, "act_fn", None) or getattr(layer.mlp, "activation_fn", None)
+    name = type(act).__name__ if act is not None else "SiLU"
+    if name not in ACTIVATION_NAMES:
+        raise NotImplementedError(f"generate(): the MLP activation {name} is neither SiLU nor GELU (tanh)")
+    return ACTIVATION_NAMES[name]
 
 
 def _mat(t, fmt: str = "float"):
@@ -101,30 +115,32 @@ def _projections(layer) -> dict:
 def _norms(layer) -> tuple:
     """A decoder layer's (input, pre-MLP, attention-output, MLP-output) norm modules, None where it has
     none: Llama's input and post-attention norms come before their sublayers; OLMo 2 normalises each
-    sublayer's output instead (its post_attention_layernorm is an output norm)."""
+    sublayer's output instead (its post_attention_layernorm is an output norm); Gemma has all four."""
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return (layer.input_layernorm, layer.pre_feedforward_layernorm, layer.post_attention_layernorm,
+                layer.post_feedforward_layernorm)
     if getattr(layer, "input_layernorm", None) is None and hasattr(layer, "post_feedforward_layernorm"):
         return None, None, layer.post_attention_layernorm, layer.post_feedforward_layernorm
     return layer.input_layernorm, layer.post_attention_layernorm, None, None
 
 
-def layer_weights(layer, fmt: str = "float") -> LayerWeights:
-    """A Hugging Face Llama-family, Phi-3 or OLMo 2 decoder layer's tensors (raises for what the engine
-    does not run)."""
-    attn, mlp = layer.self_attn, layer.mlp
+def layer_weights(layer, fmt: str = "float", norm_offset: float = 0.0) -> LayerWeights:
+    """A Hugging Face Llama-family, Phi-3, OLMo 2 or Gemma 3 decoder layer's tensors (raises for what the
+    engine does not run); norm_offset is added to every norm's weight (Gemma's are 1 + w)."""
+    attn = layer.self_attn
     proj = _projections(layer)
     if any(proj[n][1] is not None for n in ("o_proj", "gate_proj", "up_proj", "down_proj")):
         raise NotImplementedError("generate(): output-projection and MLP biases are not supported by the decode step")
-    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
-    if act is not None and type(act).__name__ not in ("SiLU", "SiLUActivation"):
-        raise NotImplementedError(f"generate(): the MLP activation {type(act).__name__} is not SiLU")
+    mlp_activation(layer)
     qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    norms = [_vec(n.weight if n is not None else None) for n in _norms(layer)]
+    norms = [_vec(n.weight if n is not None else None, norm_offset) for n in _norms(layer)]
     return LayerWeights(
         input_norm=norms[0],
         q_proj=_mat(proj["q_proj"][0], fmt), q_bias=_vec(proj["q_proj"][1]),
         k_proj=_mat(proj["k_proj"][0], fmt), k_bias=_vec(proj["k_proj"][1]),
         v_proj=_mat(proj["v_proj"][0], fmt), v_bias=_vec(proj["v_proj"][1]),
-        q_norm=_vec(qn.weight if qn is not None else None), k_norm=_vec(kn.weight if kn is not None else None),
+        q_norm=_vec(qn.weight if qn is not None else None, norm_offset),
+        k_norm=_vec(kn.weight if kn is not None else None, norm_offset),
         o_proj=_mat(proj["o_proj"][0], fmt),
         post_norm=norms[1],
         gate_proj=_mat(proj["gate_proj"][0], fmt), up_proj=_mat(proj["up_proj"][0], fmt),
@@ -160,14 +176,15 @@ class NativeWeights:
         self.L = model.num_layers
         self.exits = list(model.exits)
         self.format = fmt = weight_format(model)
+        off = a.family.norm_offset
         modules = list(a.layers) + [model.exit_module(k).layer for k in self.exits]
-        self.layers = [layer_weights(layer, fmt) for layer in a.layers] + [
-            layer_weights(model.exit_module(k).layer, EXIT_FORMAT[fmt]) for k in self.exits]
+        self.layers = [layer_weights(layer, fmt, off) for layer in a.layers] + [
+            layer_weights(model.exit_module(k).layer, EXIT_FORMAT[fmt], off) for k in self.exits]
         # the multi-token passes' GEMMs read float matrices of the blocks' values: the model's own where
         # they hold them (quantize rounds in place), else a dequantised copy (e.g. exits trained since)
         self.gemm_layers = self.layers if fmt == "float" else [
-            _gemm_layer(lw, layer_weights(layer)) for lw, layer in zip(self.layers, modules)]
-        self.exit_norms = [_vec(model.exit_module(k).norm.weight) for k in self.exits]
+            _gemm_layer(lw, layer_weights(layer, norm_offset=off)) for lw, layer in zip(self.layers, modules)]
+        self.exit_norms = [_vec(model.exit_module(k).norm.weight, off) for k in self.exits]
         # the flat lists the native step takes
         self.base = [t for lw in self.layers[:self.L] for t in lw]
         self.exit = [t for e, lw in enumerate(self.layers[self.L:]) for t in (*lw, self.exit_norms[e])]
@@ -176,7 +193,9 @@ class NativeWeights:
         self.short_ids = _short_ids(model)
         self.head_short = None if self.short_ids is None else _mat(  # the head's shortlisted rows, ranked
             a.lm_head.weight[self.short_ids], HEAD_FORMAT[fmt])
-        self.final_norm = _vec(a.final_norm.weight)
+        self.final_norm = _vec(a.final_norm.weight, off)
+        self.embed_scale = float(getattr(a.embed_tokens, "scalar_embed_scale", 1.0))  # (Gemma: sqrt(hidden))
+        self.activation = mlp_activation(a.layers[0])
         self.eps = a.rms_norm_eps
         self.H = a.hidden_size
         self.Hq = int(c.num_attention_heads)
@@ -189,6 +208,13 @@ class NativeWeights:
         self.sliding = getattr(c, "sliding_window", None) if any(
             a.layer_type(i) != "full_attention" for i in range(self.L)) else None
         self.rotary = a.rotary_emb
+        # one rotary table per attention type where the family's differ (Gemma 3), else one; the
+        # table of each cache slot (an exit's: that of the last layer's type, as the modules run it)
+        types = [a.layer_type(i) for i in range(self.L)] + [a.layer_type(self.L - 1)] * len(self.exits)
+        self.rope_types = sorted(set(types)) if a.family.rotary_per_layer_type else [None]
+        self.slot_rope = [self.rope_types.index(t) for t in types] if a.family.rotary_per_layer_type else []
+        # each slot's sliding window (0: attends to every position), or [] where no layer slides
+        self.slot_window = [int(self.sliding) if t != "full_attention" else 0 for t in types] if self.sliding else []
         self._tables = None
 
     def layer(self, slot: int) -> LayerWeights:
@@ -204,14 +230,20 @@ class NativeWeights:
         return self.final_norm if k == self.L else self.exit_norms[self.exits.index(k)]
 
     def rope(self, positions: int):
-        """cos/sin [P, D/2] float32 from the model's own rotary embedding (its scaling included)."""
-        if self._tables is None or self._tables[0].shape[0] < positions:
+        """cos/sin [R, P, D/2] float32 from the model's own rotary embedding (its scaling included), one
+        table per entry of rope_types (slot_rope names each cache slot's)."""
+        if self._tables is None or self._tables[0].shape[1] < positions:
             ids = torch.arange(positions, device=self.embed.device).unsqueeze(0)
             probe = torch.zeros(1, positions, self.D, device=self.embed.device)
-            cos, sin = self.rotary(probe, ids)
             half = self.D // 2
-            self._tables = (cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous())
+            tables = [self.rotary(probe, ids) if t is None else self.rotary(probe, ids, t) for t in self.rope_types]
+            self._tables = tuple(torch.stack([tb[i][0, :, :half].float() for tb in tables]).contiguous()
+                                 for i in (0, 1))
         return self._tables
+
+    def rope_of(self, slot: int) -> int:
+        """The index of cache slot `slot`'s rotary table."""
+        return self.slot_rope[slot] if self.slot_rope else 0
 
 
 class ModuleWeights:
@@ -270,6 +302,23 @@ def engine_weights(model):
             warnings.warn(model._module_notice, RuntimeWarning, stacklevel=3)
         cached = (key, NativeWeights(model) if model.adapter.native else ModuleWeights(model))
         model._engine_weights = cached
+    return cached[1]
+
+
+def module_weights(model) -> ModuleWeights:
+    """The model's own modules as the engine reads them, whichever family (float weights only): for a
+    native family's sequences past its sliding window. Cached like engine_weights."""
+    if weight_format(model) != "float":
+        raise NotImplementedError(f"sequences past the sliding window run through the model's own modules, which "
+                                  f"need float weights ({weight_format(model)} loaded)")
+    key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype,
+           tuple(p.data_ptr() for p in model.balcony_parameters()[:1]), id(getattr(model, "shortlist", None)))
+    cached = getattr(model, "_module_weights", None)
+    if cached is None or cached[0] != key:
+        if cached is None:
+            warnings.warn(f"a sequence past the sliding window of {model.adapter.model_type} decodes through the "
+                          "model's own modules, layer by layer (correct, slower)", RuntimeWarning, stacklevel=3)
+        cached = model._module_weights = (key, ModuleWeights(model))
     return cached[1]
 
 

@@ -90,10 +90,15 @@ TORCH_LIBRARY(balcony, m) {
   // q bias, k, k bias, v, v bias, q norm, k norm, o, post-attention norm, gate, up, down, attention-output
   // norm, MLP-output norm; empty tensors for absent ones; balcony_ext/weights.py names the same fields), exits add their norm. Caches: float32 [B,Hkv,S,D] per slot (L base layers, then one per exit); kept:
   // float32 [B,S,H] per exit, receives the hidden state after that depth at each row's position.
+  // cos/sin: [P, D/2], or [R, P, D/2] with slot_rope naming each slot's table (Gemma 3: per attention
+  // type); slot_window: each slot's sliding window (0: none; empty: none anywhere), a row attending to
+  // its last `window` positions; embed_scale multiplies the embedding (Gemma); activation: 0 SiLU, 1
+  // GELU (tanh) on the gate.
   m.def(
       "decode_step(Tensor tokens, Tensor positions, Tensor exit_of_row, int[] exit_depths, Tensor embed, "
       "Tensor[] base_weights, Tensor[] exit_weights, Tensor final_norm, Tensor head, Tensor(a!)[] key_caches, "
-      "Tensor(b!)[] value_caches, Tensor(c!)[] kept, Tensor cos, Tensor sin, float eps, float scale, "
+      "Tensor(b!)[] value_caches, Tensor(c!)[] kept, Tensor cos, Tensor sin, int[] slot_rope, "
+      "int[] slot_window, float eps, float scale, float embed_scale, int activation, "
       "Tensor(d!) workspace, Tensor(e!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform, "
       "Tensor(f!) next_tokens) -> ()");
   // Float32 elements of decode_step's workspace for these sizes (and the current thread count).

@@ -8,6 +8,7 @@ import torch
 
 from balcony_ext import ops
 from balcony_ext.engine import Engine
+from balcony_ext.ops.decode_step import ACTIVATIONS
 from balcony_ext.model import attach
 from balcony_ext.weights import LAYER_FIELDS, PER_EXIT, PER_LAYER, LayerWeights
 from tiny_models import tiny_balcony
@@ -24,13 +25,15 @@ def _engine(batch=3, max_len=24):
     return e
 
 
-def _args(e, exits):
+def _args(e, exits, op=True):
+    """The arguments of torch.ops.balcony.decode_step (op) or of its wrapper ops.decode_step."""
     w, B = e.w, e.B
     pos = (e.cache.length - 1).clamp(min=0)
     last = e.cache.tokens[torch.arange(B), pos]
+    act = ACTIVATIONS[w.activation] if op else w.activation
     return (last, pos, torch.tensor(exits), e.exits, w.embed, w.base, w.exit, w.final_norm, w.head, e.cache.k,
-            e.cache.v, e.cache.kept, e.cos, e.sin, w.eps, w.scale, e.workspace, e.logits, torch.zeros(B),
-            torch.zeros(B, dtype=torch.long), torch.ones(B), torch.rand(B), e.next_tokens)
+            e.cache.v, e.cache.kept, e.cos, e.sin, w.slot_rope, w.slot_window, w.eps, w.scale, w.embed_scale, act, e.workspace,
+            e.logits, torch.zeros(B), torch.zeros(B, dtype=torch.long), torch.ones(B), torch.rand(B), e.next_tokens)
 
 
 def test_layer_layout_is_the_native_steps():
@@ -47,7 +50,7 @@ def test_layer_layout_is_the_native_steps():
 def test_decode_step_wrapper_matches_the_op():
     exits = [2, 4, 0]
     a, b = _engine(), _engine()
-    ops.decode_step(*_args(a, exits))
+    ops.decode_step(*_args(a, exits, op=False))
     torch.ops.balcony.decode_step(*_args(b, exits))
     torch.testing.assert_close(a.logits[:2], b.logits[:2], rtol=0, atol=0)
     assert torch.equal(a.next_tokens[:2], b.next_tokens[:2])
@@ -66,7 +69,7 @@ def test_decode_step_fake_kernel_checks_shapes():
     args = list(_args(e, [2, 4, 0]))
     with FakeTensorMode(allow_non_fake_inputs=True):
         torch.ops.balcony.decode_step(*args)  # shapes agree: no error
-        args[17] = torch.empty(2, e.w.V)  # logits with a row too few
+        args[21] = torch.empty(2, e.w.V)  # logits with a row too few
         try:
             torch.ops.balcony.decode_step(*args)
         except Exception as exc:  # the fake kernel's check

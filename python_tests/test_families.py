@@ -186,6 +186,70 @@ def test_olmo2_runs_the_native_step_with_norms_after_its_sublayers(cpu_capabilit
     assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
 
 
+def _gemma3(window=64, **kw):
+    # Gemma 3 as released: no soft-caps (the tiny default config has them, to exercise the module path)
+    m = tiny_balcony("gemma3_text", layers=6, initializer_range=0.2, sliding_window=window,
+                     final_logit_softcapping=None, attn_logit_softcapping=None, **kw)
+    attach(m, [2, 4], init="random", seed=1)
+    return m
+
+
+def test_gemma3_runs_the_native_step(cpu_capability):
+    from balcony_ext.weights import engine_weights, quantize
+    from step_checks import assert_native_matches_composed
+
+    m = _gemma3()
+    assert m.adapter.native and not _gen_model("gemma3_text").adapter.native  # (soft-caps: the modules)
+    w = engine_weights(m)
+    layer = m.adapter.layers[0]
+    assert torch.equal(w.layer(0).input_norm, layer.input_layernorm.weight + 1)  # (1 + w) norms, folded
+    assert torch.equal(w.layer(0).post_norm, layer.pre_feedforward_layernorm.weight + 1)
+    assert torch.equal(w.layer(0).attn_out_norm, layer.post_attention_layernorm.weight + 1)
+    assert w.embed_scale == 64 ** 0.5 and w.activation == "gelu_tanh"
+    assert w.rope_types == ["full_attention", "sliding_attention"] and w.slot_rope == [1, 0, 1, 0, 1, 0, 0, 0]
+    cos, _ = w.rope(8)  # (the exits as the last layer, full)
+    assert not torch.allclose(cos[0], cos[1])  # the two types turn at different rates
+    assert_native_matches_composed(m, [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], [2, m.num_layers], steps=4, tol=2e-4)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22]]
+    outs = generate(m, prompts, exit_layer=m.num_layers, max_new_tokens=14, stop_tokens=[])
+    for ids, out in zip(prompts, outs):
+        ref = m.base.generate(torch.tensor([ids]), max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        assert out.tokens == ref
+    quantize(m, "q4_1")
+    ids = [5, 6, 7, 8, 9]
+    out = generate(m, ids, exit_layer=4, max_new_tokens=6, stop_tokens=[], calibration=None)
+    with torch.no_grad():
+        logits = m(torch.tensor([ids + out.tokens]), exits=[4])[4][0]
+    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
+
+
+def test_gemma3_past_its_sliding_window():
+    # the native step attends within each sliding layer's window; the composed step, which attends to
+    # every position, hands sequences past the window to the model's own modules
+    from balcony_ext.engine import Engine
+
+    m = _gemma3(window=8)
+    w = Engine(m, 1, 8).w
+    assert w.slot_window == [8, 0, 8, 0, 8, 0, 0, 0] and Engine(m, 1, 40).native
+    with pytest.warns(RuntimeWarning, match="past the sliding window of gemma3_text"):
+        assert not Engine(m, 1, 9, native=False).w.native
+    prompts = [list(range(5, 17)), [20, 21, 22]]  # 12 + 20 tokens: past the window of 8
+    ref = [m.base.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                           pad_token_id=0)[0, len(ids):].tolist() for ids in prompts]
+    for native in (True, False):
+        outs = generate(m, prompts, exit_layer=m.num_layers, max_new_tokens=20, stop_tokens=[], native=native)
+        assert [o.tokens for o in outs] == ref, native
+    # exit switches past the window: the caught-up caches give what a fresh forward gives
+    L, ids = m.num_layers, list(range(30, 42))
+    g = generate(m, ids, exit_layer={0: 2, 3: 4, 5: L, 7: 2}, max_new_tokens=10, stop_tokens=[], stream=True)
+    for _ in g:
+        k = g.exit_layers[0][-1]
+        with torch.no_grad():
+            fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
+        torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+
+
 def test_unknown_model_type_accepted_when_the_probe_agrees():
     hf = tiny_hf("olmo")  # not in FAMILIES: taken apart by name, then checked
     assert "olmo" not in FAMILIES

@@ -453,15 +453,28 @@ def test_native_step_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="neither attached"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([3]), e.exits, w.embed,
                                       w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
-                                      e.sin, w.eps, w.scale, e.workspace, e.logits, *args(), e.next_tokens)
+                                      e.sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, 0, e.workspace, e.logits,
+                                      *args(), e.next_tokens)
     with pytest.raises(RuntimeError, match="past the cache"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([16]), torch.tensor([2]), e.exits, w.embed,
                                       w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
-                                      e.sin, w.eps, w.scale, e.workspace, e.logits, *args(), e.next_tokens)
+                                      e.sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, 0, e.workspace, e.logits,
+                                      *args(), e.next_tokens)
+    with pytest.raises(RuntimeError, match="activation must be 0"):
+        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
+                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
+                                      e.sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, 2, e.workspace, e.logits,
+                                      *args(), e.next_tokens)
+    with pytest.raises(RuntimeError, match=r"slot_rope must name the rotary table of each of the \d+ cache slots"):
+        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
+                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept,
+                                      e.cos.expand(2, -1, -1), e.sin.expand(2, -1, -1), [], [], w.eps, w.scale,
+                                      w.embed_scale, 0, e.workspace, e.logits, *args(), e.next_tokens)
     with pytest.raises(RuntimeError, match="workspace"):
         torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
                                       w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
-                                      e.sin, w.eps, w.scale, e.workspace[:10], e.logits, *args(), e.next_tokens)
+                                      e.sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, 0, e.workspace[:10], e.logits,
+                                      *args(), e.next_tokens)
 
 
 @pytest.mark.slow
@@ -488,3 +501,40 @@ def test_real_model_chat_template_stop_strings_and_batches():
     outs = bx.generate(m, prompts, budget=[1.0, 0.5], max_new_tokens=8)
     for p, out, budget in zip(prompts, outs, [1.0, 0.5]):
         assert out.tokens == bx.generate(m, p, budget=budget, max_new_tokens=8).tokens
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive int, got True"),
+    (dict(max_len=10.5), r"max_len must be a positive int .*got 10.5"),
+    (dict(max_len=True), r"max_len must be a positive int .*got True"),
+    (dict(max_len="64"), r"max_len must be a positive int .*got '64'"),
+    (dict(max_len=0), r"max_len must be a positive int .*got 0"),
+    (dict(stop=5), "stop must be a non-empty string or a list of them, got 5"),
+    (dict(stop={"end": 1}), "stop must be a non-empty string or a list of them"),
+    (dict(stop_tokens=2), "stop_tokens must be a list of token ids"),
+    (dict(stream="no"), "stream must be True or False, got 'no'"),
+    (dict(chat="yes"), "chat must be True, False or None"),
+    (dict(budget={"0": 0.5}), r"a budget schedule maps steps \(ints >= 0\) to budgets, got the key '0'"),
+    (dict(budget={-1: 0.5}), r"a budget schedule maps steps \(ints >= 0\) to budgets, got the key -1"),
+    (dict(calibration="junk"), "calibration must be 'auto', None or a calibration"),
+    (dict(calibration={"x": 1}), "calibration must be 'auto', None or a calibration"),
+])
+def test_misused_arguments_named(kw, match):
+    m = _model()
+    with pytest.raises(ValueError, match=match):
+        bx.generate(m, _prompts(1)[0], **{"max_new_tokens": 2, "stop_tokens": [], **kw})
+
+
+@pytest.mark.parametrize("ms", ["x", True, float("inf"), float("nan"), -1.0])
+def test_latency_target_must_be_a_positive_number(ms):
+    m = _model()
+    cal = {"model": m.name, "ms_per_token": {str(k): float(k) for k in m.exits + [m.num_layers]}}
+    with pytest.raises(ValueError, match=r"ms_per_token must be a finite number > 0 \(milliseconds per token\)"):
+        bx.generate(m, _prompts(1)[0], ms_per_token=ms, calibration=cal, max_new_tokens=2)
+
+
+def test_top_k_past_the_vocabulary_is_no_cut():
+    m = _model()
+    kw = dict(temperature=1.0, seed=3, max_new_tokens=4, stop_tokens=[])
+    huge = bx.generate(m, _prompts(1)[0], top_k=2**70, **kw)  # (was an overflow deep inside)
+    assert huge.tokens == bx.generate(m, _prompts(1)[0], top_k=0, **kw).tokens

@@ -37,7 +37,9 @@ struct RopeAppendArgs {
 };
 
 // Split-KV decode attention. Task (b, kv head h, split j) covers positions
-// [j * chunk, min((j + 1) * chunk, seq_lens[b])) for the G = Hq / Hkv query heads h*G .. h*G+G-1.
+// [lo + j * chunk, min(lo + (j + 1) * chunk, seq_lens[b])) for the G = Hq / Hkv query heads h*G .. h*G+G-1,
+// where lo = 0, or seq_lens[b] - window with a sliding window shorter than the row (the last `window`
+// positions only).
 struct DecodeAttentionArgs {
   const void* query;  // [B,Hq,D], strides q_sb, q_sh
   int64_t q_sb, q_sh;
@@ -48,6 +50,7 @@ struct DecodeAttentionArgs {
   const int64_t* seq_lens;  // [B]
   int64_t Hkv, G, D;
   int64_t num_splits, chunk;
+  int64_t window;  // 0: every position; > 0: the last `window` positions of each row
   float scale;
   void* out;  // [B,Hq,D] contiguous; written directly when num_splits == 1
   // num_splits > 1: per (b, query head, split) the running max and sum of exp ([B,Hq,splits,2])

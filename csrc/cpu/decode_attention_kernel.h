@@ -395,7 +395,7 @@ inline void accumulate_v_pairs_bf16(const float* sc, const bf16_t* vblk, int64_t
 }
 #endif
 
-// One task: positions [j * chunk, min((j + 1) * chunk, len)) of sequence b against the G query
+// One task: positions [lo + j * chunk, min(lo + (j + 1) * chunk, len)) of sequence b against the G query
 // heads sharing kv head h. K and V rows are read from memory once for the whole group.
 // kInsn (bfloat16 caches under Capability::AVX512_BF16): the scores with vdpbf16ps.
 template <typename T, bool kInsn>
@@ -406,7 +406,8 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
   const int64_t j = task % splits, bh = task / splits;
   const int64_t h = bh % a.Hkv, b = bh / a.Hkv;
   const int64_t len = a.seq_lens[b];
-  const int64_t p_begin = j * a.chunk;
+  const int64_t lo = a.window > 0 && len > a.window ? len - a.window : 0;
+  const int64_t p_begin = lo + j * a.chunk;
   const int64_t p_end = p_begin + a.chunk < len ? p_begin + a.chunk : len;
 
   float* qf = scratch;        // [G, D] query * scale, float

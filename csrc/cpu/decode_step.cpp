@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -68,6 +69,20 @@ struct Work {  // views into the caller's float32 workspace
 using RopeAppendFn = void(at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
+enum Activation : int64_t { SILU = 0, GELU_TANH = 1 };  // of the MLP's gate (decode_step's `activation`)
+
+// act[r, i] = gelu_tanh(gu[r, i]) * gu[r, I + i] (PyTorch's gelu(approximate="tanh"); Gemma's MLP)
+void gelu_tanh_and_mul(const float* gu, float* act, int64_t rows, int64_t I) {
+  constexpr float kBeta = 0.7978845608028654f, kKappa = 0.044715f;  // sqrt(2 / pi)
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = gu[r * 2 * I + i];
+        act[r * I + i] = 0.5f * g * (1.0f + std::tanh(kBeta * (g + kKappa * g * g * g))) * gu[r * 2 * I + I + i];
+      }
+  });
+}
+
 void add_rows(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
@@ -84,7 +99,7 @@ void qk_norm(float* t, const at::Tensor& norm, int64_t rows, int64_t heads, int6
 // layer lacks are the identity (balcony/layer_layout.h).
 void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& key_cache, at::Tensor& value_cache,
                const at::Tensor& pos, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin, float eps,
-               double scale) {
+               double scale, int64_t activation, int64_t window) {
   static auto rope = c10::Dispatcher::singleton().findSchemaOrThrow("balcony::rope_append", "").typed<RopeAppendFn>();
   const int64_t B = d.B, H = d.H, QD = d.Hq * d.D, KD = d.Hkv * d.D, I = d.I;
   auto normed = [&](const at::Tensor& norm) -> const float* {  // the sublayer's input
@@ -109,16 +124,20 @@ void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& k
   at::Tensor k = at::from_blob(w.k, {B, 1, d.Hkv, d.D}, f32);
   at::Tensor v = at::from_blob(w.v, {B, 1, d.Hkv, d.D}, f32);
   rope.call(q, k, v, key_cache, value_cache, pos.view({B, 1}), cos, sin);
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, w.llen[b]);
-  const int64_t splits = std::min(decode_attention_cpu_splits(B, d.Hkv, max_len, 0), w.max_splits);
-  decode_attention_cpu_into(q.view({B, d.Hq, d.D}), key_cache, value_cache, w.llen, max_len, scale, splits, w.attn,
-                            w.part_ml, w.part_o, w.attn_scratch);
+  int64_t span = 0;  // the most positions a row attends to
+  for (int64_t b = 0; b < B; ++b) span = std::max(span, w.llen[b]);
+  if (window > 0) span = std::min(span, window);
+  const int64_t splits = std::min(decode_attention_cpu_splits(B, d.Hkv, span, 0), w.max_splits);
+  decode_attention_cpu_into(q.view({B, d.Hq, d.D}), key_cache, value_cache, w.llen, span, scale, splits, w.attn,
+                            w.part_ml, w.part_o, w.attn_scratch, window);
   add_out(w.attn, QD, lw[O_PROJ], lw[ATTN_OUT_NORM]);
   a = normed(lw[POST_NORM]);
   linear_into(a, H, B, lw[GATE_PROJ], nullptr, w.gu, 2 * I, false);
   linear_into(a, H, B, lw[UP_PROJ], nullptr, w.gu + I, 2 * I, false);
-  BALCONY_CPU_DISPATCH(silu_and_mul)(ScalarKind::F32, w.gu, 2 * I, w.act, I, I, 0, B);
+  if (activation == GELU_TANH)
+    gelu_tanh_and_mul(w.gu, w.act, B, I);
+  else
+    BALCONY_CPU_DISPATCH(silu_and_mul)(ScalarKind::F32, w.gu, 2 * I, w.act, I, I, 0, B);
   add_out(w.act, I, lw[DOWN_PROJ], lw[MLP_OUT_NORM]);
 }
 
@@ -163,7 +182,9 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
                            c10::IntArrayRef exit_depths, const at::Tensor& embed, at::TensorList base_weights,
                            at::TensorList exit_weights, const at::Tensor& final_norm, const at::Tensor& head,
                            at::TensorList key_caches, at::TensorList value_caches, at::TensorList kept,
-                           const at::Tensor& cos, const at::Tensor& sin, double eps, double scale,
+                           const at::Tensor& cos, const at::Tensor& sin, c10::IntArrayRef slot_rope,
+                           c10::IntArrayRef slot_window, double eps,
+                           double scale, double embed_scale, int64_t activation,
                            at::Tensor& workspace, at::Tensor& logits, const at::Tensor& temperature,
                            const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& uniform,
                            at::Tensor& next_tokens) {
@@ -215,6 +236,25 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
                       c->size(3) == d.D && c->scalar_type() == at::kFloat,
                   "decode_step: cache ", s, " must be float32 [", B, ", ", d.Hkv, ", ", d.S, ", ", d.D, "], got ",
                   c->scalar_type(), " ", c->sizes());
+  TORCH_CHECK(activation == SILU || activation == GELU_TANH, "decode_step: activation must be 0 (SiLU) or 1 (GELU "
+              "with the tanh approximation), got ", activation);
+  const int64_t R = cos.dim() == 3 ? cos.size(0) : 1;
+  TORCH_CHECK((cos.dim() == 2 || cos.dim() == 3) && sin.sizes() == cos.sizes(), "decode_step: cos and sin must be "
+              "[P, D/2] or one table per rotary kind [R, P, D/2], alike; got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(slot_rope.empty() ? R == 1 : static_cast<int64_t>(slot_rope.size()) == L + E, "decode_step: slot_rope "
+              "must name the rotary table of each of the ", L + E, " cache slots (or be empty with one table), got ",
+              slot_rope.size(), " entries for ", R, " tables");
+  for (int64_t r : slot_rope)
+    TORCH_CHECK(r >= 0 && r < R, "decode_step: slot_rope entry ", r, " is not one of the ", R, " rotary tables");
+  TORCH_CHECK(slot_window.empty() || static_cast<int64_t>(slot_window.size()) == L + E, "decode_step: slot_window "
+              "must give the sliding window (0: none) of each of the ", L + E, " cache slots, or be empty, got ",
+              slot_window.size(), " entries");
+  for (int64_t x : slot_window)
+    TORCH_CHECK(x >= 0, "decode_step: a sliding window must be >= 0 positions (0: none), got ", x);
+  auto window_of = [&](int64_t slot) { return slot_window.empty() ? int64_t{0} : slot_window[slot]; };
+  auto table = [&](const at::Tensor& t, int64_t slot) {
+    return t.dim() == 2 ? t : t.select(0, slot_rope.empty() ? 0 : slot_rope[slot]);
+  };
   const int64_t need = Work::floats(d, at::get_num_threads());
   TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() && workspace.numel() >= need,
               "decode_step: workspace must be contiguous float32 with at least ", need,
@@ -244,16 +284,20 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
 
   Work w(workspace.data_ptr<float>(), d, at::get_num_threads());
 
-  // embedding, widened to float32
+  // embedding, widened to float32 (and scaled, where the family scales it: Gemma)
   const auto ekind = cpu_scalar_kind(embed, "embed");
+  const float escale = static_cast<float>(embed_scale);
   for (int64_t b = 0; b < B; ++b) {
+    float* x = w.x + b * d.H;
     if (ekind == ScalarKind::BF16) {
       const auto* row = reinterpret_cast<const bf16_t*>(embed.data_ptr()) + tok[b] * embed.stride(0);
-      for (int64_t h = 0; h < d.H; ++h) w.x[b * d.H + h] = to_float(row[h]);
+      for (int64_t h = 0; h < d.H; ++h) x[h] = to_float(row[h]);
     } else {
       const float* row = embed.data_ptr<float>() + tok[b] * embed.stride(0);
-      std::copy(row, row + d.H, w.x + b * d.H);
+      std::copy(row, row + d.H, x);
     }
+    if (escale != 1.0f)
+      for (int64_t h = 0; h < d.H; ++h) x[h] *= escale;
   }
 
   const at::Tensor lpos = at::from_blob(w.lpos, {B}, tokens.options());
@@ -272,7 +316,8 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
   const at::Tensor* bw = base_weights.data();
   for (int64_t i = 0; i < deepest && i < L; ++i) {
     mask_rows([&](int64_t b) { return ex[b] > i; });
-    run_layer(d, w, bw + i * kPerLayer, kc[i], vc[i], lpos, llen, cos, sin, feps, scale);
+    run_layer(d, w, bw + i * kPerLayer, kc[i], vc[i], lpos, llen, table(cos, i), table(sin, i), feps, scale,
+              activation, window_of(i));
     const int64_t depth = i + 1;
     for (int64_t e = 0; e < E; ++e) {
       if (exit_depths[e] != depth) continue;
@@ -290,7 +335,8 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
       std::copy(w.x, w.x + B * d.H, w.xe);
       mask_rows([&](int64_t b) { return ex[b] == depth; });
       const at::Tensor* xw = ew.data() + e * (kPerLayer + 1);
-      run_layer(d, we, xw, kc[L + e], vc[L + e], lpos, llen, cos, sin, feps, scale);
+      run_layer(d, we, xw, kc[L + e], vc[L + e], lpos, llen, table(cos, L + e), table(sin, L + e), feps, scale,
+                activation, window_of(L + e));
       for (int64_t b = 0; b < B; ++b)
         if (ex[b] == depth) norm_rows(w.xe + b * d.H, d.H, xw[kPerLayer], w.fin + b * d.H, d.H, 1, d.H, feps);
     }
