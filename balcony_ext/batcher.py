@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .budgets import check_calibration, choose_exit, exit_costs, load_calibration, resolve_route
+from .checks import check_flag
 from .controller import LoadController
 from .engine import Engine
 from .generate import Sequence, check_seed, fresh_seed, stop_strings, stop_token_ids
@@ -126,6 +127,8 @@ class Batcher:
             raise ValueError(f"slo_ms_per_token must be a finite number > 0 (milliseconds per step) or None, "
                              f"got {slo_ms_per_token!r}")
         check_calibration(calibration)
+        check_flag("native", native, none="the native step where it exists")
+        check_flag("admission_control", admission_control)
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be positive, got {max_batch} and {prefill_chunk}")
         self.model = model

@@ -50,6 +50,8 @@ class Corpus:
     heldout_mask: torch.Tensor | None = None
     # (start, end) of every held-out document in heldout_ids, when known
     heldout_spans: list | None = None
+    # the held-out fraction the documents were split with, when known (build_corpus records it)
+    heldout: float | None = None
 
     @staticmethod
     def _blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -178,7 +180,7 @@ def build_corpus(docs: list, eos: int, heldout: float, seed: int, source: str) -
         (test if name in held else train).extend(list(ids) + [eos])
         (hn if name in held else tn).append(name)
     return Corpus(torch.tensor(train, dtype=torch.long), torch.tensor(test, dtype=torch.long), tn, hn, source,
-                  heldout_spans=spans)
+                  heldout_spans=spans, heldout=heldout)
 
 
 class Mixture:
@@ -196,6 +198,8 @@ class Mixture:
         self.seed = seed
         self.train_docs = [d for c, _ in self.parts for d in c.train_docs]
         self.heldout_docs = [d for c, _ in self.parts for d in c.heldout_docs]
+        fractions = {getattr(c, "heldout", None) for c, _ in self.parts}
+        self.heldout = fractions.pop() if len(fractions) == 1 else None  # (the parts' common split, when known)
 
     def _draw(self, seq_len: int, masks: bool) -> torch.Tensor:
         sizes = [c.train_blocks(seq_len).shape[0] for c, _ in self.parts]
@@ -265,13 +269,30 @@ def _is_mixture(data) -> bool:
     return True
 
 
-def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=None, tokens: int | None = None,
-            **self_kwargs) -> Corpus:
+DEFAULT_HELDOUT = 0.05  # train()'s, evaluate()'s and prepare()'s default held-out fraction
+
+
+def check_heldout(data, heldout) -> None:
+    """heldout: a fraction in [0, 1). A ready Corpus or Mixture already has its split, which heldout
+    cannot change: a heldout other than the default (and than the fraction the corpus was split with)
+    raises rather than being ignored."""
+    if isinstance(heldout, bool) or not isinstance(heldout, numbers.Real) or not 0 <= heldout < 1:
+        raise ValueError(f"heldout must be a fraction in [0, 1), got {heldout!r}")
+    if isinstance(data, (Corpus, Mixture)) and heldout != DEFAULT_HELDOUT and heldout != data.heldout:
+        made = f", made with heldout={data.heldout}" if data.heldout is not None else ""
+        raise ValueError(f"heldout={heldout!r} cannot apply: data is a ready {type(data).__name__} that already has "
+                         f"its held-out split ({len(data.heldout_docs)} held-out documents{made}); split the text "
+                         f"with prepare(..., heldout={heldout!r}) instead, or leave heldout out")
+
+
+def prepare(data, tokenizer=None, heldout: float = DEFAULT_HELDOUT, seed: int = 0, model=None,
+            tokens: int | None = None, **self_kwargs) -> Corpus:
     """Any supported data spec -> Corpus. data: a Corpus or Mixture (returned as is), "self",
     "shakespeare", "python-docs" (the Python tutorial, HOWTOs and FAQ, from Debian's python3.11-doc),
     "chat" (the model's answers to instructions, see chat_data), "chat-exits" (the same instructions
     answered by the model's exits: on-policy data, scored by the full model in training), a path / list of
     paths to text files or directories, or a mixture [(spec, weight), ...] of those."""
+    check_heldout(data, heldout)
     if isinstance(data, (Corpus, Mixture)):
         return data
     if not isinstance(data, (str, os.PathLike, list, tuple)):
@@ -287,13 +308,17 @@ def prepare(data, tokenizer=None, heldout: float = 0.05, seed: int = 0, model=No
 
         if model is None:
             raise ValueError('data="chat" has the model answer instructions: pass model=')
-        return chat_data(model, heldout=heldout, seed=seed).corpus()
+        corpus = chat_data(model, heldout=heldout, seed=seed).corpus()
+        corpus.heldout = heldout
+        return corpus
     if isinstance(data, str) and data == "chat-exits":
         from .chat_data import chat_data
 
         if model is None or not model.exits:
             raise ValueError('data="chat-exits" has the model\'s exits answer instructions: pass a model with exits')
-        return chat_data(model, heldout=heldout, seed=seed, answer_exits=model.exits).corpus()
+        corpus = chat_data(model, heldout=heldout, seed=seed, answer_exits=model.exits).corpus()
+        corpus.heldout = heldout
+        return corpus
     if isinstance(data, str) and data == "self":
         if model is None:
             raise ValueError('data="self" samples text from the model: pass model=')

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import prepare
+from .checks import check_flag, check_path
+from .data import check_heldout, prepare
 from .files import atomic_write
-from .affine import new_affine_exits
+from .affine import AffineExit, new_affine_exits
 from .budgets import costs, head_cost
 from .shortlist import shortlisted_heads
 from .train import distill_loss_for, lr_factor, micro_batch
@@ -135,6 +136,29 @@ class Report:
         return Path(path)
 
 
+def check_affine(model, affine) -> None:
+    """affine: None or trained affine exits {depth: AffineExit} for every attached exit (as
+    train(..., affine_baseline=True) returns them); raises naming what is wrong."""
+    if affine is None:
+        return
+    if not isinstance(affine, dict):
+        raise ValueError(f"affine must be a dict {{depth: AffineExit}} (train(..., affine_baseline=True) returns "
+                         f"one) or None, got {type(affine).__name__} {affine!r:.80}")
+    bad = {k: v for k, v in affine.items() if not isinstance(v, AffineExit)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise ValueError(f"affine maps each exit depth to an AffineExit (train(..., affine_baseline=True) returns "
+                         f"them), got {type(v).__name__} {v!r:.80} at depth {k!r}")
+    missing = [k for k in model.exits if k not in affine]
+    if missing:
+        raise ValueError(f"affine exits given for depths {sorted(affine, key=str)}, missing {missing}")
+    width = model.adapter.hidden_size
+    wrong = [k for k, v in affine.items() if v.proj.in_features != width]
+    if wrong:
+        raise ValueError(f"the affine exit at depth {wrong[0]} maps width {affine[wrong[0]].proj.in_features}, "
+                         f"not this model's hidden size {width}: it belongs to another model")
+
+
 @torch.no_grad()
 def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2, max_tokens: int | None = None,
              baselines=("truncation", "untrained"), affine_tokens: int = 0, affine: dict | None = None,
@@ -170,6 +194,11 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
     for b in baselines:
         if b not in ("truncation", "untrained"):
             raise ValueError(f"unknown baseline {b!r}; choose from 'truncation', 'untrained'")
+    check_affine(model, affine)
+    check_flag("progress", progress)
+    check_path("json_path", json_path, none="no JSON file")
+    check_path("plot_path", plot_path, none="no plot")
+    check_heldout(data, heldout)
     corpus = prepare(data, model.tokenizer, heldout=heldout, seed=seed, model=model)
     # about max_tokens of held-out text, spread over the held-out documents; the loss mask says
     # which positions count (a chat corpus: the answers)
@@ -191,9 +220,6 @@ def evaluate(model, data="shakespeare", seq_len: int = 512, batch_size: int = 2,
         heads.update({("untrained", k): (lambda h, k=k: a.logits(model.exit_hidden(k, h, module=fresh[k])))
                       for k in exits})
     if affine is not None:
-        missing = [k for k in exits if k not in affine]
-        if missing:
-            raise ValueError(f"affine exits given for depths {sorted(affine)}, missing {missing}")
         lenses = affine
         for l in lenses.values():
             l.eval()

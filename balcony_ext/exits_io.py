@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_flag, check_path
 from .files import atomic_write
 from .model import BalconyModel
 
@@ -90,6 +91,9 @@ def save_exits(model: BalconyModel, path, extra: dict | None = None, dtype: torc
 
     if not isinstance(model, BalconyModel):
         raise TypeError(f"save_exits() needs a BalconyModel, got {type(model).__name__}")
+    check_path("path", path)
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict (saved as JSON metadata) or None, got {type(extra).__name__}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
     if Path(path).is_dir():
@@ -121,6 +125,7 @@ def read_exits(path) -> tuple:
     ExitsFileError naming the problem for a missing, damaged or foreign file."""
     from safetensors import safe_open
 
+    check_path("path", path)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"exits file {path} does not exist")
@@ -158,6 +163,8 @@ def load_exits(model: BalconyModel, path, check_weights: bool = True) -> Balcony
     name and shape. On any failure the model is unchanged."""
     if not isinstance(model, BalconyModel):
         raise TypeError(f"load_exits() needs a BalconyModel, got {type(model).__name__}")
+    check_path("path", path)
+    check_flag("check_weights", check_weights)
     tensors, meta = read_exits(path)
     base = meta["base"]
     mine_cfg = config_hash(model)

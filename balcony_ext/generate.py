@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .budgets import Budgets, calibration_path, check_calibration, load_calibration
+from .checks import check_flag, check_path
 from .engine import Engine
 from .penalties import Penalties
 from .files import atomic_write
@@ -179,6 +180,7 @@ class Generation:
         if chat not in (None, True, False):
             raise ValueError(f"chat must be True, False or None (the chat template when the tokenizer has one), "
                              f"got {chat!r}")
+        check_flag("native", native, none="the native step where it exists")
         check_calibration(calibration)
         self.model = model
         self.ids = [encode_prompt(model.tokenizer, p, chat) for p in prompts]
@@ -218,8 +220,6 @@ class Generation:
         stop_ids = stop_token_ids(model, stop_tokens)
         stops = stop_strings(stop)
         check_seed(seed)
-        if native not in (None, True, False):
-            raise ValueError(f"native must be True, False or None (the native step where it exists), got {native!r}")
         self.seqs = [Sequence(model.tokenizer, max_new_tokens, stop_ids, stops) for _ in range(B)]
         self.gen = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
         self.step_index = 0
@@ -340,6 +340,8 @@ def calibrate(model, tokens: int = 32, context: int = 64, repeats: int = 3, path
     batch 1 (with every shortlisted head too, where the model has a shortlist) and saves them (default: the cache directory) for budgets and latency targets."""
     from tqdm.auto import tqdm
 
+    check_flag("progress", progress)
+    check_path("path", path, none="the cache directory")
     prompt = list(range(100, 100 + context))
     ms, short_ms = {}, {}
     depths = list(model.exits) + [model.num_layers]

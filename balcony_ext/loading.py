@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_path
 from .model import BalconyModel
 
 DEFAULT_NAME = "smollm2-135m-instruct"
@@ -149,12 +150,22 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     shortlist: "bundled" attaches the vocabulary shortlist shipped for the default model (budgets may
     then buy a cheaper LM head: shortlist.py); a path loads one from that file; None attaches none.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .weights import WEIGHT_FORMATS
 
+    # the arguments are checked before anything is fetched or loaded
+    if not (isinstance(weights, str) and weights in WEIGHT_FORMATS):
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHT_FORMATS))}, got {weights!r}")
+    check_path("path", path, none="the bundled default model")
+    for arg, value in (("exits", exits), ("shortlist", shortlist)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{arg} must be 'bundled' (the default model's), a path (a str or os.PathLike) or None "
+                            f"(none), got {type(value).__name__} {value!r:.80}")
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
         dtype = getattr(torch, dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if path is None:
         ckpt = ensure_default_checkpoint()
         name = name or DEFAULT_NAME

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
+from .checks import check_flag
 
 INITS = ("last", "next", "random")
 NORM_INITS = ("final", "next")
@@ -231,6 +232,7 @@ def attach(model: BalconyModel, exits, init: str = "last", norm_init: str = "fin
     exits = model.validate_exits(exits)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
+    check_flag("replace", replace)
     existing = [k for k in exits if str(k) in model.balconies]
     if existing and not replace:
         raise ValueError(f"exits {existing} are already attached; pass replace=True to re-initialise them")

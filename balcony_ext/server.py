@@ -41,6 +41,11 @@ UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "functions", "function_call
                "suffix", "prediction", "audio", "modalities")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool | None = None
+
+
 class _Common(BaseModel):
     # strict: a boolean is not a number, "yes" not a boolean, 2.0 not a token count (an int is still a float)
     model_config = ConfigDict(extra="allow", strict=True)
@@ -51,7 +56,7 @@ class _Common(BaseModel):
     top_k: int | None = 0
     n: int | None = 1
     stream: bool | None = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = 0.0
@@ -353,7 +358,7 @@ class _Shape:
             last = self.chunk(finish=req.finish_reason)
             last["exit_layers"], last["heads"], last["exits"] = list(req.exit_layers), list(req.heads), self.exits(req)
             yield sse(last)
-            if (self.body.stream_options or {}).get("include_usage"):
+            if self.body.stream_options is not None and self.body.stream_options.include_usage:
                 tail = self.chunk()
                 tail["choices"], tail["usage"] = [], self.usage(req)
                 yield sse(tail)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_path
 from .files import atomic_write
 
 FORMAT = "balcony_shortlist"
@@ -173,6 +174,9 @@ def save_shortlist(model, path, ids=None, sizes=None, extra: dict | None = None)
     """Writes the model's shortlist (or `ids` offering `sizes`) to `path`, atomically."""
     from safetensors.torch import save_file
 
+    check_path("path", path)
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict (saved as JSON metadata) or None, got {type(extra).__name__}")
     if ids is None:
         if model.shortlist is None:
             raise ValueError("the model has no shortlist to save")
@@ -192,6 +196,7 @@ def read_shortlist(path) -> tuple:
     the problem."""
     from safetensors import safe_open
 
+    check_path("path", path)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"shortlist file {path} does not exist")

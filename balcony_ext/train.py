@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .data import prepare
+from .checks import check_flag, check_path
+from .data import check_heldout, prepare
 from .exits_io import save_exits
 from .files import atomic_write
 
@@ -192,6 +193,10 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     check_train_args(model, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, warmup=warmup,
                      clip=clip, weight_decay=weight_decay, checkpoint_every=checkpoint_every, seed=seed, bf16=bf16,
                      callback=callback)
+    for name, flag in (("resume", resume), ("progress", progress), ("affine_baseline", affine_baseline)):
+        check_flag(name, flag)
+    check_path("checkpoint_dir", checkpoint_dir, none="no checkpoints")
+    check_heldout(data, heldout)
     loss_fn = distill_loss_for(model, loss_impl)
     exits = model.exits
     device = model.device

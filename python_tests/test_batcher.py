@@ -241,6 +241,8 @@ def test_unseeded_sampling_leaves_the_global_generator_alone():
     (dict(slo_ms_per_token=-5), r"slo_ms_per_token must be a finite number > 0 .*got -5"),
     (dict(slo_ms_per_token=float("nan")), r"slo_ms_per_token must be a finite number > 0 .*got nan"),
     (dict(calibration="junk"), "calibration must be 'auto', None or a calibration"),
+    (dict(native="no"), r"native must be True, False or None \(the native step where it exists\), got str 'no'"),
+    (dict(admission_control="no"), "admission_control must be True or False, got str 'no'"),
 ])
 def test_bad_batcher_settings_named(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -119,3 +119,23 @@ def test_unknown_data_name_lists_the_named_data(tmp_path):
         prepare("no-such-data", ByteTokenizer())
     with pytest.raises(TypeError, match=r"data must be a Corpus, .* got dict"):
         prepare({"shakespeare": 1.0}, ByteTokenizer())
+
+
+def test_a_ready_corpus_keeps_its_split_and_refuses_another_heldout(tmp_path):
+    from balcony_ext.data import Mixture
+
+    corpus = prepare(_write_docs(tmp_path), ByteTokenizer(), heldout=0.3)
+    assert corpus.heldout == 0.3
+    for heldout in (0.3, 0.05):  # the fraction it was split with, or the default: it goes as it is
+        assert prepare(corpus, heldout=heldout) is corpus
+    # another fraction was silently ignored before
+    with pytest.raises(ValueError, match=r"heldout=0.1 cannot apply: data is a ready Corpus that already has its "
+                                         r"held-out split \(\d+ held-out documents, made with heldout=0.3\); split "
+                                         r"the text with prepare\(..., heldout=0.1\) instead"):
+        prepare(corpus, heldout=0.1)
+    mix = Mixture([(corpus, 1.0)])
+    assert mix.heldout == 0.3 and prepare(mix, heldout=0.3) is mix
+    with pytest.raises(ValueError, match="data is a ready Mixture that already has its held-out split"):
+        prepare(mix, heldout=0.1)
+    with pytest.raises(ValueError, match=r"heldout must be a fraction in \[0, 1\), got '0.1'"):
+        prepare(corpus, heldout="0.1")

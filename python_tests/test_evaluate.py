@@ -85,3 +85,36 @@ def test_bad_evaluation_arguments_named(kw, match):
     attach(model, [2])
     with pytest.raises(ValueError, match=match):
         evaluate(model, data=_corpus(), **{"seq_len": 32, "progress": False, **kw})
+
+
+def test_bad_affine_exits_named_before_any_work():
+    from balcony_ext.affine import new_affine_exits
+
+    model = tiny_balcony()
+    attach(model, [1, 3])
+    lenses = new_affine_exits(model, [1, 3])
+    other = tiny_balcony(hidden=32)  # another width
+    for affine, match in [  # (the first two failed deep inside, after the data was prepared, before)
+        ({1: 5, 3: lenses[3]}, r"affine maps each exit depth to an AffineExit .* got int 5 at depth 1"),
+        ([lenses[1], lenses[3]], r"affine must be a dict \{depth: AffineExit\} .* or None, got list"),
+        ({1: lenses[1]}, r"affine exits given for depths \[1\], missing \[3\]"),
+        (new_affine_exits(other, [1, 3]), r"the affine exit at depth 1 maps width 32, not this model's hidden size"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            evaluate(model, data="no-such-data", seq_len=32, progress=False, affine=affine)  # (checked before the data)
+    rep = evaluate(model, data=_corpus(), seq_len=32, baselines=(), progress=False, affine=lenses)
+    assert {r["exit"] for r in rep.rows if r["method"] == "affine"} == {1, 3}
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(progress="no"), ValueError, "progress must be True or False, got str 'no'"),
+    (dict(json_path=5), TypeError, r"json_path must be a str or os.PathLike \(a file path\) or None"),
+    (dict(plot_path=True), TypeError, r"plot_path must be a str or os.PathLike \(a file path\) or None"),
+    (dict(heldout=0.2), ValueError, "heldout=0.2 cannot apply: data is a ready Corpus that already has its held-out"),
+    (dict(heldout=-0.1), ValueError, r"heldout must be a fraction in \[0, 1\), got -0.1"),
+])
+def test_bad_flags_paths_and_heldout_named(kw, exc, match):
+    model = tiny_balcony()
+    attach(model, [2])
+    with pytest.raises(exc, match=match):  # (json_path, plot_path: after the whole evaluation before)
+        evaluate(model, data=_corpus(), **{"seq_len": 32, "progress": False, **kw})

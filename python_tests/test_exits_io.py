@@ -193,3 +193,21 @@ def test_misused_paths_models_and_dtypes_named(tmp_path):
         load_exits(object(), path)
     with pytest.raises(TypeError, match=r"save_exits\(\) needs a BalconyModel, got object"):
         save_exits(object(), path)
+
+
+def test_paths_flags_and_extra_named(tmp_path):
+    model = _trained()
+    for path in (None, 5):  # (pathlib's TypeError, naming no argument, before)
+        with pytest.raises(TypeError, match=r"path must be a str or os.PathLike \(a file path\), got"):
+            save_exits(model, path)
+        with pytest.raises(TypeError, match=r"path must be a str or os.PathLike \(a file path\), got"):
+            load_exits(tiny_balcony(), path)
+    with pytest.raises(ValueError, match=r"extra must be a dict \(saved as JSON metadata\) or None, got list"):
+        save_exits(model, tmp_path / "e.safetensors", extra=["note"])
+    assert not (tmp_path / "e.safetensors").exists()
+    path = save_exits(model, tmp_path / "e.safetensors", extra={"note": "x"})
+    fresh = tiny_balcony()
+    with pytest.raises(ValueError, match="check_weights must be True or False, got str 'no'"):
+        load_exits(fresh, path, check_weights="no")  # ("no" is truthy: the weights were checked before)
+    assert fresh.exits == []
+    assert load_exits(fresh, path, check_weights=False).exits == [1, 3]

@@ -31,6 +31,25 @@ def test_load_missing_dir_is_clear(tmp_path):
         load(tmp_path / "nothing", dtype="float33")
 
 
+@pytest.mark.parametrize("weights", ["int4", 8, None, "INT8", ["int8"]])
+def test_bad_weight_format_named_before_the_model_loads(tmp_path, weights):
+    # (a checkpoint that does not exist: the FileNotFoundError would come first were the model loaded first)
+    with pytest.raises(ValueError, match=r"weights must be one of 'float', 'int8', 'q4', 'q4_1', got"):
+        load(tmp_path / "nothing", weights=weights)
+    with pytest.raises(ValueError, match=r"weights must be one of 'float', 'int8', 'q4', 'q4_1', got"):
+        bx.load(weights=weights)  # the default model: neither fetched nor loaded
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(exits=True), r"exits must be 'bundled' \(the default model's\), a path .* or None \(none\), got bool"),
+    (dict(shortlist=5), r"shortlist must be 'bundled' \(the default model's\), a path .* or None \(none\), got int"),
+    (dict(path=5), r"path must be a str or os.PathLike \(a file path\) or None \(the bundled default model\)"),
+])
+def test_bad_paths_named_before_the_model_loads(kw, match):
+    with pytest.raises(TypeError, match=match):
+        load(**kw)
+
+
 @pytest.mark.slow
 def test_default_model_says_paris():
     model = load()

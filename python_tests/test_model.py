@@ -205,3 +205,14 @@ def test_attach_seed_must_be_an_int(seed):
     with pytest.raises(ValueError, match=r"seed must be an int or None, got"):
         attach(model, [2], init="random", seed=seed)
     assert model.exits == []
+
+
+@pytest.mark.parametrize("replace", ["no", 1, None])
+def test_attach_replace_must_be_a_bool(replace):
+    model = tiny_balcony()
+    attach(model, [2], init="random", seed=0)
+    before = {k: v.clone() for k, v in model.balconies.state_dict().items()}
+    with pytest.raises(ValueError, match=r"replace must be True or False, got"):
+        attach(model, [2], init="random", seed=1, replace=replace)  # ("no" re-initialised the exit before)
+    assert all(torch.equal(v, before[k]) for k, v in model.balconies.state_dict().items())
+    attach(model, [2], init="random", seed=1, replace=True)

@@ -193,6 +193,11 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
     ({"prompt": "x", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
     ({"prompt": "x", "n": "2"}, 400, "n: Input should be a valid integer"),
     ({"prompt": [True, False]}, 400, "prompt"),
+    # a truthy string was taken for include_usage=True before
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "x"}}, 400,
+     "invalid request: stream_options.include_usage: Input should be a valid boolean"),
+    ({"prompt": "x", "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage"),
+    ({"prompt": "x", "stream_options": "usage"}, 400, "stream_options"),
 ])
 def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(server, model, body, status, needle):
     with httpx.Client(base_url=server.url, timeout=30) as h:

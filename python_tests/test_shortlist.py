@@ -323,3 +323,14 @@ def test_batcher_requests_take_the_shortlist_option_as_generate_does():
         plain = Batcher(_model(shortlist=False), max_batch=1, max_len=32, calibration=None)
         with pytest.raises(ValueError, match=words):
             plain.submit(Request(p, max_new_tokens=2, shortlist=bad))
+
+
+def test_shortlist_paths_and_extra_named(tmp_path):
+    m = _model()
+    with pytest.raises(TypeError, match=r"path must be a str or os.PathLike \(a file path\), got NoneType None"):
+        save_shortlist(m, None)  # (pathlib's TypeError, naming no argument, before)
+    with pytest.raises(TypeError, match=r"path must be a str or os.PathLike \(a file path\), got NoneType None"):
+        load_shortlist(_model(shortlist=False), None)
+    with pytest.raises(ValueError, match=r"extra must be a dict \(saved as JSON metadata\) or None, got str"):
+        save_shortlist(m, tmp_path / "s.safetensors", extra="note")
+    assert not (tmp_path / "s.safetensors").exists()

@@ -230,6 +230,15 @@ def test_reference_loss_impl_trains_the_same():
     (dict(callback=5), "callback must be a function"),
     (dict(data=None), None),
     (dict(data=[("a", 0.5, 1)]), r"a data mixture is a list of \(data, weight\) pairs"),
+    # truthy non-bools were taken as True before
+    (dict(resume="no"), "resume must be True or False, got str 'no'"),
+    (dict(progress="no"), "progress must be True or False, got str 'no'"),
+    (dict(affine_baseline="no"), "affine_baseline must be True or False, got str 'no'"),
+    (dict(affine_baseline=None), "affine_baseline must be True or False, got NoneType None"),
+    # a ready Corpus has its split: heldout was silently ignored before
+    (dict(heldout=0.2), r"heldout=0.2 cannot apply: data is a ready Corpus that already has its held-out split"),
+    (dict(heldout=1.5), r"heldout must be a fraction in \[0, 1\), got 1.5"),
+    (dict(heldout=True), r"heldout must be a fraction in \[0, 1\), got True"),
 ])
 def test_bad_training_arguments_named_and_nothing_trained(kw, match):
     model = tiny_balcony()
@@ -254,3 +263,13 @@ def test_mixture_weights_checked_before_any_part_is_prepared(weight):
     with pytest.raises(ValueError, match="mixture weights must be positive finite numbers"):
         train(model, data=[(_corpus(), weight), ("no-such-data", 1.0)], tokens=128, batch_size=4, seq_len=16,
               progress=False)
+
+
+
+def test_checkpoint_dir_must_be_a_path(tmp_path):
+    model = tiny_balcony()
+    attach(model, [2])
+    with pytest.raises(TypeError, match=r"checkpoint_dir must be a str or os.PathLike \(a file path\) or None "
+                                        r"\(no checkpoints\), got int 5"):
+        train(model, data=_corpus(), tokens=2 * 4 * 16, batch_size=4, seq_len=16, progress=False, checkpoint_dir=5)
+    assert model.tokens_trained == 0  # (a TypeError from pathlib after the data was prepared before)
