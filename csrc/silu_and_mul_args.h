@@ -1,4 +1,5 @@
-// Argument checks and shapes of silu_and_mul / silu_and_mul_backward, shared by the CPU and CUDA entry points.
+// Argument checks and shapes of silu_and_mul / silu_and_mul_out / silu_and_mul_backward, shared by the CPU
+// and CUDA entry points (each adds only its backend's dtype and size limits).
 #pragma once
 
 #include <vector>
@@ -21,6 +22,23 @@ inline std::vector<int64_t> half_last(const at::Tensor& input) {
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() /= 2;
   return shape;
+}
+
+// silu_and_mul_out's out: input's device and dtype, input's shape with the last dimension halved, contiguous.
+inline void check_silu_and_mul_out_args(const at::Tensor& input, const at::Tensor& out) {
+  BALCONY_CHECK_SAME_DEVICE(out, input);
+  BALCONY_CHECK_SAME_DTYPE(out, input);
+  TORCH_CHECK(out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_out: out ", out.sizes(),
+              " must have input's shape ", input.sizes(), " with the last dimension halved");
+  TORCH_CHECK(out.is_contiguous(), "silu_and_mul_out: out must be contiguous");
+}
+
+// silu_and_mul_backward's grad_out: input's device and dtype, the output's shape.
+inline void check_silu_and_mul_backward_args(const at::Tensor& grad_out, const at::Tensor& input) {
+  BALCONY_CHECK_SAME_DEVICE(grad_out, input);
+  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
+  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_backward: grad_out ",
+              grad_out.sizes(), " must have input's shape ", input.sizes(), " with the last dimension halved");
 }
 
 }  // namespace balcony

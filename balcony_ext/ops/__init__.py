@@ -5,10 +5,14 @@ beside its plain-PyTorch reference (`reference_<op>`), which is the op's specifi
 Who calls what: the engine (engine.py) runs rms_norm, fused_add_rms_norm, rope_append,
 decode_attention, silu_and_mul, linear_rows and sample_tokens (composed on devices without the
 native step; inside decode_step on the CPU); training runs fused_linear_kl (forward and backward).
-rms_norm and silu_and_mul are differentiable (their backward ops, rms_norm_backward and
-silu_and_mul_backward, serve that autograd), but the package trains its exits through the model's
-own Hugging Face modules: those two backward paths are library API for users' own modules, tested
-against their references, not used by bx.train."""
+Library-only ops: rms_norm_backward and silu_and_mul_backward (torch.ops.balcony.*, CPU and CUDA)
+are the backward kernels of the autograd registered for rms_norm and silu_and_mul, for users who
+build their own modules from these ops and train through them; each is tested against its
+reference (reference_rms_norm_backward, and autograd of reference_silu_and_mul). Nothing in the
+package runs them: the engine calls rms_norm and silu_and_mul only at inference, without autograd,
+and the package's own training (bx.train) differentiates the loss through fused_linear_kl's
+backward (its fused gradient of the student hidden state) and, below that, through PyTorch's
+autograd of the balcony layer's own modules (the base's decoder-layer class and its RMSNorm)."""
 
 from .decode_step import decode_step, decode_step_workspace
 from .decode_attention import decode_attention, reference_decode_attention

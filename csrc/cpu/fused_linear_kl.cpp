@@ -1,9 +1,9 @@
-// torch.ops.balcony.fused_linear_kl on CPU: the chunked driver (csrc/fused_linear_kl_driver.h)
+// torch.ops.balcony.fused_linear_kl on CPU: the chunked loop (csrc/fused_linear_kl_chunked.h)
 // with the vectorised row kernel (csrc/cpu/fused_linear_kl_kernel.h) over rows in parallel.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../fused_linear_kl_driver.h"
+#include "../fused_linear_kl_chunked.h"
 #include "capability.h"
 #include "kernels.h"
 

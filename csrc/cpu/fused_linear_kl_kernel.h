@@ -1,5 +1,5 @@
 // Row kernel of the fused linear + KL(p_teacher || p_student) loss, CPU (one capability; see
-// csrc/cpu/capability.h). The matrix products live in the op (csrc/fused_linear_kl_driver.h);
+// csrc/cpu/capability.h). The matrix products live in the op (csrc/fused_linear_kl_chunked.h);
 // this is the one pass over a chunk of logits between them.
 #pragma once
 #include "vec.h"

@@ -39,20 +39,13 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& input) {
 
 void silu_and_mul_out_cpu(const at::Tensor& input, at::Tensor& out) {
   const int64_t inter = check_silu_input(input);
-  BALCONY_CHECK_DEVICE(out, at::kCPU);
-  BALCONY_CHECK_SAME_DTYPE(out, input);
-  TORCH_CHECK(out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_out: out ", out.sizes(),
-              " must have input's shape ", input.sizes(), " with the last dimension halved");
-  TORCH_CHECK(out.is_contiguous(), "silu_and_mul_out: out must be contiguous");
+  check_silu_and_mul_out_args(input, out);
   silu_and_mul_into(input, inter, out);
 }
 
 at::Tensor silu_and_mul_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input) {
   const int64_t inter = check_silu_input(input);
-  BALCONY_CHECK_DEVICE(grad_out, at::kCPU);
-  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_backward: grad_out ",
-              grad_out.sizes(), " must have input's shape ", input.sizes(), " with the last dimension halved");
+  check_silu_and_mul_backward_args(grad_out, input);
   at::Tensor grad_in = at::empty(input.sizes(), input.options());
   if (grad_in.numel() == 0) return grad_in;
   at::Tensor x = rows_of(input, 2 * inter);

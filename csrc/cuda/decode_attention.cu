@@ -15,17 +15,6 @@
 namespace balcony {
 namespace {
 
-int sm_count(int device) {
-  static int counts[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int n = 0;
-    BALCONY_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = std::max(1, n);
-  }
-  return counts[device];
-}
-
 at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& key_cache_in,
                                  const at::Tensor& value_cache_in, const at::Tensor& seq_lens_in, double scale,
                                  int64_t num_splits) {
@@ -34,7 +23,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& k
   const c10::cuda::CUDAGuard guard(query_in.device());
   const int64_t B = query_in.size(0), Hq = query_in.size(1), D = query_in.size(2);
   const int64_t Hkv = key_cache_in.size(1), S = key_cache_in.size(2), G = Hq / Hkv;
-  const int64_t pack = cuda::decode_attention_pack(query_in.element_size());
+  const int64_t pack = cuda::pack_elems(query_in.element_size());
   TORCH_CHECK(cuda::decode_attention_head_dim_ok(D, query_in.element_size()),
               "decode_attention: the CUDA kernel needs the head dimension to be a multiple of ", pack,
               " (16 bytes) and at most 256 for dtype ", query_in.scalar_type(), ", got D = ", D);
@@ -49,7 +38,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& k
   const at::Tensor seq_lens = seq_lens_in.contiguous();
 
   const int device = query.get_device();
-  const cuda::DecodeAttentionSplits plan = cuda::decode_attention_splits(num_splits, sm_count(device), B, Hkv, G, S);
+  const cuda::DecodeAttentionSplits plan =
+      cuda::decode_attention_splits(num_splits, cuda::sm_count(device), B, Hkv, G, S);
   const int64_t splits = plan.num_splits;
   TORCH_CHECK(splits <= cuda::kDecodeMaxSplits, "decode_attention: num_splits must be at most ", cuda::kDecodeMaxSplits,
               " on CUDA, got ", splits);

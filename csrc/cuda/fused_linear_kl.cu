@@ -1,8 +1,8 @@
-// torch.ops.balcony.fused_linear_kl on CUDA: the chunked driver (csrc/fused_linear_kl_driver.h;
+// torch.ops.balcony.fused_linear_kl on CUDA: the chunked loop (csrc/fused_linear_kl_chunked.h;
 // at::mm -> cuBLAS) with the fused row kernel of balcony/fused_linear_kl.cuh.
 #include <torch/library.h>
 
-#include "../fused_linear_kl_driver.h"
+#include "../fused_linear_kl_chunked.h"
 #include "balcony/fused_linear_kl.cuh"
 #include "cuda_utils.h"
 

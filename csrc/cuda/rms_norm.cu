@@ -50,8 +50,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
   const int64_t rows = x.size(0);
   at::Tensor grad_x = at::empty({rows, hidden}, input.options());
   at::Tensor grad_w = at::empty({hidden}, weight.options());
-  int sm_count = 0;
-  BALCONY_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, input.device().index()));
+  const int sm_count = cuda::sm_count(input.device().index());
   BALCONY_DISPATCH_CUDA_FLOATING(input.scalar_type(), "rms_norm_backward", [&] {
     const auto* gp = static_cast<const scalar_t*>(g.data_ptr());
     const auto* xp = static_cast<const scalar_t*>(x.data_ptr());

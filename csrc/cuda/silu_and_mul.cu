@@ -36,21 +36,14 @@ at::Tensor silu_and_mul_cuda(const at::Tensor& input) {
 
 void silu_and_mul_out_cuda(const at::Tensor& input, at::Tensor& out) {
   const int64_t inter = check_silu_input_cuda(input);
-  BALCONY_CHECK_SAME_DEVICE(out, input);
-  BALCONY_CHECK_SAME_DTYPE(out, input);
-  TORCH_CHECK(out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_out: out ", out.sizes(),
-              " must have input's shape ", input.sizes(), " with the last dimension halved");
-  TORCH_CHECK(out.is_contiguous(), "silu_and_mul_out: out must be contiguous");
+  check_silu_and_mul_out_args(input, out);
   const c10::cuda::CUDAGuard guard(input.device());
   silu_and_mul_into_cuda(input, inter, out);
 }
 
 at::Tensor silu_and_mul_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input) {
   const int64_t inter = check_silu_input_cuda(input);
-  BALCONY_CHECK_SAME_DEVICE(grad_out, input);
-  BALCONY_CHECK_SAME_DTYPE(grad_out, input);
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(half_last(input)), "silu_and_mul_backward: grad_out ",
-              grad_out.sizes(), " must have input's shape ", input.sizes(), " with the last dimension halved");
+  check_silu_and_mul_backward_args(grad_out, input);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor grad_in = at::empty(input.sizes(), input.options());
   if (grad_in.numel() == 0) return grad_in;

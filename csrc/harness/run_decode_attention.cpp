@@ -46,7 +46,7 @@ BALCONY_HARNESS_ENTRY(decode_attention) {
       return cudaErrorInvalidValue;
     }
     if (B * Hq * D == 0) return cudaSuccess;  // the op returns its empty output before any launch
-    const int64_t pack = bc::decode_attention_pack(sizeof(T));
+    const int64_t pack = bc::pack_elems(sizeof(T));
     // A query or cache the kernel cannot read in packs is copied to a contiguous layout first.
     auto take = [&](const std::string& name, const char* offset, const int64_t* sizes, int64_t* strides, int dims) {
       const T* data = c.ptr<T>(name, c.i(offset, 0));

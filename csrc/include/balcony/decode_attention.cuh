@@ -1,7 +1,8 @@
 // Split-KV decode attention (flash-decoding) over a static KV cache, CUDA kernels and launchers
 // (torch-free): a split kernel per (split, kv head, sequence) and a merge kernel.
 #pragma once
-#include "balcony/attention_common.cuh"
+#include "balcony/device.h"
+#include "balcony/pack.h"
 
 namespace balcony::cuda {
 
@@ -49,8 +50,8 @@ BALCONY_DEVICE void merge_ml(float& m, float& l, float m2, float l2, float& wa, 
 // Lane c of a row loads packs c, c + L, ... of K and V row `pos` (zeros past p_end or npack).
 template <typename T, int VEC, int PPL>
 BALCONY_DEVICE void load_kv_row(const T* kbase, long long k_ss, const T* vbase, long long v_ss, long long pos,
-                                long long p_end, int c, int L, int npack, Vec<T, VEC>* kp, Vec<T, VEC>* vp) {
-  using P = Vec<T, VEC>;
+                                long long p_end, int c, int L, int npack, Pack<T, VEC>* kp, Pack<T, VEC>* vp) {
+  using P = Pack<T, VEC>;
 #pragma unroll
   for (int k = 0; k < PPL; ++k) {
     const int pk = c + k * L;
@@ -82,7 +83,7 @@ BALCONY_DEVICE void load_kv_row(const T* kbase, long long k_ss, const T* vbase, 
 // softmax state in registers; rows then merge through shuffles, warps through shared memory.
 template <typename T, int VEC, int PPL, int MAXG>
 __global__ void BALCONY_DECODE_SPLIT_BOUNDS decode_attention_split_kernel(DecodeAttentionParams<T> p, int lanes_per_row) {
-  using P = Vec<T, VEC>;
+  using P = Pack<T, VEC>;
   BALCONY_DYNAMIC_SHARED(float, smem);
   const int L = lanes_per_row, rows = kWarpSize / L;
   const int split = blockIdx.x, b = blockIdx.z;
@@ -139,7 +140,7 @@ __global__ void BALCONY_DECODE_SPLIT_BOUNDS decode_attention_split_kernel(Decode
         const int pk = c + k * L;
         if (pk < npack) {
           // 16-byte shared loads: D % VEC == 0 and VEC >= 4 keep every query pack aligned.
-          const Vec<float, VEC> q = *reinterpret_cast<const Vec<float, VEC>*>(qs + g * D + pk * VEC);
+          const Pack<float, VEC> q = *reinterpret_cast<const Pack<float, VEC>*>(qs + g * D + pk * VEC);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) s += q.v[e] * to_float(kp[k].v[e]);
         }
@@ -264,20 +265,18 @@ inline size_t decode_split_smem(int maxg, int D) {
 }
 
 // Whether the vectorised kernel takes this layout: D a multiple of the 16-byte pack with at most
-// 32 * 2 packs, 16-byte aligned bases and strides.
+// 32 * 2 packs, 16-byte aligned bases and strides (pack_aligned).
 template <typename T>
 bool decode_attention_supported(const DecodeAttentionParams<T>& p) {
-  constexpr int N = 16 / sizeof(T);
-  auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; };
-  const int npack = p.D / N;
-  return p.D % N == 0 && npack <= (sizeof(T) == 4 ? 64 : 32) && p.q_sb % N == 0 && p.q_sh % N == 0 &&
-         p.k_sb % N == 0 && p.k_sh % N == 0 && p.k_ss % N == 0 && p.v_sb % N == 0 && p.v_sh % N == 0 &&
-         p.v_ss % N == 0 && aligned(p.query) && aligned(p.key_cache) && aligned(p.value_cache);
+  constexpr int N = Pack<T>::kElems;
+  return p.D / N <= (sizeof(T) == 4 ? 64 : 32) &&
+         pack_aligned(N, {p.query, p.key_cache, p.value_cache},
+                      {p.D, p.q_sb, p.q_sh, p.k_sb, p.k_sh, p.k_ss, p.v_sb, p.v_sh, p.v_ss});
 }
 
 template <typename T, int PPL, int MAXG>
 cudaError_t launch_decode_split(const DecodeAttentionParams<T>& p, int B, int lanes, cudaStream_t stream) {
-  constexpr int N = 16 / sizeof(T);
+  constexpr int N = Pack<T>::kElems;
   const int groups = (p.G + MAXG - 1) / MAXG;
   const dim3 grid(p.num_splits, p.Hkv * groups, B);
   const size_t smem = decode_split_smem(MAXG, p.D);
@@ -302,7 +301,7 @@ template <typename T>
 cudaError_t launch_decode_attention(const DecodeAttentionParams<T>& p, int B, cudaStream_t stream) {
   if (B == 0 || p.Hkv == 0 || p.G == 0 || p.D == 0) return cudaSuccess;
   if (!decode_attention_supported(p)) return cudaErrorInvalidValue;
-  constexpr int N = 16 / sizeof(T);
+  constexpr int N = Pack<T>::kElems;
   const int npack = p.D / N;
   const int ppl = npack > 32 ? 2 : 1;
   int lanes = 1;

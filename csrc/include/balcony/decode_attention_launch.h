@@ -7,23 +7,21 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace balcony::cuda {
+#include "balcony/pack.h"
 
-// Elements in a 16-byte pack (the kernel's unit of load) for elements of `elem_bytes` bytes.
-constexpr int64_t decode_attention_pack(int64_t elem_bytes) { return 16 / elem_bytes; }
+namespace balcony::cuda {
 
 // Whether the CUDA kernel takes head dimension D: a multiple of the 16-byte pack and at most 256
 // (the op raises otherwise).
 inline bool decode_attention_head_dim_ok(int64_t D, int64_t elem_bytes) {
-  return D % decode_attention_pack(elem_bytes) == 0 && D <= 256;
+  return D % pack_elems(elem_bytes) == 0 && D <= 256;
 }
 
 // Whether a tensor is used in place: a 16-byte aligned base and every stride but the innermost
-// (`strides[0 .. dims - 2]`) a multiple of the pack. Otherwise the op copies it to a contiguous tensor.
+// (`strides[0 .. dims - 2]`) a multiple of the pack (pack_aligned, balcony/pack.h). Otherwise the op
+// copies it to a contiguous tensor.
 inline bool decode_attention_packed(const void* data, const int64_t* strides, int dims, int64_t pack) {
-  bool ok = reinterpret_cast<uintptr_t>(data) % 16 == 0;
-  for (int d = 0; d + 1 < dims; ++d) ok = ok && strides[d] % pack == 0;
-  return ok;
+  return pack_aligned(pack, data, strides, dims - 1);
 }
 
 // Blocks of the split kernel per (sequence, kv head): one per 8 query heads of the group.

@@ -4,7 +4,7 @@
 // 16-byte vector loads when the rows allow; float32 math.
 #pragma once
 #include "balcony/device.h"
-#include "balcony/rms_norm.cuh"  // Pack16
+#include "balcony/pack.h"
 
 namespace balcony::cuda {
 
@@ -34,7 +34,7 @@ BALCONY_DEVICE void kl_update(KlStats& st, float sv, float tv) {
 }
 
 // loss[row] = KL(softmax(t) || softmax(s)); when compute_grad, s[row] = grad_scale * (softmax(s) - softmax(t)).
-// VEC: both rows 16-byte aligned, strides and vocab multiples of Pack16<T>::N.
+// VEC: both rows 16-byte aligned, strides and vocab multiples of Pack<T>::kElems.
 template <typename T, bool VEC>
 __global__ void fused_kl_kernel(T* s, int64_t s_stride, const T* __restrict__ t, int64_t t_stride, int vocab,
                                 float* __restrict__ loss, float grad_scale, bool compute_grad) {
@@ -42,15 +42,15 @@ __global__ void fused_kl_kernel(T* s, int64_t s_stride, const T* __restrict__ t,
   const int64_t row = blockIdx.x;
   T* sr = s + row * s_stride;
   const T* tr = t + row * t_stride;
-  using P = Pack16<T>;
+  using P = Pack<T>;
   KlStats st{-INFINITY, 0.f, -INFINITY, 0.f, 0.f};
   if constexpr (VEC) {
-    const int n = vocab / P::N;
+    const int n = vocab / P::kElems;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       const P a = reinterpret_cast<const P*>(sr)[i];
       const P b = reinterpret_cast<const P*>(tr)[i];
 #pragma unroll
-      for (int j = 0; j < P::N; ++j) kl_update(st, to_float(a.v[j]), to_float(b.v[j]));
+      for (int j = 0; j < P::kElems; ++j) kl_update(st, to_float(a.v[j]), to_float(b.v[j]));
     }
   } else {
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) kl_update(st, to_float(sr[i]), to_float(tr[i]));
@@ -67,12 +67,12 @@ __global__ void fused_kl_kernel(T* s, int64_t s_stride, const T* __restrict__ t,
   if (!compute_grad) return;
   const float cs = grad_scale / zs, ct = grad_scale / zt;
   if constexpr (VEC) {
-    const int n = vocab / P::N;
+    const int n = vocab / P::kElems;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       P a = reinterpret_cast<const P*>(sr)[i];
       const P b = reinterpret_cast<const P*>(tr)[i];
 #pragma unroll
-      for (int j = 0; j < P::N; ++j)
+      for (int j = 0; j < P::kElems; ++j)
         a.v[j] = from_float<T>(expf(to_float(a.v[j]) - ms) * cs - expf(to_float(b.v[j]) - mt) * ct);
       reinterpret_cast<P*>(sr)[i] = a;
     }
@@ -86,9 +86,8 @@ template <typename T>
 cudaError_t launch_fused_kl(T* s, int64_t s_stride, const T* t, int64_t t_stride, int64_t rows, int vocab,
                             float* loss, float grad_scale, bool compute_grad, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  constexpr int N = Pack16<T>::N;
-  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
-  const bool vec = vocab % N == 0 && s_stride % N == 0 && t_stride % N == 0 && aligned(s) && aligned(t);
+  constexpr int N = Pack<T>::kElems;
+  const bool vec = pack_aligned(N, {s, t}, {vocab, s_stride, t_stride});
   // NOTE: at most 512 threads so that several rows share an SM; a 49152-wide bf16 row is then
   // 12 packs of 8 per thread.
   const int items = vec ? vocab / N : ceil_div(vocab, 4);

@@ -6,18 +6,13 @@
 #include <cstdint>
 
 #include "balcony/device.h"
+#include "balcony/pack.h"
 
 namespace balcony::cuda {
 
-template <typename T>
-struct alignas(16) Pack16 {
-  static constexpr int N = 16 / sizeof(T);
-  T v[N];
-};
-
 // residual == nullptr: out = w * x * rsqrt(mean(x^2) + eps)
 // residual != nullptr: residual = x + residual (rounded to T); out = rmsnorm(residual) * w
-// VEC: rows are 16-byte aligned and hidden % Pack16<T>::N == 0.
+// VEC: rows are 16-byte aligned and hidden % Pack<T>::kElems == 0.
 template <typename T, bool VEC>
 __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w, T* out,
                                 int64_t out_stride, T* residual, int64_t res_stride, int hidden, float eps) {
@@ -28,18 +23,18 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const
   T* rr = residual ? residual + row * res_stride : nullptr;
   float sumsq = 0.f;
   if constexpr (VEC) {
-    using P = Pack16<T>;
-    const int n = hidden / P::N;
+    using P = Pack<T>;
+    const int n = hidden / P::kElems;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       P a = reinterpret_cast<const P*>(xr)[i];
       if (rr) {
         P r = reinterpret_cast<const P*>(rr)[i];
 #pragma unroll
-        for (int j = 0; j < P::N; ++j) a.v[j] = from_float<T>(to_float(a.v[j]) + to_float(r.v[j]));
+        for (int j = 0; j < P::kElems; ++j) a.v[j] = from_float<T>(to_float(a.v[j]) + to_float(r.v[j]));
         reinterpret_cast<P*>(rr)[i] = a;
       }
 #pragma unroll
-      for (int j = 0; j < P::N; ++j) {
+      for (int j = 0; j < P::kElems; ++j) {
         float f = to_float(a.v[j]);
         sumsq += f * f;
       }
@@ -59,14 +54,14 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const
   // block_reduce_sum ends with a barrier, so the residual written above is visible to all threads.
   const T* src = rr ? rr : xr;
   if constexpr (VEC) {
-    using P = Pack16<T>;
-    const int n = hidden / P::N;
+    using P = Pack<T>;
+    const int n = hidden / P::kElems;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       P a = reinterpret_cast<const P*>(src)[i];
       P g = reinterpret_cast<const P*>(w)[i];
       P o;
 #pragma unroll
-      for (int j = 0; j < P::N; ++j) o.v[j] = from_float<T>(to_float(a.v[j]) * rstd * to_float(g.v[j]));
+      for (int j = 0; j < P::kElems; ++j) o.v[j] = from_float<T>(to_float(a.v[j]) * rstd * to_float(g.v[j]));
       reinterpret_cast<P*>(orow)[i] = o;
     }
   } else {
@@ -85,10 +80,9 @@ template <typename T>
 cudaError_t launch_rms_norm(const T* x, int64_t x_stride, const T* w, T* out, int64_t out_stride, T* residual,
                             int64_t res_stride, int64_t rows, int hidden, float eps, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  constexpr int N = Pack16<T>::N;
-  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
-  const bool vec = hidden % N == 0 && x_stride % N == 0 && out_stride % N == 0 && aligned(x) && aligned(w) &&
-                   aligned(out) && (residual == nullptr || (res_stride % N == 0 && aligned(residual)));
+  constexpr int N = Pack<T>::kElems;
+  const bool vec = pack_aligned(N, {x, w, out}, {hidden, x_stride, out_stride}) &&
+                   (residual == nullptr || pack_aligned(N, {residual}, {res_stride}));
   const dim3 grid(static_cast<unsigned>(rows));
   if (vec) {
     const dim3 block(rms_norm_block_size(hidden / N, 1));
@@ -119,17 +113,17 @@ cudaError_t launch_rms_norm(const T* x, int64_t x_stride, const T* w, T* out, in
 #define BALCONY_RMS_LAUNCH_BOUNDS(n) __launch_bounds__(n)
 #endif
 
-// Chunk `c` of a row (N = Pack16<T>::N consecutive elements): one 16-byte access when VEC, else
+// Chunk `c` of a row (N = Pack<T>::kElems consecutive elements): one 16-byte access when VEC, else
 // element by element, zero past `hidden` (loads) or nothing written there (stores).
 template <typename T, bool VEC>
-BALCONY_DEVICE Pack16<T> load_chunk(const T* row, int c, int hidden) {
-  constexpr int N = Pack16<T>::N;
+BALCONY_DEVICE Pack<T> load_chunk(const T* row, int c, int hidden) {
+  constexpr int N = Pack<T>::kElems;
   if constexpr (VEC) {
-    return reinterpret_cast<const Pack16<T>*>(row)[c];
+    return reinterpret_cast<const Pack<T>*>(row)[c];
   } else {
     const T* src = row + c * N;
     const int n = hidden - c * N;
-    Pack16<T> p;
+    Pack<T> p;
 #pragma unroll
     for (int j = 0; j < N; ++j) p.v[j] = j < n ? src[j] : from_float<T>(0.f);
     return p;
@@ -137,10 +131,10 @@ BALCONY_DEVICE Pack16<T> load_chunk(const T* row, int c, int hidden) {
 }
 
 template <typename T, bool VEC>
-BALCONY_DEVICE void store_chunk(T* row, int c, int hidden, const Pack16<T>& p) {
-  constexpr int N = Pack16<T>::N;
+BALCONY_DEVICE void store_chunk(T* row, int c, int hidden, const Pack<T>& p) {
+  constexpr int N = Pack<T>::kElems;
   if constexpr (VEC) {
-    reinterpret_cast<Pack16<T>*>(row)[c] = p;
+    reinterpret_cast<Pack<T>*>(row)[c] = p;
   } else {
     T* dst = row + c * N;
     const int n = hidden - c * N;
@@ -180,7 +174,7 @@ __global__ void BALCONY_RMS_LAUNCH_BOUNDS((rms_norm_backward_max_threads<K, VEC>
     rms_norm_backward_kernel(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ x, int64_t x_stride,
                              const T* __restrict__ w, T* __restrict__ grad_x, int64_t gx_stride,
                              float* __restrict__ partial, int64_t rows, int hidden, float eps) {
-  constexpr int N = Pack16<T>::N;
+  constexpr int N = Pack<T>::kElems;
   BALCONY_SHARED(float, scratch, 64);
   const int chunks = (hidden + N - 1) / N;
   const float inv_h = 1.0f / static_cast<float>(hidden);
@@ -195,7 +189,7 @@ __global__ void BALCONY_RMS_LAUNCH_BOUNDS((rms_norm_backward_max_threads<K, VEC>
     const T* xr = x + row * x_stride;
     // The row's chunks stay in registers in storage precision (half the registers of floats for
     // 16-bit types) from the reduction to the write: one pass over memory.
-    Pack16<T> xp[K], gp[K];
+    Pack<T> xp[K], gp[K];
     float ss = 0.f, dot = 0.f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -203,7 +197,7 @@ __global__ void BALCONY_RMS_LAUNCH_BOUNDS((rms_norm_backward_max_threads<K, VEC>
       if (c < chunks) {
         xp[k] = load_chunk<T, VEC>(xr, c, hidden);
         gp[k] = load_chunk<T, VEC>(gr, c, hidden);
-        const Pack16<T> wp = load_chunk<T, VEC>(w, c, hidden);
+        const Pack<T> wp = load_chunk<T, VEC>(w, c, hidden);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
           const float xv = to_float(xp[k].v[j]);
@@ -222,8 +216,8 @@ __global__ void BALCONY_RMS_LAUNCH_BOUNDS((rms_norm_backward_max_threads<K, VEC>
       if (c < chunks) {
         // NOTE: w is read again (an L1/L2 hit, shared by every row) rather than kept in registers,
         // which would cost K more packs per thread and limit the block size.
-        const Pack16<T> wp = load_chunk<T, VEC>(w, c, hidden);
-        Pack16<T> o;
+        const Pack<T> wp = load_chunk<T, VEC>(w, c, hidden);
+        Pack<T> o;
 #pragma unroll
         for (int j = 0; j < N; ++j) {
           const float xv = to_float(xp[k].v[j]), gv = to_float(gp[k].v[j]);
@@ -276,22 +270,20 @@ struct RmsNormBackwardShape {
 template <typename T>
 inline bool rms_norm_backward_vectorized(const T* g, int64_t g_stride, const T* x, int64_t x_stride, const T* w,
                                          const T* grad_x, int64_t gx_stride, int hidden) {
-  constexpr int N = Pack16<T>::N;
-  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
-  return hidden % N == 0 && g_stride % N == 0 && x_stride % N == 0 && gx_stride % N == 0 && aligned(g) &&
-         aligned(x) && aligned(w) && aligned(grad_x);
+  constexpr int N = Pack<T>::kElems;
+  return pack_aligned(N, {g, x, w, grad_x}, {hidden, g_stride, x_stride, gx_stride});
 }
 
 template <typename T>
 constexpr int rms_norm_backward_max_hidden(bool vec) {
   return 4 * (vec ? rms_norm_backward_max_threads<4, true>() : rms_norm_backward_max_threads<4, false>()) *
-         Pack16<T>::N;
+         Pack<T>::kElems;
 }
 
 template <typename T>
 inline RmsNormBackwardShape rms_norm_backward_shape(int64_t rows, int hidden, bool vec, int sm_count) {
   RmsNormBackwardShape s;
-  const int chunks = ceil_div(hidden, Pack16<T>::N);
+  const int chunks = ceil_div(hidden, Pack<T>::kElems);
   if (chunks <= rms_norm_backward_max_threads<1, true>()) {
     s.k = 1;
   } else if (hidden <= rms_norm_backward_max_hidden<T>(vec)) {

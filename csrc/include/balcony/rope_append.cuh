@@ -1,7 +1,8 @@
 // Rotary embedding (rotate-half) on query and key, with key/value appended to the KV cache,
 // CUDA kernel and launcher (torch-free).
 #pragma once
-#include "balcony/attention_common.cuh"
+#include "balcony/device.h"
+#include "balcony/pack.h"
 
 namespace balcony::cuda {
 
@@ -27,8 +28,8 @@ struct RopeAppendParams {
 // >= S or >= P (the host does not check positions on the GPU; see csrc/cuda/attention.cu).
 template <typename T, int VEC>
 __global__ void rope_append_kernel(RopeAppendParams<T> p) {
-  using P = Vec<T, VEC>;
-  using F = Vec<float, VEC>;
+  using P = Pack<T, VEC>;
+  using F = Pack<float, VEC>;
   const int token = blockIdx.x;
   const long long pos = p.positions[token];
   if (pos < 0 || pos >= p.S || pos >= p.P) return;
@@ -76,15 +77,11 @@ __global__ void rope_append_kernel(RopeAppendParams<T> p) {
 template <typename T>
 cudaError_t launch_rope_append(const RopeAppendParams<T>& p, int tokens, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
-  constexpr int N = 16 / sizeof(T);
+  constexpr int N = Pack<T>::kElems;
   const int half = p.D / 2;
-  auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; };
-  const bool strides_ok = p.q_sb % N == 0 && p.q_st % N == 0 && p.q_sh % N == 0 && p.k_sb % N == 0 &&
-                          p.k_st % N == 0 && p.k_sh % N == 0 && p.v_sb % N == 0 && p.v_st % N == 0 &&
-                          p.v_sh % N == 0;
   // The float cos/sin rows must be 16-byte aligned too: half % 4 == 0 (given half % N == 0 and N >= 4).
-  const bool vec = half % N == 0 && strides_ok && aligned(p.query) && aligned(p.key) && aligned(p.value) &&
-                   aligned(p.key_cache) && aligned(p.value_cache) && aligned(p.cos) && aligned(p.sin);
+  const bool vec = pack_aligned(N, {p.query, p.key, p.value, p.key_cache, p.value_cache, p.cos, p.sin},
+                                {half, p.q_sb, p.q_st, p.q_sh, p.k_sb, p.k_st, p.k_sh, p.v_sb, p.v_st, p.v_sh});
   const int items = (p.Hq + p.Hkv) * (vec ? half / N : half);
   int threads = ((items + kWarpSize - 1) / kWarpSize) * kWarpSize;
   threads = threads < 32 ? 32 : (threads > 256 ? 256 : threads);

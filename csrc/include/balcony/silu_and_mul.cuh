@@ -7,21 +7,17 @@
 #include <cstdint>
 
 #include "balcony/device.h"
+#include "balcony/pack.h"
 
 namespace balcony::cuda {
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) SiluPack {
-  T v[N];
-};
-
 BALCONY_DEVICE float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// out = silu(gate) * up. N elements per access (N = 16 / sizeof(T) when vectorised, else 1).
+// out = silu(gate) * up. N elements per access (a full Pack<T> when vectorised, else 1).
 template <typename T, int N>
 __global__ void silu_and_mul_kernel(const T* __restrict__ in, int64_t in_stride, T* __restrict__ out,
                                     int64_t out_stride, int64_t rows, int inter) {
-  using P = SiluPack<T, N>;
+  using P = Pack<T, N>;
   const int chunks = inter / N;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const P* gate = reinterpret_cast<const P*>(in + row * in_stride);
@@ -45,7 +41,7 @@ template <typename T, int N>
 __global__ void silu_and_mul_backward_kernel(const T* __restrict__ grad, int64_t grad_stride,
                                              const T* __restrict__ in, int64_t in_stride, T* __restrict__ grad_in,
                                              int64_t gi_stride, int64_t rows, int inter) {
-  using P = SiluPack<T, N>;
+  using P = Pack<T, N>;
   const int chunks = inter / N;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const P* gr = reinterpret_cast<const P*>(grad + row * grad_stride);
@@ -79,15 +75,12 @@ inline void silu_and_mul_grid(int64_t rows, int chunks, dim3* grid, dim3* block)
   *grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
-inline bool silu_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T>
 cudaError_t launch_silu_and_mul(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t rows, int inter,
                                 cudaStream_t stream) {
   if (rows == 0 || inter == 0) return cudaSuccess;
-  constexpr int N = 16 / sizeof(T);
-  const bool vec = inter % N == 0 && in_stride % N == 0 && out_stride % N == 0 && silu_aligned16(in) &&
-                   silu_aligned16(out);
+  constexpr int N = Pack<T>::kElems;
+  const bool vec = pack_aligned(N, {in, out}, {inter, in_stride, out_stride});
   dim3 grid, block;
   silu_and_mul_grid(rows, vec ? inter / N : inter, &grid, &block);
   if (vec)
@@ -101,9 +94,8 @@ template <typename T>
 cudaError_t launch_silu_and_mul_backward(const T* grad, int64_t grad_stride, const T* in, int64_t in_stride,
                                          T* grad_in, int64_t gi_stride, int64_t rows, int inter, cudaStream_t stream) {
   if (rows == 0 || inter == 0) return cudaSuccess;
-  constexpr int N = 16 / sizeof(T);
-  const bool vec = inter % N == 0 && grad_stride % N == 0 && in_stride % N == 0 && gi_stride % N == 0 &&
-                   silu_aligned16(grad) && silu_aligned16(in) && silu_aligned16(grad_in);
+  constexpr int N = Pack<T>::kElems;
+  const bool vec = pack_aligned(N, {grad, in, grad_in}, {inter, grad_stride, in_stride, gi_stride});
   dim3 grid, block;
   silu_and_mul_grid(rows, vec ? inter / N : inter, &grid, &block);
   if (vec)
