@@ -48,7 +48,7 @@ class Family:
     rotary_per_layer_type: bool = False  # rotary_emb(x, position_ids, layer_type) (Gemma 3)
     logit_softcap: str | None = None  # config field: logits = cap * tanh(logits / cap)
     norm_offset: float = 0.0  # its RMS norms scale by (offset + w) (Gemma: 1)
-    native: bool = False  # the decode engine runs it (with full rotary embeddings and no soft-caps)
+    native: bool = False  # the decode engine runs it (with full rotary embeddings)
 
 
 FAMILIES = {
@@ -56,7 +56,7 @@ FAMILIES = {
     "mistral": Family("MistralForCausalLM", native=True),
     "qwen2": Family("Qwen2ForCausalLM", native=True),
     "qwen3": Family("Qwen3ForCausalLM", native=True),
-    "gemma2": Family("Gemma2ForCausalLM", logit_softcap="final_logit_softcapping", norm_offset=1.0),
+    "gemma2": Family("Gemma2ForCausalLM", logit_softcap="final_logit_softcapping", norm_offset=1.0, native=True),
     "gemma3_text": Family("Gemma3ForCausalLM", rotary_per_layer_type=True, logit_softcap="final_logit_softcapping",
                           norm_offset=1.0, native=True),
     "phi3": Family("Phi3ForCausalLM", native=True),  # (with partial rotary: through its modules)
@@ -158,14 +158,18 @@ class DecoderAdapter:
 
     @property
     def native(self) -> bool:
-        """Whether the decode engine (generate) runs this model: its family, with full rotary embeddings
-        and no soft-capping of attention scores or logits."""
-        return (self.family.native and rotary_fraction(self.config) == 1.0 and self.logit_softcap is None
-                and not getattr(self.config, "attn_logit_softcapping", None))
+        """Whether the decode engine (generate) runs this model: its family, with full rotary embeddings."""
+        return self.family.native and rotary_fraction(self.config) == 1.0
 
     @property
     def logit_softcap(self) -> float | None:
         cap = getattr(self.config, self.family.logit_softcap, None) if self.family.logit_softcap else None
+        return float(cap) if cap else None
+
+    @property
+    def attn_softcap(self) -> float | None:
+        """The soft cap on attention scores (Gemma 2: scores = cap * tanh(scores / cap)), or None."""
+        cap = getattr(self.config, "attn_logit_softcapping", None)
         return float(cap) if cap else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

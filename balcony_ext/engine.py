@@ -96,9 +96,10 @@ class Engine:
         dev = model.device
         if native is None:
             native = dev.type == "cpu" and hasattr(torch.ops.balcony, "decode_step") and w.native
-        if not native and w.native and w.sliding is not None and max_len > w.sliding:
-            # the composed step attends to every position: past a sliding window, the modules' masks
-            # (the native step attends within each layer's window)
+        if not native and w.native and ((w.sliding is not None and max_len > w.sliding) or w.attn_softcap
+                                        or w.logit_softcap):
+            # the composed step attends to every position, without soft-caps: past a sliding window or
+            # with soft-caps, the model's own modules (the native step has both)
             self.w = w = module_weights(model)
         if native and not w.native:
             raise NotImplementedError(f"native=True: the native step does not run {model.adapter.model_type}; "
@@ -182,7 +183,8 @@ class Engine:
         P = int((starts + counts).max())
         window = w.slot_window[slot] if w.slot_window else 0
         # a plain causal prefill (within the window, where the layer has one)
-        causal = outputs == "all" and P == T and bool((counts == T).all()) and (not window or P <= window)
+        causal = (outputs == "all" and P == T and bool((counts == T).all()) and (not window or P <= window)
+                  and not w.attn_softcap)
         if outputs == "last":  # the rest of the layer for each row's last position only
             rows = torch.arange(B, device=x.device)
             end = (counts.to(x.device) - 1).clamp(min=0)
@@ -202,8 +204,13 @@ class Engine:
             if window:  # a sliding-window layer: the last `window` positions up to each query's
                 mask &= j.view(1, 1, P) > pos.unsqueeze(-1) - window
             mask[..., 0] |= ~valid  # padding rows attend to something (their output is discarded)
-            att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask.unsqueeze(1),
-                                                 scale=w.scale)
+            if w.attn_softcap:  # soft-capped scores (Gemma 2): written out
+                cap = w.attn_softcap
+                scores = torch.tanh(q.transpose(1, 2) @ keys.transpose(-1, -2) * (w.scale / cap)) * cap
+                att = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1) @ vals
+            else:
+                att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask.unsqueeze(1),
+                                                     scale=w.scale)
         h = lin(to_low(att.transpose(1, 2).reshape(B, T, w.Hq * w.D)), lw.o_proj)
         x = x + _norm(h, lw.attn_out_norm, w.eps)
         xn = to_low(_norm(x, lw.post_norm, w.eps))
@@ -361,8 +368,9 @@ class Engine:
             head, out = self._head_out(plan)
             ops.decode_step(
                 last, pos, ex, self.exits, w.embed, w.base, w.exit, w.final_norm, head, self.cache.k, self.cache.v,
-                self.cache.kept, self.cos, self.sin, w.slot_rope, w.slot_window, w.eps, w.scale, w.embed_scale, w.activation,
-                self.workspace, out, temperature, top_k, top_p, uniform, self.next_tokens)
+                self.cache.kept, self.cos, self.sin, w.slot_rope, w.slot_window, w.eps, w.scale, w.embed_scale,
+                w.activation, w.attn_softcap, w.logit_softcap, self.workspace, out, temperature, top_k, top_p, uniform,
+                self.next_tokens)
             self._shortlisted(plan)
             nxt = ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform) if plan[0] else self.next_tokens
         else:
@@ -467,6 +475,8 @@ class Engine:
                 ops.linear_rows(fin, head, out=out)
             else:
                 out.copy_(_linear(fin, head))
+            if w.logit_softcap:
+                out.copy_(torch.tanh(out / w.logit_softcap) * w.logit_softcap)
         self._shortlisted(plan)
 
     # -- shortlisted heads (shortlist.py)

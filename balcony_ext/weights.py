@@ -195,6 +195,7 @@ class NativeWeights:
             a.lm_head.weight[self.short_ids], HEAD_FORMAT[fmt])
         self.final_norm = _vec(a.final_norm.weight, off)
         self.embed_scale = float(getattr(a.embed_tokens, "scalar_embed_scale", 1.0))  # (Gemma: sqrt(hidden))
+        self.attn_softcap, self.logit_softcap = a.attn_softcap or 0.0, a.logit_softcap or 0.0  # (Gemma 2; 0: none)
         self.activation = mlp_activation(a.layers[0])
         self.eps = a.rms_norm_eps
         self.H = a.hidden_size
@@ -307,17 +308,19 @@ def engine_weights(model):
 
 def module_weights(model) -> ModuleWeights:
     """The model's own modules as the engine reads them, whichever family (float weights only): for a
-    native family's sequences past its sliding window. Cached like engine_weights."""
+    native family off the native step, where the composed step lacks what it needs (a sliding window
+    shorter than the sequences, soft-caps). Cached like engine_weights."""
     if weight_format(model) != "float":
-        raise NotImplementedError(f"sequences past the sliding window run through the model's own modules, which "
-                                  f"need float weights ({weight_format(model)} loaded)")
+        raise NotImplementedError(f"off the native step, {model.adapter.model_type} runs through the model's own "
+                                  f"modules, which need float weights ({weight_format(model)} loaded)")
     key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype,
            tuple(p.data_ptr() for p in model.balcony_parameters()[:1]), id(getattr(model, "shortlist", None)))
     cached = getattr(model, "_module_weights", None)
     if cached is None or cached[0] != key:
         if cached is None:
-            warnings.warn(f"a sequence past the sliding window of {model.adapter.model_type} decodes through the "
-                          "model's own modules, layer by layer (correct, slower)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{model.adapter.model_type} off the native step (native=False, or another device) decodes "
+                          "through the model's own modules, layer by layer (correct, slower): the composed step has "
+                          "no sliding windows or soft-caps", RuntimeWarning, stacklevel=3)
         cached = model._module_weights = (key, ModuleWeights(model))
     return cached[1]
 

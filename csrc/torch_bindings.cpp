@@ -93,12 +93,14 @@ TORCH_LIBRARY(balcony, m) {
   // cos/sin: [P, D/2], or [R, P, D/2] with slot_rope naming each slot's table (Gemma 3: per attention
   // type); slot_window: each slot's sliding window (0: none; empty: none anywhere), a row attending to
   // its last `window` positions; embed_scale multiplies the embedding (Gemma); activation: 0 SiLU, 1
-  // GELU (tanh) on the gate.
+  // GELU (tanh) on the gate; attn_softcap / logit_softcap > 0: scores / logits become cap * tanh(x / cap)
+  // (Gemma 2; 0: off).
   m.def(
       "decode_step(Tensor tokens, Tensor positions, Tensor exit_of_row, int[] exit_depths, Tensor embed, "
       "Tensor[] base_weights, Tensor[] exit_weights, Tensor final_norm, Tensor head, Tensor(a!)[] key_caches, "
       "Tensor(b!)[] value_caches, Tensor(c!)[] kept, Tensor cos, Tensor sin, int[] slot_rope, "
-      "int[] slot_window, float eps, float scale, float embed_scale, int activation, "
+      "int[] slot_window, float eps, float scale, float embed_scale, int activation, float attn_softcap, "
+      "float logit_softcap, "
       "Tensor(d!) workspace, Tensor(e!) logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform, "
       "Tensor(f!) next_tokens) -> ()");
   // Float32 elements of decode_step's workspace for these sizes (and the current thread count).

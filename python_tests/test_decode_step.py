@@ -32,7 +32,8 @@ def _args(e, exits, op=True):
     last = e.cache.tokens[torch.arange(B), pos]
     act = ACTIVATIONS[w.activation] if op else w.activation
     return (last, pos, torch.tensor(exits), e.exits, w.embed, w.base, w.exit, w.final_norm, w.head, e.cache.k,
-            e.cache.v, e.cache.kept, e.cos, e.sin, w.slot_rope, w.slot_window, w.eps, w.scale, w.embed_scale, act, e.workspace,
+            e.cache.v, e.cache.kept, e.cos, e.sin, w.slot_rope, w.slot_window, w.eps, w.scale, w.embed_scale, act,
+            w.attn_softcap, w.logit_softcap, e.workspace,
             e.logits, torch.zeros(B), torch.zeros(B, dtype=torch.long), torch.ones(B), torch.rand(B), e.next_tokens)
 
 
@@ -69,7 +70,7 @@ def test_decode_step_fake_kernel_checks_shapes():
     args = list(_args(e, [2, 4, 0]))
     with FakeTensorMode(allow_non_fake_inputs=True):
         torch.ops.balcony.decode_step(*args)  # shapes agree: no error
-        args[21] = torch.empty(2, e.w.V)  # logits with a row too few
+        args[23] = torch.empty(2, e.w.V)  # logits with a row too few
         try:
             torch.ops.balcony.decode_step(*args)
         except Exception as exc:  # the fake kernel's check

@@ -16,7 +16,7 @@ from test_train import _corpus
 from tiny_models import tiny_balcony, tiny_hf
 
 NEW = ["gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox"]
-NATIVE_NEW = {"phi3", "olmo2"}  # Phi-3 on its fused projections' rows, OLMo 2 with its output norms
+NATIVE_NEW = {"phi3", "olmo2", "gemma2", "gemma3_text"}  # (GPT-NeoX: its own modules)
 
 
 def _ids(T=24, B=2, seed=0):
@@ -129,10 +129,10 @@ def test_exit_switches_catch_up_to_what_a_fresh_forward_gives(model_type):
 def test_families_outside_the_native_step_refuse_it_and_int8_by_name():
     from balcony_ext.weights import quantize
 
-    m = _gen_model("gemma2")
-    with pytest.raises(NotImplementedError, match="gemma2"):
+    m = _gen_model("gpt_neox")
+    with pytest.raises(NotImplementedError, match="gpt_neox"):
         generate(m, [5, 6, 7], max_new_tokens=2, native=True)
-    with pytest.raises(NotImplementedError, match="gemma2"):
+    with pytest.raises(NotImplementedError, match="gpt_neox"):
         quantize(m, "int8")
 
 
@@ -199,7 +199,7 @@ def test_gemma3_runs_the_native_step(cpu_capability):
     from step_checks import assert_native_matches_composed
 
     m = _gemma3()
-    assert m.adapter.native and not _gen_model("gemma3_text").adapter.native  # (soft-caps: the modules)
+    assert m.adapter.native
     w = engine_weights(m)
     layer = m.adapter.layers[0]
     assert torch.equal(w.layer(0).input_norm, layer.input_layernorm.weight + 1)  # (1 + w) norms, folded
@@ -232,7 +232,7 @@ def test_gemma3_past_its_sliding_window():
     m = _gemma3(window=8)
     w = Engine(m, 1, 8).w
     assert w.slot_window == [8, 0, 8, 0, 8, 0, 0, 0] and Engine(m, 1, 40).native
-    with pytest.warns(RuntimeWarning, match="past the sliding window of gemma3_text"):
+    with pytest.warns(RuntimeWarning, match="gemma3_text off the native step"):
         assert not Engine(m, 1, 9, native=False).w.native
     prompts = [list(range(5, 17)), [20, 21, 22]]  # 12 + 20 tokens: past the window of 8
     ref = [m.base.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
@@ -248,6 +248,30 @@ def test_gemma3_past_its_sliding_window():
         with torch.no_grad():
             fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
         torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+
+
+def test_gemma2_runs_the_native_step_with_its_soft_caps(cpu_capability):
+    from balcony_ext.engine import Engine
+    from balcony_ext.weights import engine_weights
+
+    m = _gen_model("gemma2")
+    w = engine_weights(m)
+    assert (w.attn_softcap, w.logit_softcap) == (20.0, 5.0) and w.slot_window == [8, 0, 8, 0, 8, 0, 0, 0]
+    e = Engine(m, 2, 32)
+    e.add_prompts([list(range(5, 17)), [20, 21, 22]])
+    e.prefill_step([m.num_layers, 2], torch.zeros(2), torch.zeros(2, dtype=torch.long), torch.ones(2), torch.rand(2))
+    assert e.native and float(e.logits.abs().max()) <= 5.0  # capped logits from the prefill's head
+    with pytest.warns(RuntimeWarning, match="gemma2 off the native step"):  # (the composed step has no caps)
+        assert not Engine(m, 1, 8, native=False).w.native
+    # every step's logits are those of a fresh forward of the model's own modules (caps and window included)
+    ids = list(range(30, 42))
+    g = generate(m, ids, exit_layer={0: 2, 4: m.num_layers}, max_new_tokens=8, stop_tokens=[], stream=True)
+    for _ in g:
+        k = g.exit_layers[0][-1]
+        with torch.no_grad():
+            fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
+        torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+    assert g.engine.native
 
 
 def test_unknown_model_type_accepted_when_the_probe_agrees():

@@ -389,6 +389,7 @@ def test_clear_errors():
     (dict(stop_tokens="x"), "stop_tokens must be a list of token ids"),
     (dict(stop_tokens=[10**7]), "stop token 10000000 is outside the vocabulary"),
     (dict(native="yes"), "native must be True, False or None"),
+    (dict(native=1), r"native must be True, False or None \(the native step where it exists\), got int 1"),
 ])
 def test_sampling_arguments_checked(kw, match):
     m = _model()
@@ -450,31 +451,25 @@ def test_native_step_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="lacks cache entries"):
         e.step([4], *args())
     w = e.w
+
+    def raw_step(pos, exit_, cos=e.cos, sin=e.sin, activation=0, softcaps=(0.0, 0.0), workspace=e.workspace):
+        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([pos]), torch.tensor([exit_]), e.exits, w.embed,
+                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, cos,
+                                      sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, activation, *softcaps,
+                                      workspace, e.logits, *args(), e.next_tokens)
+
     with pytest.raises(RuntimeError, match="neither attached"):
-        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([3]), e.exits, w.embed,
-                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
-                                      e.sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, 0, e.workspace, e.logits,
-                                      *args(), e.next_tokens)
+        raw_step(2, 3)
     with pytest.raises(RuntimeError, match="past the cache"):
-        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([16]), torch.tensor([2]), e.exits, w.embed,
-                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
-                                      e.sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, 0, e.workspace, e.logits,
-                                      *args(), e.next_tokens)
+        raw_step(16, 2)
     with pytest.raises(RuntimeError, match="activation must be 0"):
-        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
-                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
-                                      e.sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, 2, e.workspace, e.logits,
-                                      *args(), e.next_tokens)
+        raw_step(2, 2, activation=2)
+    with pytest.raises(RuntimeError, match="soft-caps must be >= 0"):
+        raw_step(2, 2, softcaps=(-1.0, 0.0))
     with pytest.raises(RuntimeError, match=r"slot_rope must name the rotary table of each of the \d+ cache slots"):
-        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
-                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept,
-                                      e.cos.expand(2, -1, -1), e.sin.expand(2, -1, -1), [], [], w.eps, w.scale,
-                                      w.embed_scale, 0, e.workspace, e.logits, *args(), e.next_tokens)
+        raw_step(2, 2, cos=e.cos.expand(2, -1, -1), sin=e.sin.expand(2, -1, -1))
     with pytest.raises(RuntimeError, match="workspace"):
-        torch.ops.balcony.decode_step(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), e.exits, w.embed,
-                                      w.base, w.exit, w.final_norm, w.head, e.cache.k, e.cache.v, e.cache.kept, e.cos,
-                                      e.sin, w.slot_rope, [], w.eps, w.scale, w.embed_scale, 0, e.workspace[:10], e.logits,
-                                      *args(), e.next_tokens)
+        raw_step(2, 2, workspace=e.workspace[:10])
 
 
 @pytest.mark.slow
@@ -538,3 +533,13 @@ def test_top_k_past_the_vocabulary_is_no_cut():
     kw = dict(temperature=1.0, seed=3, max_new_tokens=4, stop_tokens=[])
     huge = bx.generate(m, _prompts(1)[0], top_k=2**70, **kw)  # (was an overflow deep inside)
     assert huge.tokens == bx.generate(m, _prompts(1)[0], top_k=0, **kw).tokens
+
+
+def test_calibrate_flags_and_path_named(tmp_path):
+    m = _model()
+    with pytest.raises(ValueError, match="progress must be True or False, got str 'no'"):
+        bx.calibrate(m, tokens=2, context=4, repeats=1, path=tmp_path / "c.json", progress="no")
+    with pytest.raises(TypeError, match=r"path must be a str or os.PathLike \(a file path\) or None \(the cache "
+                                        r"directory\), got int 5"):  # (after the measurements, before)
+        bx.calibrate(m, tokens=2, context=4, repeats=1, path=5, progress=False)
+    assert not (tmp_path / "c.json").exists()

@@ -22,6 +22,12 @@ documentation, and writes
   docs/results/default_exits.json/.png, docs/results/default_exits_python_docs.json
 --from-checkpoint packages and evaluates the latest checkpoint as it stands, training nothing (to ship
 the exits of a run still in progress; the figures then say how many tokens they were trained on).
+--add-run DIR ... packages and evaluates, beside this run's exits, those of other runs of this script
+(their last checkpoints): exits train independently of each other, so a rung added later (e.g. exit
+26, trained with --exits 26 --run-dir DIR) joins the shipped ones without retraining them.
+
+The shipped file: exits 15 / 19 / 23 from the default command (3M tokens), exit 26 from
+  --exits 26 --tokens 1500000 --run-dir RUN26   then   --from-checkpoint --add-run RUN26
 """
 
 import argparse
@@ -51,23 +57,37 @@ def build_data(model, args):
     return chat, (parts[0][0] if len(parts) == 1 else Mixture(parts))
 
 
+def run_exits(run_dir: Path) -> list:
+    """The exit depths a run's last checkpoint holds."""
+    from balcony_ext.train import STATE_FILE
+
+    state = torch.load(Path(run_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+    return sorted({int(name.split(".", 1)[0]) for name in state["exits"]})
+
+
 def from_checkpoint(model, run_dir: Path) -> dict:
-    """The exits, affine lenses and history of the latest checkpoint of a run (as train() returns them)."""
+    """The exits, affine lenses and history of the latest checkpoint of a run (as train() returns them),
+    loaded into the model's exits of the same depths (which must be attached)."""
     from balcony_ext.affine import new_affine_exits
     from balcony_ext.train import STATE_FILE
 
-    state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
-    model.balconies.load_state_dict(state["exits"])
-    model.tokens_trained = state["tokens_trained"]
+    state = torch.load(Path(run_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+    depths = sorted({int(name.split(".", 1)[0]) for name in state["exits"]})
+    for k in depths:
+        prefix = f"{k}."
+        model.balconies[str(k)].load_state_dict({n[len(prefix):]: t for n, t in state["exits"].items()
+                                                 if n.startswith(prefix)})
+    model.tokens_trained = max(model.tokens_trained, state["tokens_trained"])
     model.last_loss = state["history"][-1]["loss"] if state["history"] else None
     affine = None
     if "affine" in state:
-        affine = new_affine_exits(model, model.exits)
+        affine = new_affine_exits(model, depths)
         for k, lens in affine.items():
             lens.load_state_dict(state["affine"][str(k)])
             lens.eval()
-    print(f"checkpoint of {run_dir}: step {state['step']} of {state['settings']['total_steps']}")
-    return dict(history=state["history"], affine=affine)
+    print(f"checkpoint of {run_dir}: exits {depths}, step {state['step']} of {state['settings']['total_steps']}, "
+          f"{state['tokens_trained']:,} tokens")
+    return dict(history=state["history"], affine=affine, exits=depths, tokens=state["tokens_trained"])
 
 
 def main():
@@ -88,6 +108,8 @@ def main():
                     help="package and evaluate the latest checkpoint of --run-dir, train nothing")
     ap.add_argument("--out", default=str(bundled_exits_path()), help="where to write the packaged exits")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results" / "default_exits"))
+    ap.add_argument("--add-run", nargs="+", default=[], metavar="RUN_DIR",
+                    help="also package and evaluate the exits of these runs of this script (their last checkpoints)")
     args = ap.parse_args()
 
     model = bx.load(exits=None)
@@ -104,10 +126,17 @@ def main():
     hist = run["history"]
     seconds = sum(h["step_s"] for h in hist)
     print(f"trained {model.tokens_trained:,} tokens in {seconds / 3600:.2f} h of steps")
+    runs = [dict(exits=list(args.exits), tokens=model.tokens_trained, step_seconds=seconds)]
+    for other in args.add_run:  # exits of other runs (trained alone), beside these
+        bx.attach(model, run_exits(other), init="last", norm_init="final")
+        more = from_checkpoint(model, Path(other))
+        runs.append(dict(exits=more["exits"], tokens=more["tokens"], step_seconds=sum(h["step_s"] for h in more["history"])))
+        if run["affine"] is not None and more["affine"] is not None:
+            run["affine"].update(more["affine"])
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    bx.save_exits(model, out, dtype=torch.bfloat16, extra=dict(corpus=data.describe(), recipe=recipe))
+    bx.save_exits(model, out, dtype=torch.bfloat16, extra=dict(corpus=data.describe(), recipe=recipe, runs=runs))
     bx.load_exits(model, out)  # evaluate what users get: the exits as shipped (bf16 on disk, fp32 model)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +154,8 @@ def main():
         f"{key[0]}@{key[1]}": {f: v[f] for f in ("chat_rep4", "chat_prefix", "chat_f1")}
         for key, v in penalised.items() if isinstance(key, tuple) and key[0] != "full"})
     training = dict(tokens=model.tokens_trained, step_seconds=seconds, batch=args.batch, seq_len=args.seq,
-                    recipe=recipe, chat_data=chat.describe(), final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None)
+                    recipe=recipe, chat_data=chat.describe(), final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None,
+                    runs=runs)
     report.info["training"] = docs.info["training"] = training
     report.info["python_docs"] = {f"{r['method']}@{r['exit']}": r["perplexity"] for r in docs.rows}
     # a small sample the test suite re-evaluates with the shipped file (python_tests/test_loading.py)

@@ -20,17 +20,19 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the MLP gate's activation, as the s
 
 def decode_step(tokens, positions, exit_of_row, exit_depths, embed, base_weights, exit_weights, final_norm, head,
                 key_caches, value_caches, kept, cos, sin, slot_rope, slot_window, eps, scale, embed_scale, activation,
-                workspace, logits, temperature, top_k, top_p, uniform, next_tokens):
+                attn_softcap, logit_softcap, workspace, logits, temperature, top_k, top_p, uniform, next_tokens):
     """Runs the step, writing the caches, kept states, logits and next_tokens in place (returns None).
     tokens, positions and exit_of_row are int64 [B]; cos / sin [P, D/2], or [R, P, D/2] with slot_rope
     naming each cache slot's table; slot_window each slot's sliding window (0: none; [] none anywhere);
-    embed_scale multiplies the embedding; activation is a key of
-    ACTIVATIONS; workspace is float32 of decode_step_workspace(...) elements."""
+    embed_scale multiplies the embedding; activation is a key of ACTIVATIONS; attn_softcap and
+    logit_softcap > 0 soft-cap the attention scores and the logits (cap * tanh(x / cap); 0: off);
+    workspace is float32 of decode_step_workspace(...) elements."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"decode_step: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     torch.ops.balcony.decode_step(tokens, positions, exit_of_row, list(exit_depths), embed, base_weights,
                                   exit_weights, final_norm, head, key_caches, value_caches, kept, cos, sin,
-                                  list(slot_rope), list(slot_window), eps, scale, embed_scale, ACTIVATIONS[activation], workspace, logits,
+                                  list(slot_rope), list(slot_window), eps, scale, embed_scale,
+                                  ACTIVATIONS[activation], attn_softcap, logit_softcap, workspace, logits,
                                   temperature, top_k, top_p, uniform, next_tokens)
 
 
@@ -43,7 +45,8 @@ if _native.available():
 
     @torch.library.register_fake("balcony::decode_step")
     def _(tokens, positions, exit_of_row, exit_depths, embed, base_weights, exit_weights, final_norm, head,
-          key_caches, value_caches, kept, cos, sin, slot_rope, slot_window, eps, scale, embed_scale, activation, workspace, logits,
+          key_caches, value_caches, kept, cos, sin, slot_rope, slot_window, eps, scale, embed_scale, activation, attn_softcap,
+          logit_softcap, workspace, logits,
           temperature, top_k, top_p, uniform, next_tokens):
         B = tokens.shape[0]
         torch._check(positions.shape[0] == B and exit_of_row.shape[0] == B,

@@ -52,6 +52,7 @@ struct DecodeAttentionArgs {
   int64_t num_splits, chunk;
   int64_t window;  // 0: every position; > 0: the last `window` positions of each row
   float scale;
+  float softcap;  // > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: off
   void* out;  // [B,Hq,D] contiguous; written directly when num_splits == 1
   // num_splits > 1: per (b, query head, split) the running max and sum of exp ([B,Hq,splits,2])
   // and the unnormalised output ([B,Hq,splits,D]), merged by decode_attention_merge.

@@ -47,7 +47,7 @@ int64_t decode_attention_cpu_scratch_floats(int64_t G, int64_t D) {
 
 void decode_attention_cpu_into(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                const int64_t* seq_lens, int64_t max_len, double scale, int64_t splits, void* out,
-                               float* part_ml, float* part_o, float* scratch, int64_t window) {
+                               float* part_ml, float* part_o, float* scratch, int64_t window, double softcap) {
   const auto kind = cpu_scalar_kind(query, "query");
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
   const int64_t Hkv = key_cache.size(1), G = Hq / Hkv;
@@ -63,6 +63,7 @@ void decode_attention_cpu_into(const at::Tensor& query, const at::Tensor& key_ca
   a.num_splits = splits;
   a.chunk = std::max<int64_t>(1, (max_len + splits - 1) / splits);
   a.window = window;
+  a.softcap = static_cast<float>(softcap);
   a.scale = static_cast<float>(scale);
   a.out = out;
   a.part_ml = splits > 1 ? part_ml : nullptr;

@@ -459,6 +459,9 @@ inline void decode_split_task(const DecodeAttentionArgs& a, int64_t task, float*
       for (int64_t g = 0; g < G; ++g) dot_rows_w_any(qf + g * D, kblk + jw * ks, ks, D, sc + g * NB + jw);
     for (int64_t jj = jw; jj < nb; ++jj)
       for (int64_t g = 0; g < G; ++g) sc[g * NB + jj] = dot_row(qf + g * D, kblk + jj * ks, D);
+    if (a.softcap > 0.f)  // soft-capped scores (Gemma 2)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t jj = 0; jj < nb; ++jj) sc[g * NB + jj] = a.softcap * std::tanh(sc[g * NB + jj] / a.softcap);
     // Online softmax update per query head.
     for (int64_t g = 0; g < G; ++g) {
       float* s = sc + g * NB;

@@ -99,7 +99,7 @@ void qk_norm(float* t, const at::Tensor& norm, int64_t rows, int64_t heads, int6
 // layer lacks are the identity (balcony/layer_layout.h).
 void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& key_cache, at::Tensor& value_cache,
                const at::Tensor& pos, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin, float eps,
-               double scale, int64_t activation, int64_t window) {
+               double scale, int64_t activation, int64_t window, double softcap) {
   static auto rope = c10::Dispatcher::singleton().findSchemaOrThrow("balcony::rope_append", "").typed<RopeAppendFn>();
   const int64_t B = d.B, H = d.H, QD = d.Hq * d.D, KD = d.Hkv * d.D, I = d.I;
   auto normed = [&](const at::Tensor& norm) -> const float* {  // the sublayer's input
@@ -129,7 +129,7 @@ void run_layer(const Dims& d, const Work& w, const at::Tensor* lw, at::Tensor& k
   if (window > 0) span = std::min(span, window);
   const int64_t splits = std::min(decode_attention_cpu_splits(B, d.Hkv, span, 0), w.max_splits);
   decode_attention_cpu_into(q.view({B, d.Hq, d.D}), key_cache, value_cache, w.llen, span, scale, splits, w.attn,
-                            w.part_ml, w.part_o, w.attn_scratch, window);
+                            w.part_ml, w.part_o, w.attn_scratch, window, softcap);
   add_out(w.attn, QD, lw[O_PROJ], lw[ATTN_OUT_NORM]);
   a = normed(lw[POST_NORM]);
   linear_into(a, H, B, lw[GATE_PROJ], nullptr, w.gu, 2 * I, false);
@@ -184,7 +184,8 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
                            at::TensorList key_caches, at::TensorList value_caches, at::TensorList kept,
                            const at::Tensor& cos, const at::Tensor& sin, c10::IntArrayRef slot_rope,
                            c10::IntArrayRef slot_window, double eps,
-                           double scale, double embed_scale, int64_t activation,
+                           double scale, double embed_scale, int64_t activation, double attn_softcap,
+                           double logit_softcap,
                            at::Tensor& workspace, at::Tensor& logits, const at::Tensor& temperature,
                            const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& uniform,
                            at::Tensor& next_tokens) {
@@ -236,6 +237,8 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
                       c->size(3) == d.D && c->scalar_type() == at::kFloat,
                   "decode_step: cache ", s, " must be float32 [", B, ", ", d.Hkv, ", ", d.S, ", ", d.D, "], got ",
                   c->scalar_type(), " ", c->sizes());
+  TORCH_CHECK(attn_softcap >= 0 && logit_softcap >= 0, "decode_step: soft-caps must be >= 0 (0: off), got ",
+              attn_softcap, " and ", logit_softcap);
   TORCH_CHECK(activation == SILU || activation == GELU_TANH, "decode_step: activation must be 0 (SiLU) or 1 (GELU "
               "with the tanh approximation), got ", activation);
   const int64_t R = cos.dim() == 3 ? cos.size(0) : 1;
@@ -317,7 +320,7 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
   for (int64_t i = 0; i < deepest && i < L; ++i) {
     mask_rows([&](int64_t b) { return ex[b] > i; });
     run_layer(d, w, bw + i * kPerLayer, kc[i], vc[i], lpos, llen, table(cos, i), table(sin, i), feps, scale,
-              activation, window_of(i));
+              activation, window_of(i), attn_softcap);
     const int64_t depth = i + 1;
     for (int64_t e = 0; e < E; ++e) {
       if (exit_depths[e] != depth) continue;
@@ -336,7 +339,7 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
       mask_rows([&](int64_t b) { return ex[b] == depth; });
       const at::Tensor* xw = ew.data() + e * (kPerLayer + 1);
       run_layer(d, we, xw, kc[L + e], vc[L + e], lpos, llen, table(cos, L + e), table(sin, L + e), feps, scale,
-                activation, window_of(L + e));
+                activation, window_of(L + e), attn_softcap);
       for (int64_t b = 0; b < B; ++b)
         if (ex[b] == depth) norm_rows(w.xe + b * d.H, d.H, xw[kPerLayer], w.fin + b * d.H, d.H, 1, d.H, feps);
     }
@@ -344,6 +347,13 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
   for (int64_t b = 0; b < B; ++b)
     if (ex[b] == L) norm_rows(w.x + b * d.H, d.H, final_norm, w.fin + b * d.H, d.H, 1, d.H, feps);
   linear_into(w.fin, d.H, B, head, nullptr, logits.data_ptr<float>(), d.V, false);
+  if (logit_softcap > 0) {  // soft-capped logits (Gemma 2)
+    float* lg = logits.data_ptr<float>();
+    const float cap = static_cast<float>(logit_softcap);
+    at::parallel_for(0, B * d.V, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) lg[i] = cap * std::tanh(lg[i] / cap);
+    });
+  }
   sample_tokens_cpu_into(sample_args, next_tokens.data_ptr<int64_t>(), w.sample_scratch);
 }
 
