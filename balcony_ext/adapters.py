@@ -6,17 +6,18 @@ here copies Hugging Face modeling code: every computation calls the model's own 
 new transformers release that keeps the module names keeps working.
 
 What differs between families is data (`Family`): where the parts are, the name of a layer's
-attention module and input norm, whether rotary tables differ per attention type, and a soft cap on
-the final logits. Norm forms ((1 + w) scaling, biases, sandwich norms), fused projections, q/k norms,
-partial rotary, embedding scaling and attention soft-capping live inside the family's own modules
-and need nothing here. A model type not in FAMILIES is taken apart by the names its
+attention module and input norm, whether rotary tables differ per attention type, a soft cap on the
+final logits and the offset of its norms' weights. For training and evaluation, norm forms, fused
+projections, q/k norms, partial rotary, embedding scaling and attention soft-capping live inside the
+family's own modules and need nothing here (the native step reads them: weights.py). A model type not in FAMILIES is taken apart by the names its
 `*ForCausalLM` uses and accepted only if its own forward and the adapter's composition of its
 modules give the same logits on a probe (never silently wrong).
 
 The decode engine (engine.py, the native step) runs the Llama family, Phi-3 (whose fused q/k/v and
-gate/up projections it reads as row slices) and OLMo 2 (norms after its sublayers, q/k norms over all
-heads) with full rotary embeddings (`Family.native`); the other families attach, train, evaluate, save
-and load exits and generate through their own modules.
+gate/up projections it reads as row slices), OLMo 2 (norms after its sublayers, q/k norms over all
+heads) and Gemma 2 / 3 ((1 + w) norms folded on load, sandwich norms, scaled embedding, GELU, sliding
+windows, soft-caps, a rotary table per layer type) with full rotary embeddings (`Family.native`); the
+other families attach, train, evaluate, save and load exits and generate through their own modules.
 """
 
 from __future__ import annotations
