@@ -87,6 +87,19 @@ def test_olmo2_has_no_input_norm_to_copy():
     assert model.exits == []
 
 
+def _assert_q4_1_generation_is_the_rounded_models(m):
+    """Q4_1 blocks of every matrix (fused ones included): generation at exit 4 equals the rounded model's
+    own forward."""
+    from balcony_ext.weights import quantize
+
+    quantize(m, "q4_1")
+    ids = [5, 6, 7, 8, 9]
+    out = generate(m, ids, exit_layer=4, max_new_tokens=6, stop_tokens=[], calibration=None)
+    with torch.no_grad():
+        logits = m(torch.tensor([ids + out.tokens]), exits=[4])[4][0]
+    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
+
+
 def _gen_model(model_type, layers=6, exits=(2, 4)):
     # a larger initialiser range gives peaked distributions, so greedy choices are well separated
     m = tiny_balcony(model_type, layers=layers, initializer_range=0.2)
@@ -137,7 +150,7 @@ def test_families_outside_the_native_step_refuse_it_and_int8_by_name():
 
 
 def test_phi3_runs_the_native_step_on_row_slices_of_its_fused_projections(cpu_capability):
-    from balcony_ext.weights import engine_weights, quantize
+    from balcony_ext.weights import engine_weights
     from step_checks import assert_native_matches_composed
 
     m = _gen_model("phi3")
@@ -150,15 +163,11 @@ def test_phi3_runs_the_native_step_on_row_slices_of_its_fused_projections(cpu_ca
     assert torch.equal(w.layer(0).up_proj, mlp.gate_up_proj.weight[w.I:])
     assert_native_matches_composed(m, [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], [2, m.num_layers], steps=4, tol=2e-4)
     # Q4_1 blocks of the fused matrices: generation equals the rounded model's own forward
-    quantize(m, "q4_1")
-    ids = [5, 6, 7, 8, 9]
-    out = generate(m, ids, exit_layer=4, max_new_tokens=6, stop_tokens=[], calibration=None)
-    with torch.no_grad():
-        logits = m(torch.tensor([ids + out.tokens]), exits=[4])[4][0]
-    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
+    _assert_q4_1_generation_is_the_rounded_models(m)
     # partial rotary embeddings: not the native step's; the model's own modules run it
     partial = tiny_balcony("phi3", layers=4, partial_rotary_factor=0.5, initializer_range=0.2)
     assert not partial.adapter.native
+    ids = [5, 6, 7, 8, 9]
     with pytest.warns(RuntimeWarning, match="phi3 decodes through the model's own modules"):  # once per model
         out = generate(partial, ids, max_new_tokens=6, stop_tokens=[], calibration=None)
     ref = partial.base.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
@@ -167,7 +176,7 @@ def test_phi3_runs_the_native_step_on_row_slices_of_its_fused_projections(cpu_ca
 
 
 def test_olmo2_runs_the_native_step_with_norms_after_its_sublayers(cpu_capability):
-    from balcony_ext.weights import engine_weights, quantize
+    from balcony_ext.weights import engine_weights
     from step_checks import assert_native_matches_composed
 
     m = _gen_model("olmo2")
@@ -178,12 +187,7 @@ def test_olmo2_runs_the_native_step_with_norms_after_its_sublayers(cpu_capabilit
     assert torch.equal(lw.mlp_out_norm, layer.post_feedforward_layernorm.weight)
     assert lw.q_norm.numel() == w.Hq * w.D and lw.k_norm.numel() == w.Hkv * w.D  # over all heads of a row
     assert_native_matches_composed(m, [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], [2, m.num_layers], steps=4, tol=2e-4)
-    quantize(m, "q4_1")
-    ids = [5, 6, 7, 8, 9]
-    out = generate(m, ids, exit_layer=4, max_new_tokens=6, stop_tokens=[], calibration=None)
-    with torch.no_grad():
-        logits = m(torch.tensor([ids + out.tokens]), exits=[4])[4][0]
-    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
+    _assert_q4_1_generation_is_the_rounded_models(m)
 
 
 def _gemma3(window=64, **kw):
@@ -195,7 +199,7 @@ def _gemma3(window=64, **kw):
 
 
 def test_gemma3_runs_the_native_step(cpu_capability):
-    from balcony_ext.weights import engine_weights, quantize
+    from balcony_ext.weights import engine_weights
     from step_checks import assert_native_matches_composed
 
     m = _gemma3()
@@ -216,12 +220,7 @@ def test_gemma3_runs_the_native_step(cpu_capability):
         ref = m.base.generate(torch.tensor([ids]), max_new_tokens=14, min_new_tokens=14, do_sample=False,
                               pad_token_id=0)[0, len(ids):].tolist()
         assert out.tokens == ref
-    quantize(m, "q4_1")
-    ids = [5, 6, 7, 8, 9]
-    out = generate(m, ids, exit_layer=4, max_new_tokens=6, stop_tokens=[], calibration=None)
-    with torch.no_grad():
-        logits = m(torch.tensor([ids + out.tokens]), exits=[4])[4][0]
-    assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
+    _assert_q4_1_generation_is_the_rounded_models(m)
 
 
 def test_gemma3_past_its_sliding_window():
