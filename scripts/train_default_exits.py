@@ -22,6 +22,7 @@ documentation, and writes
   docs/results/default_exits.json/.png, docs/results/default_exits_python_docs.json
 --from-checkpoint packages and evaluates the latest checkpoint as it stands, training nothing (to ship
 the exits of a run still in progress; the figures then say how many tokens they were trained on).
+--from-exits FILE continues training the exits of a file (e.g. the shipped one, on more tokens).
 --add-run DIR ... packages and evaluates, beside this run's exits, those of other runs of this script
 (their last checkpoints): exits train independently of each other, so a rung added later (e.g. exit
 26, trained with --exits 26 --run-dir DIR) joins the shipped ones without retraining them.
@@ -108,15 +109,22 @@ def main():
                     help="package and evaluate the latest checkpoint of --run-dir, train nothing")
     ap.add_argument("--out", default=str(bundled_exits_path()), help="where to write the packaged exits")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results" / "default_exits"))
+    ap.add_argument("--from-exits", default=None, metavar="FILE",
+                    help="continue training the exits of this file (e.g. the shipped one) instead of new ones")
     ap.add_argument("--add-run", nargs="+", default=[], metavar="RUN_DIR",
                     help="also package and evaluate the exits of these runs of this script (their last checkpoints)")
     args = ap.parse_args()
 
     model = bx.load(exits=None)
-    bx.attach(model, args.exits, init="last", norm_init="final")
+    if args.from_exits:  # (their depths replace --exits)
+        bx.load_exits(model, args.from_exits)
+        args.exits, model.tokens_trained = list(model.exits), 0
+    else:
+        bx.attach(model, args.exits, init="last", norm_init="final")
     chat, data = build_data(model, args)
     recipe = (f"{' '.join(args.mix)} ({args.prompts} instructions), bf16 autocast, lr {args.lr:g} cosine over "
-              f"{args.tokens:,} tokens, 1% warm-up, {args.batch}x{args.seq} tokens per step, init last, norm final")
+              f"{args.tokens:,} tokens, 1% warm-up, {args.batch}x{args.seq} tokens per step, "
+              + (f"continuing {args.from_exits}" if args.from_exits else "init last, norm final"))
     if args.from_checkpoint:
         run = from_checkpoint(model, Path(args.run_dir))
     else:
