@@ -438,13 +438,12 @@ class Engine:
         ops.rope_append(q, k.contiguous(), v.contiguous(), self.cache.k[slot], self.cache.v[slot], pos.view(B, 1),
                         self.cos[r], self.sin[r])
         att = ops.decode_attention(q.view(B, w.Hq, w.D), self.cache.k[slot], self.cache.v[slot], pos + 1, w.scale)
-        h = _linear(att.reshape(B, w.Hq * w.D), lw.o_proj)
-        if lw.attn_out_norm.numel() or not lw.post_norm.numel():  # (OLMo 2's order)
-            x = x + _norm(h, lw.attn_out_norm, w.eps)
-            h = _norm(x, lw.post_norm, w.eps)
-        else:
+        h = _norm(_linear(att.reshape(B, w.Hq * w.D), lw.o_proj), lw.attn_out_norm, w.eps)
+        if lw.post_norm.numel():
             x = x.clone()
             ops.fused_add_rms_norm(h, x, lw.post_norm, w.eps)  # x += attention output; h = post-norm(x)
+        else:  # (OLMo 2: no norm before the MLP)
+            x = h = x + h
         gu = torch.cat([_linear(h, lw.gate_proj), _linear(h, lw.up_proj)], dim=-1)
         return x + _norm(_linear(_act_and_mul(gu, w.activation), lw.down_proj), lw.mlp_out_norm, w.eps)
 

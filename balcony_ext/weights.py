@@ -284,11 +284,17 @@ def _short_ids(model):
     return ids.to(model.device) if ids is not None else None
 
 
+def _cache_key(model) -> tuple:
+    """What the engine's weights depend on: rebuilt when exits are attached, loaded or trained, the dtype
+    or weight format changes, or another shortlist is set."""
+    return (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype, weight_format(model),
+            tuple(p.data_ptr() for p in model.balcony_parameters()[:1]), id(getattr(model, "shortlist", None)))
+
+
 def engine_weights(model):
     """What the engine reads: NativeWeights for the families the native step runs, else ModuleWeights.
-    Cached per model and exit set (rebuilt when exits are attached, loaded or trained)."""
-    key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype, weight_format(model),
-           tuple(p.data_ptr() for p in model.balcony_parameters()[:1]), id(getattr(model, "shortlist", None)))
+    Cached per model (_cache_key)."""
+    key = _cache_key(model)
     cached = getattr(model, "_engine_weights", None)
     if cached is None or cached[0] != key:
         if not model.adapter.native and weight_format(model) != "float":
@@ -313,8 +319,7 @@ def module_weights(model) -> ModuleWeights:
     if weight_format(model) != "float":
         raise NotImplementedError(f"off the native step, {model.adapter.model_type} runs through the model's own "
                                   f"modules, which need float weights ({weight_format(model)} loaded)")
-    key = (tuple(model.exits), model.tokens_trained, id(model.balconies), model.dtype,
-           tuple(p.data_ptr() for p in model.balcony_parameters()[:1]), id(getattr(model, "shortlist", None)))
+    key = _cache_key(model)
     cached = getattr(model, "_module_weights", None)
     if cached is None or cached[0] != key:
         if cached is None:

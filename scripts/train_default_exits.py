@@ -58,22 +58,16 @@ def build_data(model, args):
     return chat, (parts[0][0] if len(parts) == 1 else Mixture(parts))
 
 
-def run_exits(run_dir: Path) -> list:
-    """The exit depths a run's last checkpoint holds."""
-    from balcony_ext.train import STATE_FILE
-
-    state = torch.load(Path(run_dir) / STATE_FILE, map_location="cpu", weights_only=False)
-    return sorted({int(name.split(".", 1)[0]) for name in state["exits"]})
-
-
 def from_checkpoint(model, run_dir: Path) -> dict:
     """The exits, affine lenses and history of the latest checkpoint of a run (as train() returns them),
-    loaded into the model's exits of the same depths (which must be attached)."""
+    loaded into the model's exits of the same depths (attached first where the model lacks them)."""
     from balcony_ext.affine import new_affine_exits
     from balcony_ext.train import STATE_FILE
 
     state = torch.load(Path(run_dir) / STATE_FILE, map_location="cpu", weights_only=False)
     depths = sorted({int(name.split(".", 1)[0]) for name in state["exits"]})
+    if missing := [k for k in depths if k not in model.exits]:
+        bx.attach(model, missing, init="last", norm_init="final")
     for k in depths:
         prefix = f"{k}."
         model.balconies[str(k)].load_state_dict({n[len(prefix):]: t for n, t in state["exits"].items()
@@ -136,7 +130,6 @@ def main():
     print(f"trained {model.tokens_trained:,} tokens in {seconds / 3600:.2f} h of steps")
     runs = [dict(exits=list(args.exits), tokens=model.tokens_trained, step_seconds=seconds)]
     for other in args.add_run:  # exits of other runs (trained alone), beside these
-        bx.attach(model, run_exits(other), init="last", norm_init="final")
         more = from_checkpoint(model, Path(other))
         runs.append(dict(exits=more["exits"], tokens=more["tokens"], step_seconds=sum(h["step_s"] for h in more["history"])))
         if run["affine"] is not None and more["affine"] is not None:

@@ -149,31 +149,31 @@ void check_layer(const std::vector<at::Tensor>& lw, int64_t at, const Dims& d, c
                 what, " ", index, " ", name, " must be a contiguous [", n, ", ", k, "] matrix (float32, bfloat16) or "
                 "its Q8 / Q4 / Q4_1 blocks (balcony/dtypes.h), got ", t.scalar_type(), " ", t.sizes());
   };
-  auto vec = [&](int64_t s, int64_t n, const char* name, bool optional, int64_t or_n = -1) {
+  auto vec = [&](int64_t s, int64_t n, const char* name, int64_t or_n = -1) {  // (every vector may be absent)
     const at::Tensor& t = lw[at + s];
-    if (optional && t.numel() == 0) return;
+    if (t.numel() == 0) return;
     TORCH_CHECK(t.dim() == 1 && (t.size(0) == n || t.size(0) == or_n) && t.is_contiguous() &&
                     t.scalar_type() == at::kFloat,
                 "decode_step: ", what, " ", index, " ", name, " must be a contiguous float32 [", n, "]",
                 or_n > 0 ? " or [" + std::to_string(or_n) + "]" : std::string(), ", got ", t.scalar_type(), " ",
                 t.sizes());
   };
-  vec(INPUT_NORM, d.H, "input norm", true);
+  vec(INPUT_NORM, d.H, "input norm");
   mat(Q_PROJ, d.Hq * d.D, d.H, "q_proj");
-  vec(Q_BIAS, d.Hq * d.D, "q bias", true);
+  vec(Q_BIAS, d.Hq * d.D, "q bias");
   mat(K_PROJ, d.Hkv * d.D, d.H, "k_proj");
-  vec(K_BIAS, d.Hkv * d.D, "k bias", true);
+  vec(K_BIAS, d.Hkv * d.D, "k bias");
   mat(V_PROJ, d.Hkv * d.D, d.H, "v_proj");
-  vec(V_BIAS, d.Hkv * d.D, "v bias", true);
-  vec(Q_NORM, d.D, "q norm", true, d.Hq * d.D);
-  vec(K_NORM, d.D, "k norm", true, d.Hkv * d.D);
+  vec(V_BIAS, d.Hkv * d.D, "v bias");
+  vec(Q_NORM, d.D, "q norm", d.Hq * d.D);
+  vec(K_NORM, d.D, "k norm", d.Hkv * d.D);
   mat(O_PROJ, d.H, d.Hq * d.D, "o_proj");
-  vec(POST_NORM, d.H, "post-attention norm", true);
+  vec(POST_NORM, d.H, "post-attention norm");
   mat(GATE_PROJ, d.I, d.H, "gate_proj");
   mat(UP_PROJ, d.I, d.H, "up_proj");
   mat(DOWN_PROJ, d.H, d.I, "down_proj");
-  vec(ATTN_OUT_NORM, d.H, "attention-output norm", true);
-  vec(MLP_OUT_NORM, d.H, "MLP-output norm", true);
+  vec(ATTN_OUT_NORM, d.H, "attention-output norm");
+  vec(MLP_OUT_NORM, d.H, "MLP-output norm");
 }
 
 }  // namespace
