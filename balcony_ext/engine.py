@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import ops
 from .kv_cache import KVCache
 from .module_layers import span_modules
-from .weights import engine_weights, module_weights
+from .weights import engine_weights
 
 
 def _rms(x, w, eps):
@@ -96,11 +96,6 @@ class Engine:
         dev = model.device
         if native is None:
             native = dev.type == "cpu" and hasattr(torch.ops.balcony, "decode_step") and w.native
-        if not native and w.native and ((w.sliding is not None and max_len > w.sliding) or w.attn_softcap
-                                        or w.logit_softcap):
-            # the composed step attends to every position, without soft-caps: past a sliding window or
-            # with soft-caps, the model's own modules (the native step has both)
-            self.w = w = module_weights(model)
         if native and not w.native:
             raise NotImplementedError(f"native=True: the native step does not run {model.adapter.model_type}; "
                                       "its layers run through the model's own modules (native=None or False)")
@@ -423,6 +418,8 @@ class Engine:
             fin = torch.where((ex == L).unsqueeze(1), _rms(x, w.final_norm, w.eps), fin)
         head, out = self._head_out(plan)
         out.copy_(_linear(fin, head))
+        if w.logit_softcap:
+            out.copy_(torch.tanh(out / w.logit_softcap) * w.logit_softcap)
         self._shortlisted(plan)
         return ops.sample_tokens(self.logits, temperature, top_k, top_p, uniform)
 
@@ -437,7 +434,8 @@ class Engine:
         r = w.rope_of(slot)
         ops.rope_append(q, k.contiguous(), v.contiguous(), self.cache.k[slot], self.cache.v[slot], pos.view(B, 1),
                         self.cos[r], self.sin[r])
-        att = ops.decode_attention(q.view(B, w.Hq, w.D), self.cache.k[slot], self.cache.v[slot], pos + 1, w.scale)
+        att = ops.decode_attention(q.view(B, w.Hq, w.D), self.cache.k[slot], self.cache.v[slot], pos + 1, w.scale,
+                                   window=w.slot_window[slot] if w.slot_window else 0, softcap=w.attn_softcap or 0.0)
         h = _norm(_linear(att.reshape(B, w.Hq * w.D), lw.o_proj), lw.attn_out_norm, w.eps)
         if lw.post_norm.numel():
             x = x.clone()

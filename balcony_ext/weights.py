@@ -312,24 +312,6 @@ def engine_weights(model):
     return cached[1]
 
 
-def module_weights(model) -> ModuleWeights:
-    """The model's own modules as the engine reads them, whichever family (float weights only): for a
-    native family off the native step, where the composed step lacks what it needs (a sliding window
-    shorter than the sequences, soft-caps). Cached like engine_weights."""
-    if weight_format(model) != "float":
-        raise NotImplementedError(f"off the native step, {model.adapter.model_type} runs through the model's own "
-                                  f"modules, which need float weights ({weight_format(model)} loaded)")
-    key = _cache_key(model)
-    cached = getattr(model, "_module_weights", None)
-    if cached is None or cached[0] != key:
-        if cached is None:
-            warnings.warn(f"{model.adapter.model_type} off the native step (native=False, or another device) decodes "
-                          "through the model's own modules, layer by layer (correct, slower): the composed step has "
-                          "no sliding windows or soft-caps", RuntimeWarning, stacklevel=3)
-        cached = model._module_weights = (key, ModuleWeights(model))
-    return cached[1]
-
-
 def weight_format(model) -> str:
     return getattr(model, "weight_format", "float")
 

@@ -1,6 +1,8 @@
 // Argument checks of the attention-side ops (rope_append, decode_attention), shared by the CPU
 // and CUDA entry points. Device-independent: the entry points check the device type themselves.
 #pragma once
+#include <cmath>
+
 #include "torch_utils.h"
 
 namespace balcony {
@@ -56,7 +58,7 @@ inline void check_rope_append_args(const at::Tensor& query, const at::Tensor& ke
 // decode_attention: shapes, dtypes, layout, devices (not the seq_lens values).
 inline void check_decode_attention_args(const at::Tensor& query, const at::Tensor& key_cache,
                                         const at::Tensor& value_cache, const at::Tensor& seq_lens,
-                                        int64_t num_splits) {
+                                        int64_t num_splits, int64_t window, double softcap) {
   BALCONY_CHECK_DIM(query, 3);
   BALCONY_CHECK_DIM(key_cache, 4);
   BALCONY_CHECK_DIM(value_cache, 4);
@@ -74,6 +76,9 @@ inline void check_decode_attention_args(const at::Tensor& query, const at::Tenso
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt || seq_lens.scalar_type() == at::kLong,
               "decode_attention: seq_lens must be int32 or int64, got ", seq_lens.scalar_type());
   TORCH_CHECK(num_splits >= 0, "decode_attention: num_splits must be >= 0 (0 = choose), got ", num_splits);
+  TORCH_CHECK(window >= 0, "decode_attention: window must be >= 0 (0: every entry), got ", window);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "decode_attention: softcap must be a finite number >= 0 (0: off), got ",
+              softcap);
   BALCONY_CHECK_SAME_DTYPE(query, key_cache);
   BALCONY_CHECK_SAME_DTYPE(key_cache, value_cache);
   BALCONY_CHECK_LAST_DIM_CONTIGUOUS(query);

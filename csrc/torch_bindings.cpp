@@ -52,9 +52,11 @@ TORCH_LIBRARY(balcony, m) {
   // One query token per sequence against its KV cache: query [B,Hq,D], caches [B,Hkv,S,D],
   // seq_lens [B] (int32 or int64; entries [0, len) are attended), Hq a multiple of Hkv.
   // Split along the sequence (num_splits 0 = choose) with a stable online-softmax merge.
+  // window > 0: each sequence attends to its last `window` entries only (sliding-window layers);
+  // softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2). 0: off.
   m.def(
       "decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor seq_lens, float scale, "
-      "int num_splits=0) -> Tensor");
+      "int num_splits=0, int window=0, float softcap=0.0) -> Tensor");
 
   // SwiGLU activation: input [..., 2I] = [gate | up] -> silu(gate) * up, [..., I].
   m.def("silu_and_mul(Tensor input) -> Tensor");

@@ -21,13 +21,13 @@ PACK = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # elements per 1
 
 
 def _case(B, Hkv, G, D, S, lens, splits, expect_splits=None, lens64=False, pos_pad=0, head_pad=0, q_pad=0,
-          elem_pad=False, q_offset=0, sm_count=None, copied=()):
+          elem_pad=False, q_offset=0, sm_count=None, copied=(), window=0, softcap=0.0):
     """splits: the op's num_splits argument (0: its automatic choice); expect_splits: the count the op's
     host logic must pick (default: splits); copied: the tensors the op must copy to a contiguous layout."""
     return dict(B=B, Hkv=Hkv, G=G, D=D, S=S, lens=lens, splits=splits,
                 expect_splits=splits if expect_splits is None else expect_splits, lens64=lens64, pos_pad=pos_pad,
                 head_pad=head_pad, q_pad=q_pad, elem_pad=elem_pad, q_offset=q_offset, sm_count=sm_count,
-                copied=set(copied))
+                copied=set(copied), window=window, softcap=softcap)
 
 
 # One split: the split kernel writes the output directly. Several splits: partials + merge kernel,
@@ -59,6 +59,14 @@ CASES = {
     # caches with rows not a whole number of packs apart, query misaligned by one element: copied first
     "unpacked_copied": _case(2, 1, 2, 64, 9, [9, 4], 2, pos_pad=1, q_offset=1, elem_pad=True,
                              copied=("query", "key_cache", "value_cache")),
+    # sliding windows: splits wholly before a row's window do no work, the split holding its start
+    # begins there; rows shorter than the window attend to everything
+    "window_splits": _case(3, 2, 2, 64, 40, [40, 5, 23], 4, window=9),  # chunks of 10: rows start in splits 3 / 0 / 1
+    "window_one_split": _case(2, 1, 3, 64, 21, [21, 12], 1, window=12),
+    "window_one_entry": _case(1, 2, 1, 64, 17, [17], 3, window=1),
+    # soft-capped scores (Gemma 2), alone and with a window
+    "softcap": _case(2, 2, 2, 64, 33, [33, 6], 2, softcap=1.5),
+    "softcap_window": _case(2, 1, 4, 128, 50, [50, 31], 4, window=20, softcap=3.0),
 }
 
 
@@ -93,13 +101,13 @@ def test_decode_attention_under_harness(case, dtype):
 
     params = dict(dtype=ch.dtype_name(dtype), B=B, Hkv=Hkv, G=G, D=D, S=S, q_sb=q_sb, q_sh=q_sh, k_sb=k_sb, k_sh=k_sh,
                   k_ss=k_ss, v_sb=k_sb, v_sh=k_sh, v_ss=k_ss, q_offset=q_off, seq_lens_64=int(c["lens64"]),
-                  num_splits=c["splits"], scale=repr(scale))
+                  num_splits=c["splits"], scale=repr(scale), window=c["window"], softcap=repr(c["softcap"]))
     if c["sm_count"] is not None:
         params["sm_count"] = c["sm_count"]
     inputs = dict(query=query, key_cache=kc, value_cache=vc, seq_lens=lens)
     outputs = dict(out=torch.full((B, Hq, D), float("nan"), dtype=dtype))
 
-    want = reference_decode_attention(qv, kv, vv, lens.clamp(max=S), scale)
+    want = reference_decode_attention(qv, kv, vv, lens.clamp(max=S), scale, window=c["window"], softcap=c["softcap"])
     result = ch.run("decode_attention", params, inputs, outputs)
     r = result.reports
     assert r["num_splits"] == c["expect_splits"], r

@@ -61,6 +61,31 @@ def test_decode_attention_splits_agree(cpu_capability, device, dtype, num_splits
     assert_close(ops.decode_attention(q, kc, vc, lens, 0.2, num_splits=num_splits), want)
 
 
+# (window, softcap): a sliding window shorter than some rows, longer than others; Gemma 2's caps
+WINDOWED = [(1, 0.0), (7, 0.0), (64, 0.0), (1000, 0.0), (0, 20.0), (0, 0.5), (40, 50.0)]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("window,softcap", WINDOWED)
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+def test_decode_attention_window_and_softcap(cpu_capability, device, dtype, window, softcap, num_splits):
+    """The last `window` entries of each row only, soft-capped scores: the reference's answer at any
+    split count (rows shorter than, equal to and longer than the window; an empty row gives zeros)."""
+    q, kc, vc, lens = make_inputs(4, 8, 2, 64, 301, [301, 0, 7, 150], device, dtype, seed=3)
+    kc[:, :, :300] *= 3  # large scores, where a cap bites
+    if window:  # entries before each row's window must not matter either
+        for b, n in enumerate(lens.tolist()):
+            kc[b, :, :max(0, n - window)] = float("nan")
+            vc[b, :, :max(0, n - window)] = 1e30
+    want = reference_decode_attention(q, kc, vc, lens, 0.125, window=window, softcap=softcap)
+    got = ops.decode_attention(q, kc, vc, lens, 0.125, num_splits=num_splits, window=window, softcap=softcap)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert_close(got, want)
+    if softcap:  # the cap changes the answer (so the test would see it ignored)
+        assert not torch.allclose(want.float(), reference_decode_attention(q, kc, vc, lens, 0.125, window=window).float(),
+                                  atol=1e-2)
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_decode_attention_zero_length_and_large_scores(cpu_capability, device, dtype):
     q, kc, vc, lens = make_inputs(2, 4, 2, 64, 40, [0, 40], device, dtype, seed=2)
@@ -87,6 +112,7 @@ def test_decode_attention_opcheck(device, dtype):
     q, kc, vc, lens = make_inputs(2, 6, 2, 64, 33, [33, 7], device, dtype, poison=False)
     torch.library.opcheck(torch.ops.balcony.decode_attention.default, (q, kc, vc, lens, 0.125, 0))
     torch.library.opcheck(torch.ops.balcony.decode_attention.default, (q, kc, vc, lens.long(), 0.125, 3))
+    torch.library.opcheck(torch.ops.balcony.decode_attention.default, (q, kc, vc, lens, 0.125, 2, 5, 30.0))
 
 
 def test_decode_attention_errors():
@@ -110,6 +136,11 @@ def test_decode_attention_errors():
         ops.decode_attention(q, kc, vc, lens, 0.1, num_splits=-2)
     with pytest.raises(RuntimeError, match=r"seq_lens must be \[B\]"):
         ops.decode_attention(q, kc, vc, lens[:1])
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        ops.decode_attention(q, kc, vc, lens, 0.1, window=-1)
+    for cap in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="softcap must be a finite number >= 0"):
+            ops.decode_attention(q, kc, vc, lens, 0.1, softcap=cap)
 
 
 @pytest.mark.cuda

@@ -224,15 +224,15 @@ def test_gemma3_runs_the_native_step(cpu_capability):
 
 
 def test_gemma3_past_its_sliding_window():
-    # the native step attends within each sliding layer's window; the composed step, which attends to
-    # every position, hands sequences past the window to the model's own modules
+    # the native step and the composed step (decode_attention's window) attend within each sliding
+    # layer's window
     from balcony_ext.engine import Engine
 
     m = _gemma3(window=8)
     w = Engine(m, 1, 8).w
     assert w.slot_window == [8, 0, 8, 0, 8, 0, 0, 0] and Engine(m, 1, 40).native
-    with pytest.warns(RuntimeWarning, match="gemma3_text off the native step"):
-        assert not Engine(m, 1, 9, native=False).w.native
+    composed = Engine(m, 1, 40, native=False)
+    assert composed.w.native and not composed.native  # the balcony ops over the native weights
     prompts = [list(range(5, 17)), [20, 21, 22]]  # 12 + 20 tokens: past the window of 8
     ref = [m.base.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                            pad_token_id=0)[0, len(ids):].tolist() for ids in prompts]
@@ -241,12 +241,15 @@ def test_gemma3_past_its_sliding_window():
         assert [o.tokens for o in outs] == ref, native
     # exit switches past the window: the caught-up caches give what a fresh forward gives
     L, ids = m.num_layers, list(range(30, 42))
-    g = generate(m, ids, exit_layer={0: 2, 3: 4, 5: L, 7: 2}, max_new_tokens=10, stop_tokens=[], stream=True)
-    for _ in g:
-        k = g.exit_layers[0][-1]
-        with torch.no_grad():
-            fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
-        torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+    for native in (True, False):
+        g = generate(m, ids, exit_layer={0: 2, 3: 4, 5: L, 7: 2}, max_new_tokens=10, stop_tokens=[], stream=True,
+                     native=native)
+        for _ in g:
+            k = g.exit_layers[0][-1]
+            with torch.no_grad():
+                fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
+            torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+        assert g.engine.native == native
 
 
 def test_gemma2_runs_the_native_step_with_its_soft_caps(cpu_capability):
@@ -260,17 +263,18 @@ def test_gemma2_runs_the_native_step_with_its_soft_caps(cpu_capability):
     e.add_prompts([list(range(5, 17)), [20, 21, 22]])
     e.prefill_step([m.num_layers, 2], torch.zeros(2), torch.zeros(2, dtype=torch.long), torch.ones(2), torch.rand(2))
     assert e.native and float(e.logits.abs().max()) <= 5.0  # capped logits from the prefill's head
-    with pytest.warns(RuntimeWarning, match="gemma2 off the native step"):  # (the composed step has no caps)
-        assert not Engine(m, 1, 8, native=False).w.native
-    # every step's logits are those of a fresh forward of the model's own modules (caps and window included)
+    # every step's logits are those of a fresh forward of the model's own modules (caps and window
+    # included), in the native step and in the step composed of the balcony ops
     ids = list(range(30, 42))
-    g = generate(m, ids, exit_layer={0: 2, 4: m.num_layers}, max_new_tokens=8, stop_tokens=[], stream=True)
-    for _ in g:
-        k = g.exit_layers[0][-1]
-        with torch.no_grad():
-            fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
-        torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
-    assert g.engine.native
+    for native in (True, False):
+        g = generate(m, ids, exit_layer={0: 2, 4: m.num_layers}, max_new_tokens=8, stop_tokens=[], stream=True,
+                     native=native)
+        for _ in g:
+            k = g.exit_layers[0][-1]
+            with torch.no_grad():
+                fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
+            torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+        assert g.engine.native == native and g.engine.w.native
 
 
 def test_unknown_model_type_accepted_when_the_probe_agrees():

@@ -83,9 +83,10 @@ void decode_attention_cpu_into(const at::Tensor& query, const at::Tensor& key_ca
 namespace {
 
 at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                const at::Tensor& seq_lens, double scale, int64_t num_splits) {
+                                const at::Tensor& seq_lens, double scale, int64_t num_splits, int64_t window,
+                                double softcap) {
   BALCONY_CHECK_DEVICE(query, at::kCPU);
-  check_decode_attention_args(query, key_cache, value_cache, seq_lens, num_splits);
+  check_decode_attention_args(query, key_cache, value_cache, seq_lens, num_splits, window, softcap);
   cpu_scalar_kind(query, "query");
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
   const int64_t Hkv = key_cache.size(1), S = key_cache.size(2), G = Hq / Hkv;
@@ -97,6 +98,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key_c
                 " is out of range: expected 0 <= len <= S = ", S);
     max_len = std::max(max_len, lp[b]);
   }
+  if (window > 0) max_len = std::min(max_len, window);  // the longest span attended
   at::Tensor out = at::empty({B, Hq, D}, query.options());
   if (out.numel() == 0) return out;
   const int64_t splits = decode_attention_cpu_splits(B, Hkv, max_len, num_splits);
@@ -109,7 +111,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key_c
   at::Tensor scratch = at::empty({at::get_num_threads(), decode_attention_cpu_scratch_floats(G, D)}, f32);
   decode_attention_cpu_into(query, key_cache, value_cache, lp, max_len, scale, splits, out.data_ptr(),
                             splits > 1 ? part_ml.data_ptr<float>() : nullptr,
-                            splits > 1 ? part_o.data_ptr<float>() : nullptr, scratch.data_ptr<float>());
+                            splits > 1 ? part_o.data_ptr<float>() : nullptr, scratch.data_ptr<float>(), window,
+                            softcap);
   return out;
 }
 

@@ -17,9 +17,9 @@ namespace {
 
 at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& key_cache_in,
                                  const at::Tensor& value_cache_in, const at::Tensor& seq_lens_in, double scale,
-                                 int64_t num_splits) {
+                                 int64_t num_splits, int64_t window, double softcap) {
   BALCONY_CHECK_DEVICE(query_in, at::kCUDA);
-  check_decode_attention_args(query_in, key_cache_in, value_cache_in, seq_lens_in, num_splits);
+  check_decode_attention_args(query_in, key_cache_in, value_cache_in, seq_lens_in, num_splits, window, softcap);
   const c10::cuda::CUDAGuard guard(query_in.device());
   const int64_t B = query_in.size(0), Hq = query_in.size(1), D = query_in.size(2);
   const int64_t Hkv = key_cache_in.size(1), S = key_cache_in.size(2), G = Hq / Hkv;
@@ -62,6 +62,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& k
     p.num_splits = static_cast<int>(splits);
     p.chunk = static_cast<int>(plan.chunk);
     p.scale = static_cast<float>(scale);
+    p.window = window;
+    p.softcap = static_cast<float>(softcap);
     p.out = static_cast<scalar_t*>(out.data_ptr());
     p.part_ml = splits > 1 ? part_ml.data_ptr<float>() : nullptr;
     p.part_o = splits > 1 ? part_o.data_ptr<float>() : nullptr;

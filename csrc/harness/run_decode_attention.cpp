@@ -82,6 +82,8 @@ BALCONY_HARNESS_ENTRY(decode_attention) {
     p.num_splits = int(plan.num_splits);
     p.chunk = int(plan.chunk);
     p.scale = float(c.f("scale"));
+    p.window = c.i("window", 0);
+    p.softcap = c.has("softcap") ? float(c.f("softcap")) : 0.f;
     p.out = c.ptr<T>("out");
     if (plan.num_splits > 1) {  // as the op: [B, Hq, splits, 2] and [B, Hq, splits, D] float32
       p.part_ml = c.scratch<float>(size_t(B * Hq * plan.num_splits * 2));

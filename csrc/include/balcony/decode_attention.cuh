@@ -17,8 +17,10 @@ struct DecodeAttentionParams {
   const void* seq_lens;  // [B] int32 or int64 (seq_lens_64)
   bool seq_lens_64;
   int Hkv, G, D, S;
-  int num_splits, chunk;  // split j covers [j * chunk, min((j + 1) * chunk, len))
+  int num_splits, chunk;  // split j covers [max(j * chunk, lo), min((j + 1) * chunk, len))
   float scale;
+  long long window;  // > 0: the last `window` entries of each sequence only (lo = len - window); 0: all (lo = 0)
+  float softcap;     // > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: off
   T* out;          // [B,Hq,D] contiguous; written directly when num_splits == 1
   float* part_ml;  // [B,Hq,splits,2]: max and sum of exp of each split
   float* part_o;   // [B,Hq,splits,D]: output of each split, weighted by exp(score - its max), unnormalised
@@ -96,8 +98,10 @@ __global__ void BALCONY_DECODE_SPLIT_BOUNDS decode_attention_split_kernel(Decode
 
   long long len = load_len(p.seq_lens, p.seq_lens_64, b);
   len = len > p.S ? p.S : len;  // the host does not check lengths on the GPU
-  const long long p_begin = static_cast<long long>(split) * p.chunk;
-  const long long p_end = p_begin + p.chunk < len ? p_begin + p.chunk : len;
+  const long long first = static_cast<long long>(split) * p.chunk;
+  const long long p_end = first + p.chunk < len ? first + p.chunk : len;
+  const long long lo = p.window > 0 && len > p.window ? len - p.window : 0;  // (a sliding window)
+  const long long p_begin = first > lo ? first : lo;  // a split wholly before the window does no work
 
   float* qs = smem;                        // [MAXG][D] query * scale
   float* wm = qs + MAXG * D;               // [warps][MAXG]
@@ -146,6 +150,7 @@ __global__ void BALCONY_DECODE_SPLIT_BOUNDS decode_attention_split_kernel(Decode
         }
       }
       for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
+      if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);  // soft-capped scores (Gemma 2)
       if (valid) {
         const float mn = fmaxf(st.m[g], s);
         const float alpha = __expf(st.m[g] - mn);  // 0 while the state is empty (m = -inf)
