@@ -148,7 +148,7 @@ def main():
     states = frozen_states(model, k, args.steps, Path(args.cache_dir) / f"loss-pilot-states-{k}-{args.steps}.pt")
     results = Path(args.results)
     entry = dict(exit=k, steps=args.steps, tokens=args.steps * 4 * 512, lr=args.lr, chat_prompts=64,
-                 machine=f"{bx.cpu_capability()}, {torch.get_num_threads()} threads", variants={})
+                 machine=f"{bx.cpu_capability()}, threads: {torch.get_num_threads()}", variants={})
     model.eval()
     entry["variants"]["start (no training)"] = evaluate_chat(model, prompts=64, free=False, shortlisted=False,
                                                              progress=False)[("balcony", k)]
