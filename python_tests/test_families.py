@@ -100,6 +100,18 @@ def _assert_q4_1_generation_is_the_rounded_models(m):
     assert out.tokens == logits[len(ids) - 1:-1].argmax(-1).tolist()
 
 
+def _assert_steps_match_fresh_forward(m, ids, schedule, new_tokens, native=None):
+    """Streams a generation of ids under the exit schedule; every step's logits must equal those of a fresh
+    forward of the model's own modules at that step's exit. Returns the generator (its engine, its exits)."""
+    g = generate(m, ids, exit_layer=schedule, max_new_tokens=new_tokens, stop_tokens=[], stream=True, native=native)
+    for _ in g:
+        k = g.exit_layers[0][-1]
+        with torch.no_grad():
+            fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
+        torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+    return g
+
+
 def _gen_model(model_type, layers=6, exits=(2, 4)):
     # a larger initialiser range gives peaked distributions, so greedy choices are well separated
     m = tiny_balcony(model_type, layers=layers, initializer_range=0.2)
@@ -242,13 +254,7 @@ def test_gemma3_past_its_sliding_window():
     # exit switches past the window: the caught-up caches give what a fresh forward gives
     L, ids = m.num_layers, list(range(30, 42))
     for native in (True, False):
-        g = generate(m, ids, exit_layer={0: 2, 3: 4, 5: L, 7: 2}, max_new_tokens=10, stop_tokens=[], stream=True,
-                     native=native)
-        for _ in g:
-            k = g.exit_layers[0][-1]
-            with torch.no_grad():
-                fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
-            torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+        g = _assert_steps_match_fresh_forward(m, ids, {0: 2, 3: 4, 5: L, 7: 2}, 10, native)
         assert g.engine.native == native
 
 
@@ -267,13 +273,7 @@ def test_gemma2_runs_the_native_step_with_its_soft_caps(cpu_capability):
     # included), in the native step and in the step composed of the balcony ops
     ids = list(range(30, 42))
     for native in (True, False):
-        g = generate(m, ids, exit_layer={0: 2, 4: m.num_layers}, max_new_tokens=8, stop_tokens=[], stream=True,
-                     native=native)
-        for _ in g:
-            k = g.exit_layers[0][-1]
-            with torch.no_grad():
-                fresh = m(torch.tensor([ids + g.generated[0][:-1]]), exits=[k])[k][0, -1]
-            torch.testing.assert_close(g.engine.logits[0], fresh, atol=3e-4, rtol=3e-4)
+        g = _assert_steps_match_fresh_forward(m, ids, {0: 2, 4: m.num_layers}, 8, native)
         assert g.engine.native == native and g.engine.w.native
 
 
