@@ -124,24 +124,43 @@ def load_calibration(model, path=None) -> dict | None:
         return None
     try:
         cal = json.loads(p.read_text())
-        if cal.get("model") != model.name or "ms_per_token" not in cal:
+        if not isinstance(cal, dict) or cal.get("model") != model.name or "ms_per_token" not in cal:
             return None
+        check_calibration(cal)
         return cal
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # (json.JSONDecodeError is a ValueError)
         raise ValueError(f"the calibration file {p} is damaged ({exc}); run `balcony calibrate` again") from exc
 
 
 def check_calibration(calibration) -> None:
-    """A calibration option: "auto" (the saved one, if any), None (none) or a calibration dict."""
+    """A calibration option: "auto" (the saved one, if any), None (none) or a calibration dict, whose
+    ms_per_token (and shortlist_ms_per_token, where present) map depths to positive milliseconds."""
     if calibration is None or (isinstance(calibration, str) and calibration == "auto"):
         return
     if not isinstance(calibration, dict) or not isinstance(calibration.get("ms_per_token"), dict):
         raise ValueError("calibration must be 'auto', None or a calibration (a dict with 'ms_per_token', as "
                          f"balcony_ext.calibrate returns), got {type(calibration).__name__} {calibration!r:.80}")
 
+    def check(table: dict, where: str):
+        for k, v in table.items():
+            if not str(k).isdigit():
+                raise ValueError(f"calibration {where}: the key {k!r} is not a depth (the number of layers run, "
+                                 "as balcony_ext.calibrate writes them)")
+            if isinstance(v, dict):
+                check(v, f"{where}[{k!r}]")
+            elif isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"calibration {where}[{k!r}] must be a positive number of milliseconds, got {v!r}")
+
+    check(calibration["ms_per_token"], "ms_per_token")
+    short = calibration.get("shortlist_ms_per_token")
+    if short is not None:
+        if not isinstance(short, dict):
+            raise ValueError(f"calibration shortlist_ms_per_token must be a dict, got {short!r:.80}")
+        check(short, "shortlist_ms_per_token")
+
 
 def _check_budget(budget) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget must be a number in (0, 1], got {type(budget).__name__} {budget!r}")
     if not 0.0 < float(budget) <= 1.0 or math.isnan(budget):
         raise ValueError(f"budget must be in (0, 1] (a fraction of the full model's per-token cost), got {budget}")
@@ -151,6 +170,7 @@ def choose_route(model, budget: float, calibration: dict | None = None, shortlis
     """((depth, head), note): of the routes whose relative cost fits the budget in (0, 1] (route_costs),
     the deepest, with the largest head that fits there."""
     _check_budget(budget)
+    budget = float(budget)  # (a numpy scalar or a Fraction, as a plain number from here on)
     costs = route_costs(model, calibration, shortlist)
     fitting = [r for r, c in costs.items() if c <= budget + 1e-9]
     V = model.adapter.vocab_size

@@ -4,7 +4,9 @@ Tests that run the native kernels (the decode step, the prefill and catch-up ops
 `cpu_capability` fixture: they run once per CPU instruction set this machine supports. The checks
 on the real default model are in test_generate_real.py (marked slow)."""
 
+import fractions
 import importlib
+import json
 
 import pytest
 import torch
@@ -513,6 +515,11 @@ def test_real_model_chat_template_stop_strings_and_batches():
     (dict(budget={-1: 0.5}), r"a budget schedule maps steps \(ints >= 0\) to budgets, got the key -1"),
     (dict(calibration="junk"), "calibration must be 'auto', None or a calibration"),
     (dict(calibration={"x": 1}), "calibration must be 'auto', None or a calibration"),
+    (dict(calibration={"ms_per_token": {"x": 1.0}}), r"calibration ms_per_token: the key 'x' is not a depth"),
+    (dict(calibration={"ms_per_token": {"30": -2.0}}),
+     r"calibration ms_per_token\['30'\] must be a positive number of milliseconds, got -2.0"),
+    (dict(calibration={"ms_per_token": {"30": 2.0}, "shortlist_ms_per_token": {"30": {"4096": "fast"}}}),
+     r"calibration shortlist_ms_per_token\['30'\]\['4096'\] must be a positive number of milliseconds"),
 ])
 def test_misused_arguments_named(kw, match):
     m = _model()
@@ -526,6 +533,26 @@ def test_latency_target_must_be_a_positive_number(ms):
     cal = {"model": m.name, "ms_per_token": {str(k): float(k) for k in m.exits + [m.num_layers]}}
     with pytest.raises(ValueError, match=r"ms_per_token must be a finite number > 0 \(milliseconds per token\)"):
         bx.generate(m, _prompts(1)[0], ms_per_token=ms, calibration=cal, max_new_tokens=2)
+
+
+def test_a_damaged_saved_calibration_is_named(tmp_path, monkeypatch):
+    m = _model()
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path))
+    path = bx.budgets.calibration_path(m)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"model": m.name, "ms_per_token": {"30": "slow"}}))
+    with pytest.raises(ValueError, match=r"the calibration file .* is damaged .*run `balcony calibrate` again"):
+        bx.generate(m, _prompts(1)[0], max_new_tokens=2)
+
+
+def test_numpy_and_other_real_budgets_are_numbers():
+    np = pytest.importorskip("numpy")
+    m = _model()
+    kw = dict(max_new_tokens=3, stop_tokens=[])
+    ref = bx.generate(m, _prompts(1)[0], budget=0.5, **kw)
+    for b in (np.float32(0.5), np.float64(0.5), fractions.Fraction(1, 2)):
+        out = bx.generate(m, _prompts(1)[0], budget=b, **kw)
+        assert out.tokens == ref.tokens and out.exit_layers == ref.exit_layers
 
 
 def test_top_k_past_the_vocabulary_is_no_cut():

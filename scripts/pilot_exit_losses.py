@@ -12,6 +12,9 @@ states are computed once and kept on disk (--cache-dir, about 7 MB per step). Va
   fkl+ce   forward KL + 0.5 x cross-entropy on the full model's top token
   2layer   forward KL through the exit's layer followed by a second, new layer (a copy of the base's
            last layer whose output projections start at zero, so the exit starts as it was)
+and two that start from nothing trained (the question: does capacity pay at equal tokens?):
+  scratch1 a new one-layer exit as the shipped ones began (a copy of the base's last layer, the final norm)
+  scratch2 a new two-layer exit: copies of the base's last two layers in their order, then the final norm
 AdamW (betas 0.9 / 0.95), lr --lr with 1% warm-up and cosine decay, clipping at 1, bfloat16 autocast.
 """
 
@@ -61,7 +64,7 @@ def frozen_states(model, k: int, steps: int, path: Path) -> list:
 def objective(variant: str, s_logits, t_logits):
     log_q, log_p = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
     forward = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-    if variant in ("fkl", "2layer"):
+    if variant in ("fkl", "2layer", "scratch1", "scratch2"):
         return forward
     if variant == "rkl":
         return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
@@ -76,12 +79,18 @@ def run_variant(model, k: int, variant: str, states: list, lr: float, start: dic
     kind = a.layer_type(a.num_layers - 1)
     extra = None
     params = model.balcony_parameters()
-    if variant == "2layer":
+    if variant.startswith("scratch"):  # the exit as attach() builds it, trained from there
+        fresh = model.build_exit(k)
+        ex.layer.load_state_dict(fresh.layer.state_dict())
+        ex.norm.load_state_dict(fresh.norm.state_dict())
+    if variant in ("2layer", "scratch2"):
         extra = copy.deepcopy(a.layers[a.num_layers - 1])
         for name, p in extra.named_parameters():
             p.requires_grad_(True)
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if variant == "2layer" and name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.data.zero_()
+        if variant == "scratch2":  # the exit's own layer starts as the base's second-to-last
+            ex.layer.load_state_dict(a.layers[a.num_layers - 2].state_dict())
         params = params + list(extra.parameters())
 
     def exit_hidden(h):
@@ -116,8 +125,8 @@ def run_variant(model, k: int, variant: str, states: list, lr: float, start: dic
 
 def write_table(entry: dict, path: Path):
     lines = ["# Pilots of the exits' objective and capacity", "",
-             "Written by `scripts/pilot_exit_losses.py` (figures in `loss_pilots.json`): the shipped exit "
-             f"{entry['exit']} trained {entry['steps']} more steps ({entry['tokens']:,} tokens, lr {entry['lr']:g}, "
+             f"Written by `scripts/pilot_exit_losses.py` (figures in `{path.with_suffix('.json').name}`): the "
+             f"shipped exit {entry['exit']} (or a new one: scratch*) trained {entry['steps']} more steps ({entry['tokens']:,} tokens, lr {entry['lr']:g}, "
              "the same batches for every variant), then the chat evaluation's teacher-forced figures on "
              f"{entry['chat_prompts']} held-out instructions ({entry['machine']}).", "",
              "| variant | chat top-1 | chat KL |", "|---|---|---|"]
