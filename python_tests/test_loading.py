@@ -31,6 +31,24 @@ def test_load_missing_dir_is_clear(tmp_path):
         load(tmp_path / "nothing", dtype="float33")
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(device="tpu"), r"device must be a torch device or its name .*got 'tpu'"),
+    (dict(device=3.5), r"device must be a torch device or its name .*got 3.5"),
+    (dict(dtype=torch.int8), r"dtype must be a floating-point torch dtype .*got torch.int8"),
+    (dict(dtype="long"), r"dtype must be a floating-point torch dtype .*got torch.int64"),
+    (dict(dtype=16), r"dtype must be a floating-point torch dtype .*got 16"),
+])
+def test_bad_dtype_or_device_named_before_the_model_loads(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        load(tmp_path / "nothing", **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available here")
+def test_cuda_without_a_device_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"device 'cuda': no CUDA device is available here"):
+        load(tmp_path / "nothing", device="cuda")
+
+
 @pytest.mark.parametrize("weights", ["int4", 8, None, "INT8", ["int8"]])
 def test_bad_weight_format_named_before_the_model_loads(tmp_path, weights):
     # (a checkpoint that does not exist: the FileNotFoundError would come first were the model loaded first)
