@@ -28,6 +28,7 @@ import numbers
 import reprlib
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -135,7 +136,10 @@ class Batcher:
         self.engine = Engine(model, max_batch, max_len, native=native)
         self.cache = self.engine.cache
         self.max_len, self.prefill_chunk = max_len, prefill_chunk
-        self.calibration = load_calibration(model) if calibration == "auto" else calibration
+        stale = []
+        self.calibration = load_calibration(model, notes=stale) if calibration == "auto" else calibration
+        for note in stale:
+            warnings.warn(note, stacklevel=2)
         self.ladder = sorted(model.exits) + [model.num_layers]  # exits, cheapest first
         self.slo_s = slo_ms_per_token / 1000.0 if slo_ms_per_token else None
         self.controller = (LoadController(self.ladder, exit_costs(model, self.calibration), self.slo_s)

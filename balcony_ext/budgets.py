@@ -117,8 +117,10 @@ def exit_costs(model, calibration: dict | None = None) -> dict:
     return out
 
 
-def load_calibration(model, path=None) -> dict | None:
-    """The saved calibration for this model (None if there is none)."""
+def load_calibration(model, path=None, notes: list | None = None) -> dict | None:
+    """The saved calibration for this model (None if there is none). One saved before the model's
+    exits changed (it lacks a figure for an attached exit) is an error when `path` names it, and
+    otherwise not used: None, with a note appended to `notes` (costs then come from the parameters)."""
     p = Path(path) if path is not None else calibration_path(model)
     if not p.exists():
         return None
@@ -127,9 +129,18 @@ def load_calibration(model, path=None) -> dict | None:
         if not isinstance(cal, dict) or cal.get("model") != model.name or "ms_per_token" not in cal:
             return None
         check_calibration(cal)
-        return cal
     except (OSError, ValueError) as exc:  # (json.JSONDecodeError is a ValueError)
         raise ValueError(f"the calibration file {p} is damaged ({exc}); run `balcony calibrate` again") from exc
+    missing = [k for k in model.exits + [model.num_layers] if str(k) not in cal["ms_per_token"]]
+    if missing:
+        why = (f"the calibration {p} has no figure for exits {missing} (it was measured before they were "
+               "attached); run `balcony calibrate` again")
+        if path is not None:
+            raise ValueError(why)
+        if notes is not None:
+            notes.append(why + "; costs come from the parameters until then")
+        return None
+    return cal
 
 
 def check_calibration(calibration) -> None:

@@ -212,9 +212,12 @@ class Generation:
         if max_len is not None and need > max_len:
             raise ValueError(f"a prompt of {max(len(i) for i in self.ids)} tokens plus max_new_tokens="
                              f"{max_new_tokens} needs {need} cache positions, past max_len={max_len}")
-        cal = load_calibration(model) if calibration == "auto" else calibration
+        stale = []
+        cal = load_calibration(model, notes=stale) if calibration == "auto" else calibration
         self.budgets = Budgets(model, B, budget, exit_layer, ms_per_token, cal,  # validates before any allocation
                                shortlist)
+        for notes in self.budgets.notes:
+            notes.extend(stale)
         # the engine (its cache) is allocated when the generation starts, inside the time to first token
         self.engine, self._engine_args = None, (B, max_len or need, native)
         stop_ids = stop_token_ids(model, stop_tokens)

@@ -545,6 +545,23 @@ def test_a_damaged_saved_calibration_is_named(tmp_path, monkeypatch):
         bx.generate(m, _prompts(1)[0], max_new_tokens=2)
 
 
+def test_a_calibration_from_before_the_exits_changed(tmp_path, monkeypatch):
+    """A saved calibration lacking an attached exit is not used (costs from the parameters, and a note
+    says why); named explicitly, it is an error."""
+    m = _model()
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path))
+    path = bx.budgets.calibration_path(m)
+    path.parent.mkdir(parents=True)
+    old = [k for k in m.exits[:-1]] + [m.num_layers]
+    path.write_text(json.dumps({"model": m.name, "ms_per_token": {str(k): float(k) for k in old}}))
+    kw = dict(budget=0.7, max_new_tokens=3, stop_tokens=[])
+    out = bx.generate(m, _prompts(1)[0], **kw)
+    assert out.exit_layers == bx.generate(m, _prompts(1)[0], calibration=None, **kw).exit_layers
+    assert any(f"no figure for exits [{m.exits[-1]}]" in n and "run `balcony calibrate` again" in n for n in out.notes)
+    with pytest.raises(ValueError, match=rf"has no figure for exits \[{m.exits[-1]}\]"):
+        bx.budgets.load_calibration(m, path)
+
+
 def test_numpy_and_other_real_budgets_are_numbers():
     np = pytest.importorskip("numpy")
     m = _model()
