@@ -156,16 +156,25 @@ def check_train_args(model, lr, batch_size, seq_len, grad_accum, warmup, clip, w
         raise ValueError(f"callback must be a function (step, info) or None, got {callback!r}")
 
 
-# The settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = ("exits", "tokens", "lr", "batch_size", "seq_len", "grad_accum", "warmup", "clip", "weight_decay",
-               "seed", "total_steps")
+def _vocab_rows(model, vocab):
+    """The head rows of train(vocab=...): the first `vocab` ids of the model's shortlist, or None."""
+    if vocab is None:
+        return None
+    listed = getattr(model, "shortlist", None)
+    if listed is None:
+        raise ValueError(f"vocab={vocab!r}: the model has no vocabulary shortlist (bx.set_shortlist / "
+                         "bx.load(shortlist=...)) to take its first tokens from")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= listed.numel():
+        raise ValueError(f"vocab must be None (the whole vocabulary) or an int in 1..{listed.numel()} (the "
+                         f"shortlist's length), got {vocab!r}")
+    return listed[:vocab].to(model.device)
 
 
 def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_size: int = 4, seq_len: int = 512,
           grad_accum: int = 1, warmup: float = 0.01, clip: float = 1.0, bf16: bool | None = None,
           weight_decay: float = 0.0, checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = True,
           seed: int = 0, heldout: float = 0.05, progress: bool = True, callback=None,
-          affine_baseline: bool = False, loss_impl: str = "fused") -> dict:
+          affine_baseline: bool = False, loss_impl: str = "fused", vocab: int | None = None) -> dict:
     """Trains the model's exits by self-distillation on `tokens` training tokens.
 
     data: a Corpus, "self" (text sampled from the model), "shakespeare", or text files/directories.
@@ -173,6 +182,9 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     every optimiser step (an exception it raises stops training, as an interruption would).
     loss_impl: "fused" (the native fused_linear_kl: the student logits never exist in full) or
     "reference" (plain PyTorch on the full logits; the same loss, for comparison and debugging).
+    vocab: the KL over the first `vocab` tokens of the model's shortlist only (shortlist.py; teacher and
+    exits renormalised there): the head's work per step in proportion, for the head a budget buys
+    anyway (None: the whole vocabulary).
     affine_baseline: also train the learned affine exit (the tuned lens, affine.AffineExit) at
     every exit depth on the very same batches with the same loss and schedule, sharing the frozen
     forward; it is checkpointed with the exits and returned as "affine" for evaluate(affine=...).
@@ -197,6 +209,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
         check_flag(name, flag)
     check_path("checkpoint_dir", checkpoint_dir, none="no checkpoints")
     check_heldout(data, heldout)
+    rows = _vocab_rows(model, vocab)
     loss_fn = distill_loss_for(model, loss_impl)
     exits = model.exits
     device = model.device
@@ -220,8 +233,11 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     tokens_per_step = batch_size * seq_len * grad_accum
     total_steps = max(1, math.ceil(tokens / tokens_per_step))
     warmup_steps = max(1, math.ceil(warmup * total_steps))
+    # what a resumed run must share with the run that wrote the checkpoint (a setting added later is
+    # None in older checkpoints: None keeps them resumable)
     settings = dict(exits=exits, tokens=tokens, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
-                    warmup=warmup, clip=clip, weight_decay=weight_decay, seed=seed, total_steps=total_steps)
+                    warmup=warmup, clip=clip, weight_decay=weight_decay, seed=seed, total_steps=total_steps,
+                    vocab=vocab)
 
     params = model.balcony_parameters()
     lenses = None
@@ -270,6 +286,8 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     # and the teacher's final hidden state go through a bf16 copy of the frozen head, which
     # measured 1.5x faster per exit than fp32 with shared fp32 teacher logits.
     head = weight.to(torch.bfloat16) if bf16 else weight
+    if rows is not None:
+        head = head[rows]
     was_training = model.training
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training exits", unit="step", disable=not progress)
@@ -297,6 +315,8 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                         # fp32: the teacher's logits are computed once and shared by the exits
                         with torch.no_grad():
                             target, is_logits = model.adapter.logits(teacher).float(), True
+                            if rows is not None:
+                                target = target[..., rows]
                     for k in exits:
                         student = model.exit_hidden(k, hidden[k])
                         loss = loss_fn(student if keep is None else student[keep], head, target,

@@ -273,3 +273,51 @@ def test_checkpoint_dir_must_be_a_path(tmp_path):
                                         r"\(no checkpoints\), got int 5"):
         train(model, data=_corpus(), tokens=2 * 4 * 16, batch_size=4, seq_len=16, progress=False, checkpoint_dir=5)
     assert model.tokens_trained == 0  # (a TypeError from pathlib after the data was prepared before)
+
+
+def _restricted_first_loss(model, kw, rows):
+    """The first step's mean KL over the exits, by hand, with the head cut to `rows` (teacher and exits
+    renormalised there): what train(vocab=...) must report."""
+    from balcony_ext.train import micro_batch
+
+    ids = micro_batch(kw["data"].train_blocks(kw["seq_len"]), 0, kw["batch_size"], kw.get("seed", 0))
+    with torch.no_grad():
+        hidden, teacher = model.frozen_forward(ids, model.exits)
+        w = model.adapter.lm_head.weight[rows]
+        return sum(reference_distill_loss(model.exit_hidden(k, hidden[k]), w, teacher).item()
+                   for k in model.exits) / len(model.exits)
+
+
+@pytest.mark.parametrize("loss_impl", ["fused", "reference"])
+def test_vocab_restricts_the_kl_to_the_shortlist_head(loss_impl):
+    from balcony_ext.shortlist import set_shortlist
+
+    kw = dict(data=_corpus(), tokens=3 * 4 * 32, lr=3e-3, batch_size=4, seq_len=32, progress=False, seed=1,
+              loss_impl=loss_impl)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(256, generator=g).tolist()
+    first = {}
+    for vocab in (None, 255, 100):
+        model = tiny_balcony()
+        attach(model, [1, 2], init="random", seed=0)
+        set_shortlist(model, order[:255])
+        expected = _restricted_first_loss(model, kw, torch.tensor(order[:vocab] if vocab else list(range(256))))
+        out = train(model, vocab=vocab, **kw)
+        first[vocab] = out["history"][0]["loss"]
+        assert first[vocab] == pytest.approx(expected, rel=1e-4), vocab
+        assert out["steps"] == 3 and model.tokens_trained == 3 * 4 * 32
+    assert first[100] != pytest.approx(first[None], rel=1e-3)  # (the restriction is not a no-op)
+
+
+def test_vocab_is_checked_before_training():
+    from balcony_ext.shortlist import set_shortlist
+
+    model = tiny_balcony()
+    attach(model, [2])
+    with pytest.raises(ValueError, match=r"vocab=64: the model has no vocabulary shortlist"):
+        train(model, data=_corpus(), tokens=10, seq_len=32, vocab=64, progress=False)
+    set_shortlist(model, list(range(0, 256, 2)))
+    for bad in (0, 129, 3.5, True):
+        with pytest.raises(ValueError, match=r"vocab must be None \(the whole vocabulary\) or an int in 1\.\.128"):
+            train(model, data=_corpus(), tokens=10, seq_len=32, vocab=bad, progress=False)
+    assert model.tokens_trained == 0

@@ -15,6 +15,8 @@ states are computed once and kept on disk (--cache-dir, about 7 MB per step). Va
 and two that start from nothing trained (the question: does capacity pay at equal tokens?):
   scratch1 a new one-layer exit as the shipped ones began (a copy of the base's last layer, the final norm)
   scratch2 a new two-layer exit: copies of the base's last two layers in their order, then the final norm
+  scratch1-16k  scratch1 with the KL over the shipped shortlist's first 16,384 tokens only (teacher and
+           exit renormalised there): a third of the head's work per step, the head most budgets buy
 AdamW (betas 0.9 / 0.95), lr --lr with 1% warm-up and cosine decay, clipping at 1, bfloat16 autocast.
 """
 
@@ -64,7 +66,7 @@ def frozen_states(model, k: int, steps: int, path: Path) -> list:
 def objective(variant: str, s_logits, t_logits):
     log_q, log_p = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
     forward = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-    if variant in ("fkl", "2layer", "scratch1", "scratch2"):
+    if variant in ("fkl", "2layer", "scratch1", "scratch2", "scratch1-16k"):
         return forward
     if variant == "rkl":
         return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
@@ -100,6 +102,8 @@ def run_variant(model, k: int, variant: str, states: list, lr: float, start: dic
         return ex.norm(a.run_layer(extra, a.run_layer(ex.layer, h, ctx, kind), ctx, kind))
 
     head = a.lm_head.weight.to(torch.bfloat16)
+    if variant.endswith("-16k"):
+        head = head[model.shortlist[:16384].to(head.device)]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     steps = len(states)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, max(1, steps // 100)))
@@ -118,8 +122,12 @@ def run_variant(model, k: int, variant: str, states: list, lr: float, start: dic
     seconds = time.time() - t0
     model.eval()
     heads = {("pilot", k): (lambda hk: a.logits(exit_hidden(hk)))}
+    short = variant.endswith("-16k")
     with torch.no_grad():
-        r = evaluate_chat(model, prompts=64, free=False, shortlisted=False, progress=False, heads=heads)[("pilot", k)]
+        rows = evaluate_chat(model, prompts=64, free=False, shortlisted=short, progress=False, heads=heads)
+    r = rows[("pilot", k)]
+    if short:  # (the exit trained in place is also the attached one: its top-1 with the 16k head)
+        r["chat_top1_16k_head"] = rows[("short16k", k)]["chat_top1"]
     return dict(r, train_s=round(seconds))
 
 
@@ -129,9 +137,10 @@ def write_table(entry: dict, path: Path):
              f"shipped exit {entry['exit']} (or a new one: scratch*) trained {entry['steps']} more steps ({entry['tokens']:,} tokens, lr {entry['lr']:g}, "
              "the same batches for every variant), then the chat evaluation's teacher-forced figures on "
              f"{entry['chat_prompts']} held-out instructions ({entry['machine']}).", "",
-             "| variant | chat top-1 | chat KL |", "|---|---|---|"]
+             "| variant | chat top-1 | chat KL | chat top-1, 16k head | training seconds |", "|---|---|---|---|---|"]
     for name, r in entry["variants"].items():
-        lines.append(f"| {name} | {r['chat_top1']:.4f} | {r['chat_kl']:.3f} |")
+        short = f"{r['chat_top1_16k_head']:.4f}" if "chat_top1_16k_head" in r else ""
+        lines.append(f"| {name} | {r['chat_top1']:.4f} | {r['chat_kl']:.3f} | {short} | {r.get('train_s', '')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -158,6 +167,10 @@ def main():
     results = Path(args.results)
     entry = dict(exit=k, steps=args.steps, tokens=args.steps * 4 * 512, lr=args.lr, chat_prompts=64,
                  machine=f"{bx.cpu_capability()}, threads: {torch.get_num_threads()}", variants={})
+    if results.exists():  # the same pilot run before: its variants are kept, those run now replaced
+        before = json.loads(results.read_text())
+        if all(before.get(f) == entry[f] for f in ("exit", "steps", "tokens", "lr")):
+            entry["variants"] = before["variants"]
     model.eval()
     entry["variants"]["start (no training)"] = evaluate_chat(model, prompts=64, free=False, shortlisted=False,
                                                              progress=False)[("balcony", k)]

@@ -105,6 +105,11 @@ def main():
     ap.add_argument("--results", default=str(ROOT / "docs" / "results" / "default_exits"))
     ap.add_argument("--from-exits", default=None, metavar="FILE",
                     help="continue training the exits of this file (e.g. the shipped one) instead of new ones")
+    ap.add_argument("--vocab", type=int, default=None, metavar="N",
+                    help="the KL over the shipped shortlist's first N tokens only (16384: a third of the head's "
+                         "work per step, measured no worse: docs/results/capacity_pilots.md)")
+    ap.add_argument("--no-affine", action="store_true",
+                    help="do not train the learned affine exit beside the exits (half the head's work per step)")
     ap.add_argument("--add-run", nargs="+", default=[], metavar="RUN_DIR",
                     help="also package and evaluate the exits of these runs of this script (their last checkpoints)")
     args = ap.parse_args()
@@ -118,13 +123,14 @@ def main():
     chat, data = build_data(model, args)
     recipe = (f"{' '.join(args.mix)} ({args.prompts} instructions), bf16 autocast, lr {args.lr:g} cosine over "
               f"{args.tokens:,} tokens, 1% warm-up, {args.batch}x{args.seq} tokens per step, "
-              + (f"continuing {args.from_exits}" if args.from_exits else "init last, norm final"))
+              + (f"continuing {args.from_exits}" if args.from_exits else "init last, norm final")
+              + (f", KL over the shortlist's first {args.vocab:,} tokens" if args.vocab else ""))
     if args.from_checkpoint:
         run = from_checkpoint(model, Path(args.run_dir))
     else:
         run = bx.train(model, data=data, tokens=args.tokens, batch_size=args.batch, seq_len=args.seq, bf16=True,
                        lr=args.lr, warmup=0.01, checkpoint_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
-                       affine_baseline=True)
+                       affine_baseline=not args.no_affine, vocab=args.vocab)
     hist = run["history"]
     seconds = sum(h["step_s"] for h in hist)
     print(f"trained {model.tokens_trained:,} tokens in {seconds / 3600:.2f} h of steps")
