@@ -28,6 +28,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FULL = "full_attention"
@@ -173,9 +174,14 @@ class DecoderAdapter:
         cap = getattr(self.config, "attn_logit_softcapping", None)
         return float(cap) if cap else None
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on final (normed) hidden states, soft-capped where the family caps its logits."""
-        out = self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM head on final (normed) hidden states, soft-capped where the family caps its logits;
+        with `rows` (token ids), only those tokens' logits."""
+        if rows is None:
+            out = self.lm_head(hidden)
+        else:
+            bias = self.lm_head.bias
+            out = F.linear(hidden, self.lm_head.weight[rows], None if bias is None else bias[rows])
         cap = self.logit_softcap
         return out if cap is None else torch.tanh(out / cap) * cap
 

@@ -314,9 +314,7 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                     else:
                         # fp32: the teacher's logits are computed once and shared by the exits
                         with torch.no_grad():
-                            target, is_logits = model.adapter.logits(teacher).float(), True
-                            if rows is not None:
-                                target = target[..., rows]
+                            target, is_logits = model.adapter.logits(teacher, rows).float(), True
                     for k in exits:
                         student = model.exit_hidden(k, hidden[k])
                         loss = loss_fn(student if keep is None else student[keep], head, target,
