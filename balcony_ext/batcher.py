@@ -398,11 +398,13 @@ class Batcher:
         with self.lock:
             self.draining = True
         end = None if timeout is None else time.monotonic() + timeout
-        while self.busy:
+        while True:
+            with self.lock:  # (_finish runs under the lock: a row leaves and its request is done at once)
+                if not self.busy:
+                    return True
             if end is not None and time.monotonic() > end:
                 return False
             time.sleep(0.01)
-        return True
 
     def stop(self):
         self._stopping = True

@@ -198,6 +198,19 @@ def test_background_thread_and_drain():
         assert r.tokens == _alone(m, r).tokens
 
 
+def test_drain_returns_only_once_every_request_is_done():
+    # a slow on_done widens the moment between a row leaving and its request being marked done
+    m = _model()
+    b = Batcher(m, max_batch=2, max_len=64, calibration=None).start()
+    try:
+        reqs = [b.submit(Request(_ids(4 + i, i), max_new_tokens=3, stop_tokens=[],
+                                 on_done=lambda r: time.sleep(0.2))) for i in range(3)]
+        assert b.drain(timeout=60)
+        assert [r.wait(0) for r in reqs] == [True] * 3
+    finally:
+        b.stop()
+
+
 def test_cache_move_carries_a_sequence_to_another_row():
     from balcony_ext.engine import Engine
 
