@@ -156,7 +156,7 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
                 if line.startswith("data:"):
                     break  # one chunk, then hang up
     end = time.time() + 10
-    while server.batcher.cache.rows_in_use and time.time() < end:
+    while server.batcher.finished["cancelled"] == cancelled and time.time() < end:  # (_finish frees the row first)
         time.sleep(0.02)
     assert server.batcher.cache.rows_in_use == 0 and not server.batcher.rows
     assert server.batcher.finished["cancelled"] == cancelled + 1
