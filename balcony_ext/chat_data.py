@@ -1,12 +1,14 @@
 """Chat self-distillation data: everyday instructions answered by the frozen full model.
 
     chat = chat_data(model, prompts=4000)              # answers generated once, cached, resumable
+    chat = chat_data(model, prompts=8000, written=6000)   # and 6,000 questions the model wrote itself
     corpus = chat.corpus(heldout=0.05)                 # a Corpus whose loss mask covers the answers
     bx.train(model, data="chat")                       # the same, through the data spec
     bx.train(model, data=[("chat", 0.7), ("shakespeare", 0.3)])   # a mixture
 
 The instructions come from `instructions.build_instructions` (templates over topic lists, no
-download). Each one goes through the tokenizer's chat template and the frozen model answers it at
+download) and, with written=N, from the model itself (`written_questions`: lists of questions it
+writes about those topics, parsed and deduplicated; the templates stop growing past ~16k). Each one goes through the tokenizer's chat template and the frozen model answers it at
 full depth with the project's own batched `generate`: prompts held out for evaluation, and every
 other training prompt, greedily; the rest sampled (temperature 0.8, top-p 0.95), so the exits see
 both the model's most likely answers and its spread. Records are appended to a JSON-lines file, one
@@ -32,6 +34,8 @@ from .data import Corpus, split_by_document
 from .instructions import build_instructions
 
 ANSWERS_FILE = "answers.jsonl"
+WRITTEN_FILE = "written_questions.jsonl"  # the model's lists of questions (written_questions.py)
+WRITTEN_ANSWERS_FILE = "written_answers.jsonl"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 
@@ -45,6 +49,11 @@ class ChatExample:
     prompt_ids: list
     answer_ids: list
     finish: str  # "stop" (the model ended its answer) or "length" (cut at max_new_tokens)
+    tag: str = ""  # "" for the template instructions, "w" for those the model wrote
+
+    @property
+    def name(self) -> str:
+        return f"chat-{self.tag}{self.index:06d}"
 
 
 @dataclass
@@ -77,7 +86,7 @@ class ChatData:
                 ids += e.prompt_ids + e.answer_ids
                 # position t predicts token t + 1: positions m-1 .. m+n-2 predict the answer
                 mask += ([learn_prompt] * (m - 1) + [True] * n + [learn_prompt]) if n else [learn_prompt] * m
-                names.append(f"chat-{e.index:06d}")
+                names.append(e.name)
             return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), names
 
         tr_ids, tr_mask, tr_names = stream(self.train_examples)
@@ -127,7 +136,7 @@ def exits_digest(model) -> str:
 
 def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, max_new_tokens: int = 256,
               batch_size: int = 16, temperature: float = 0.8, top_p: float = 0.95, cache_dir=None,
-              generate_missing: bool = True, progress: bool = True, answer_exits=None) -> ChatData:
+              generate_missing: bool = True, progress: bool = True, answer_exits=None, written: int = 0) -> ChatData:
     """The first `prompts` instructions of build_instructions(prompts, seed) and the frozen model's
     answers at full depth (generated now for those not yet in the cache). Held-out prompts (by
     prompt, fraction `heldout`) and every other training prompt are answered greedily, the others
@@ -136,15 +145,17 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
     answer_exits: a list of the model's attached exits that answer instead of the full depth
     (prompt i at answer_exits[i % len]): the exits' own answers, on which training then has the
     full model score every token (on-policy distillation: the exits learn from the contexts their
-    own mistakes lead to, e.g. the start of a loop). The cache is tied to those exits' weights."""
-    from tqdm.auto import tqdm
+    own mistakes lead to, e.g. the start of a loop). The cache is tied to those exits' weights.
 
-    from .generate import encode_prompt, generate
-
+    written: that many more instructions, written by the model itself at full depth
+    (written_questions.py), answered the same way and split by prompt the same way; cached beside
+    the template instructions' answers (the same cache serves any number of both)."""
     if model.tokenizer is None:
         raise ValueError("chat data needs the model's tokenizer (the model has none)")
     if not isinstance(prompts, int) or prompts < 1:
         raise ValueError(f"prompts must be a positive int, got {prompts!r}")
+    if isinstance(written, bool) or not isinstance(written, int) or written < 0:
+        raise ValueError(f"written must be an int >= 0, got {written!r}")
     settings = dict(format=FORMAT_VERSION, model=model.name, dtype=str(model.dtype).replace("torch.", ""),
                     seed=seed, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, heldout=heldout)
@@ -172,13 +183,36 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
 
     instructions = build_instructions(prompts, seed)
     held = split_by_document([i.text for i in instructions], heldout, seed)
-    path = cache / ANSWERS_FILE
+    answer = dict(model=model, answer_exits=answer_exits, held=held, seed=seed, batch_size=batch_size,
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  generate_missing=generate_missing, progress=progress)
+    examples = _answered(instructions, cache / ANSWERS_FILE, "", **answer)
+    if written:
+        from .written_questions import write_questions
+
+        qs = write_questions(model, written, cache / WRITTEN_FILE, seed=seed, exclude=[i.text for i in instructions],
+                             batch_size=batch_size, generate_missing=generate_missing, progress=progress)
+        held |= split_by_document([q.text for q in qs], heldout, seed)
+        examples += _answered(qs, cache / WRITTEN_ANSWERS_FILE, "w", **answer)
+        answerer += f", {len(qs)} of them written by the model"
+    return ChatData(examples, held, f"chat: {model.name}{answerer} answering {len(examples)} instructions")
+
+
+def _answered(instructions, path: Path, tag: str, *, model, answer_exits, held, seed, batch_size, max_new_tokens,
+              temperature, top_p, generate_missing, progress) -> list:
+    """The model's answers to `instructions` (ChatExamples), from the answers file at `path`, the
+    missing ones generated and appended batch by batch. tag marks the examples' names ("w": written)."""
+    from tqdm.auto import tqdm
+
+    from .generate import encode_prompt, generate
+
     done = {r["index"]: r for r in _read_records(path)}
     todo = [i for i in range(len(instructions)) if i not in done]
     if todo and generate_missing:
         bar = tqdm(total=len(instructions), initial=len(instructions) - len(todo), unit="prompt",
                    desc="answering instructions", disable=not progress)
         t0, new_tokens = time.perf_counter(), 0
+        salt = 0 if not tag else 700_000_000  # (the written questions' sampling seeds differ from the templates')
         with open(path, "a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 rows = todo[start:start + batch_size]
@@ -189,7 +223,7 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
                          else model.num_layers)
                 outs = generate(model, ids, exit_layer=depth, max_new_tokens=max_new_tokens,
                                 temperature=temps, top_p=[1.0 if t == 0 else top_p for t in temps],
-                                seed=seed * 1_000_003 + rows[0], calibration=None)
+                                seed=seed * 1_000_003 + salt + rows[0], calibration=None)
                 for i, x, p, t, out in zip(rows, ins, ids, temps, outs):
                     rec = dict(index=i, prompt=x.text, kind=x.kind, temperature=t, prompt_ids=p,
                                answer_ids=out.tokens, finish=out.finish_reason)
@@ -203,16 +237,16 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
         bar.close()
     missing = [i for i in range(len(instructions)) if i not in done]
     if missing and generate_missing:
-        raise RuntimeError(f"chat data: {len(missing)} prompts still unanswered in {cache}")
+        raise RuntimeError(f"chat data: {len(missing)} prompts still unanswered in {path.parent}")
+
     examples = []
     for i, x in enumerate(instructions):
         r = done.get(i)
         if r is None:
             continue
         if r["prompt"] != x.text:
-            raise ValueError(f"the chat cache {cache} does not match the instructions (prompt {i} differs); "
+            raise ValueError(f"the chat cache {path.parent} does not match the instructions (prompt {i} differs); "
                              "it was made by another version of balcony_ext: use another cache_dir")
         examples.append(ChatExample(i, r["prompt"], r["kind"], r["temperature"], r["prompt_ids"], r["answer_ids"],
-                                    r["finish"]))
-    return ChatData(examples, {x.text for x in instructions if x.text in held},
-                    f"chat: {model.name}{answerer} answering {len(examples)} instructions")
+                                    r["finish"], tag))
+    return examples

@@ -4,7 +4,8 @@
 
 The recipe (chosen by the pilot runs in docs/results/pilots.json):
   - data: the model's own answers to everyday instructions in its chat template (balcony_ext.chat_data:
-    --prompts instructions, answered at full depth by the frozen model in bfloat16, greedy and sampled,
+    --prompts instructions, and --written more that the model writes itself, answered at full depth by
+    the frozen model in bfloat16, greedy and sampled,
     loss on the answer tokens), mixed with human text so that general text does not get worse:
     Shakespeare's plays and the Python tutorial/HOWTOs/FAQ (--mix);
   - exits at --exits, initialised from the last decoder layer with the final norm;
@@ -51,7 +52,8 @@ CHECK_TOKENS = 2048
 def build_data(model, args):
     """The training mixture; the chat answers are generated (or read from the cache) in bfloat16."""
     gen_model = bx.load(exits=None, dtype=torch.bfloat16)
-    chat = chat_data(gen_model, prompts=args.prompts, batch_size=16, generate_missing=not args.from_checkpoint)
+    chat = chat_data(gen_model, prompts=args.prompts, written=args.written, batch_size=16,
+                     generate_missing=not args.from_checkpoint)
     del gen_model
     print(chat.describe())
     parts = [(chat.corpus() if name == "chat" else prepare(name, model.tokenizer), w) for name, w in data_spec(args.mix)]
@@ -91,6 +93,8 @@ def main():
     ap.add_argument("--exits", type=int, nargs="+", default=[15, 19, 23])
     ap.add_argument("--mix", nargs="+", default=["chat=0.7", "shakespeare=0.15", "python-docs=0.15"])
     ap.add_argument("--prompts", type=int, default=4000, help="chat instructions answered by the model")
+    ap.add_argument("--written", type=int, default=0, metavar="N",
+                    help="N more instructions written by the model itself (balcony_ext.written_questions)")
     ap.add_argument("--run-dir", default=os.path.join(os.environ.get("BALCONY_CACHE", Path.home() / ".cache" / "balcony_ext"),
                                                       "runs", "default-exits-chat"))
     ap.add_argument("--batch", type=int, default=4)
@@ -121,7 +125,8 @@ def main():
     else:
         bx.attach(model, args.exits, init="last", norm_init="final")
     chat, data = build_data(model, args)
-    recipe = (f"{' '.join(args.mix)} ({args.prompts} instructions), bf16 autocast, lr {args.lr:g} cosine over "
+    recipe = (f"{' '.join(args.mix)} ({args.prompts} instructions"
+              + (f" and {args.written} written by the model" if args.written else "") + "), bf16 autocast, lr {args.lr:g} cosine over "
               f"{args.tokens:,} tokens, 1% warm-up, {args.batch}x{args.seq} tokens per step, "
               + (f"continuing {args.from_exits}" if args.from_exits else "init last, norm final")
               + (f", KL over the shortlist's first {args.vocab:,} tokens" if args.vocab else ""))
