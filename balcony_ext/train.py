@@ -35,6 +35,7 @@ STATE_FILE = "train_state.pt"
 # is slow on a CPU, so sample once with data.prepare("self", ...) and pass the Corpus to reuse it.
 SELF_SAMPLE_MAX = 200_000
 EXITS_FILE = "exits.safetensors"
+SHARED_LOGITS_MAX = 1 << 28  # teacher logits shared by the exits in a bf16 step: at most 512 MB
 
 
 def reference_distill_loss(student_hidden, weight, teacher, teacher_is_logits=False, softcap=None):
@@ -63,6 +64,12 @@ def distill_loss(student_hidden, weight, teacher, teacher_is_logits=False):
     s = student_hidden.reshape(-1, student_hidden.shape[-1]).to(weight.dtype)
     t = teacher.reshape(-1, teacher.shape[-1]).detach().to(weight.dtype)
     return ops.fused_linear_kl(s, weight, t, teacher_is_logits=teacher_is_logits, reduction="mean")
+
+
+def _capped(model, logits):
+    """Logits soft-capped where the family caps them (Gemma 2 and 3), as adapter.logits does."""
+    cap = model.adapter.logit_softcap
+    return logits if cap is None else torch.tanh(logits.float() / cap) * cap
 
 
 def distill_loss_for(model, loss_impl: str = "fused"):
@@ -284,7 +291,8 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
     weight = model.adapter.lm_head.weight
     # Under bf16 autocast the loss runs in bf16 too (fp32 accumulation inside the op): the student
     # and the teacher's final hidden state go through a bf16 copy of the frozen head, which
-    # measured 1.5x faster per exit than fp32 with shared fp32 teacher logits.
+    # measured 1.5x faster per exit than fp32 with shared fp32 teacher logits; the teacher's bf16
+    # logits are shared by the exits as well (one head GEMM for the teacher a step, not one an exit).
     head = weight.to(torch.bfloat16) if bf16 else weight
     if rows is not None:
         head = head[rows]
@@ -309,12 +317,16 @@ def train(model, data="self", tokens: int = 1_000_000, lr: float = 5e-4, batch_s
                     hidden, teacher = model.frozen_forward(ids, exits)
                     if keep is not None:
                         teacher = teacher[keep]
-                    if bf16:
-                        target, is_logits = teacher.to(torch.bfloat16), False
-                    else:
-                        # fp32: the teacher's logits are computed once and shared by the exits
-                        with torch.no_grad():
+                    # The teacher's logits are computed once and shared by the exits (and lenses); in
+                    # bf16 through the bf16 head, as the fused op would compute them per exit. Past
+                    # SHARED_LOGITS_MAX elements each exit's loss computes them chunk by chunk instead.
+                    with torch.no_grad():
+                        if not bf16:
                             target, is_logits = model.adapter.logits(teacher, rows).float(), True
+                        elif teacher.shape[0] * head.shape[0] <= SHARED_LOGITS_MAX:
+                            target, is_logits = _capped(model, F.linear(teacher.to(torch.bfloat16), head)), True
+                        else:
+                            target, is_logits = teacher.to(torch.bfloat16), False
                     for k in exits:
                         student = model.exit_hidden(k, hidden[k])
                         loss = loss_fn(student if keep is None else student[keep], head, target,

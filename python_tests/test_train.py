@@ -1,6 +1,7 @@
 """Training the exits: loss, schedule, learning, and exact interrupt-and-resume."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -201,6 +202,31 @@ def test_reference_loss_impl_trains_the_same():
         torch.testing.assert_close(b.balconies.state_dict()[k], v, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="loss_impl"):
         train(a, loss_impl="fast", **kw)
+
+
+@pytest.mark.parametrize("model_type,vocab", [("llama", None), ("llama", 100), ("gemma2", None)])
+def test_bf16_teacher_logits_shared_by_the_exits_train_as_each_exit_computing_them(monkeypatch, model_type, vocab):
+    # a bf16 step computes the teacher's logits once for every exit and lens; past SHARED_LOGITS_MAX
+    # each loss computes them itself: the same training either way (gemma2: soft-capped logits)
+    from balcony_ext.shortlist import set_shortlist
+
+    train_mod = sys.modules["balcony_ext.train"]  # (the package exports a function of that name)
+    kw = dict(data=_corpus(), tokens=3 * 2 * 16, lr=1e-3, batch_size=2, seq_len=16, progress=False, seed=3,
+              bf16=True, vocab=vocab, affine_baseline=True)
+    runs = []
+    for limit in (train_mod.SHARED_LOGITS_MAX, 0):
+        monkeypatch.setattr(train_mod, "SHARED_LOGITS_MAX", limit)
+        m = tiny_balcony(model_type)
+        with torch.no_grad():
+            m.adapter.lm_head.weight.mul_(30)  # logits well past gemma2's cap of 5
+        attach(m, [1, 2], init="random", seed=0)
+        set_shortlist(m, list(range(200)))
+        runs.append((train(m, **kw), m))
+    (a, ma), (b, mb) = runs
+    for x, y in zip(a["history"], b["history"]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=2e-2)
+    for k, v in ma.balconies.state_dict().items():
+        torch.testing.assert_close(mb.balconies.state_dict()[k], v, atol=2e-3, rtol=2e-2)
 
 
 @pytest.mark.parametrize("kw,match", [
