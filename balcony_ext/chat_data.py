@@ -193,8 +193,9 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
         qs = write_questions(model, written, cache / WRITTEN_FILE, seed=seed, exclude=[i.text for i in instructions],
                              batch_size=batch_size, generate_missing=generate_missing, progress=progress)
         held |= split_by_document([q.text for q in qs], heldout, seed)
-        examples += _answered(qs, cache / WRITTEN_ANSWERS_FILE, "w", **answer)
-        answerer += f", {len(qs)} of them written by the model"
+        answered = _answered(qs, cache / WRITTEN_ANSWERS_FILE, "w", **answer)
+        examples += answered
+        answerer += f", {len(answered)} of them written by the model"
     return ChatData(examples, held, f"chat: {model.name}{answerer} answering {len(examples)} instructions")
 
 

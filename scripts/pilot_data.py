@@ -1,0 +1,124 @@
+"""Pilots of the exits' training data: one exit of a trained exits file continued on the same number of
+tokens of different chat data, each measured by the teacher-forced chat evaluation on many held-out
+instructions. Recorded in docs/results/data_pilots.json and .md.
+
+    .venv/bin/python scripts/pilot_data.py --exit 15 --tokens 409600 --variants 8000 8000+6000 12000
+
+A variant is PROMPTS[+WRITTEN]: the first PROMPTS template instructions (balcony_ext.instructions) and
+WRITTEN questions the model wrote itself (balcony_ext.written_questions), with the frozen model's answers
+from the chat cache (chat_data; only what is cached is used unless --generate: the count used is
+recorded). Every variant starts from the same exit (--from, default: the shipped file), is mixed with
+human text as the shipped recipe is (70% chat, 15% Shakespeare, 15% Python docs), and trains with the
+same schedule, seed and settings (bf16 autocast, 4 x 512 tokens a step, lr --lr with 1% warm-up and
+cosine decay, the KL over --vocab shortlisted tokens). The held-out instructions of the evaluation are
+never trained on whatever the variant (the split is by a hash of each instruction's text), so the
+figures compare the data at equal tokens.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import balcony_ext as bx
+from balcony_ext.chat_data import chat_data
+from balcony_ext.chat_eval import evaluate_chat
+from balcony_ext.data import Mixture, prepare
+from balcony_ext.files import atomic_write
+from balcony_ext.loading import bundled_exits_path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results" / "data_pilots.json"
+
+
+def parse_variant(v: str) -> tuple:
+    prompts, _, written = v.partition("+")
+    try:
+        out = int(prompts), int(written or 0)
+    except ValueError:
+        raise SystemExit(f"a variant is PROMPTS[+WRITTEN], e.g. 8000 or 8000+6000; got {v!r}") from None
+    if out[0] < 1 or out[1] < 0:
+        raise SystemExit(f"a variant needs PROMPTS >= 1 and WRITTEN >= 0, got {v!r}")
+    return out
+
+
+def one_exit_model(path: str, k: int):
+    model = bx.load(exits=None)
+    bx.load_exits(model, path)
+    if k not in model.exits:
+        raise SystemExit(f"exit {k} is not in {path} (exits {model.exits})")
+    for j in [j for j in model.exits if j != k]:
+        del model.balconies[str(j)]
+    return model
+
+
+def chat_figures(model, k: int, prompts: int, n_instructions: int) -> dict:
+    rows = evaluate_chat(model, prompts=prompts, free=False, shortlisted=False, n_instructions=n_instructions)
+    return dict(chat_top1=rows[("balcony", k)]["chat_top1"], chat_kl=rows[("balcony", k)]["chat_kl"],
+                chat_answer_tokens=rows["_info"]["chat_answer_tokens"])
+
+
+def write_table(entry: dict, path: Path):
+    lines = [f"# Data pilots: exit {entry['exit']}, {entry['tokens']:,} tokens each from {entry['from']}",
+             "", f"{entry['recipe']}; evaluated on {entry['eval_prompts']} held-out instructions "
+             f"(teacher-forced); {entry['machine']}", "",
+             "| data | template instructions | written | answer tokens | chat top-1 | chat KL | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in entry["variants"].items():
+        lines.append(f"| {name} | {r.get('prompts', '-')} | {r.get('written', '-')} | {r.get('answer_tokens', '-')} "
+                     f"| {r['chat_top1']:.4f} | {r['chat_kl']:.3f} | {r.get('seconds', 0):.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="start", default=str(bundled_exits_path()), help="the exits file to start from")
+    ap.add_argument("--exit", type=int, default=15)
+    ap.add_argument("--tokens", type=int, default=409_600)
+    ap.add_argument("--variants", nargs="+", default=["8000", "8000+6000"])
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vocab", type=int, default=16384, help="the KL over the shortlist's first N tokens (0: all)")
+    ap.add_argument("--eval-prompts", type=int, default=256)
+    ap.add_argument("--eval-instructions", type=int, default=8000,
+                    help="the held-out prompts are the first --eval-prompts held out among these many")
+    ap.add_argument("--generate", action="store_true", help="generate the chat data that is not cached")
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    variants = {v: parse_variant(v) for v in args.variants}
+    k, results = args.exit, Path(args.results)
+    recipe = (f"chat=0.7 shakespeare=0.15 python-docs=0.15, bf16 autocast, lr {args.lr:g} cosine, 1% warm-up, "
+              f"4x512 tokens a step" + (f", KL over the shortlist's first {args.vocab:,} tokens" if args.vocab else ""))
+    entry = dict(exit=k, tokens=args.tokens, start=args.start, recipe=recipe, eval_prompts=args.eval_prompts,
+                 machine=f"{bx.cpu_capability()}, threads: {torch.get_num_threads()}", variants={})
+    entry["from"] = Path(args.start).name
+    if results.exists():  # the same pilot run before: its variants are kept, those run now replaced
+        before = json.loads(results.read_text())
+        if all(before.get(key) == entry[key] for key in ("exit", "tokens", "start", "recipe", "eval_prompts")):
+            entry["variants"] = before["variants"]
+    model = one_exit_model(args.start, k)
+    if "start (no training)" not in entry["variants"]:
+        entry["variants"]["start (no training)"] = chat_figures(model, k, args.eval_prompts, args.eval_instructions)
+    gen = bx.load(exits=None, dtype=torch.bfloat16)  # (the chat answers' cache is keyed by the bf16 model)
+    shakespeare, docs = prepare("shakespeare", gen.tokenizer), prepare("python-docs", gen.tokenizer)
+    for name, (prompts, written) in variants.items():
+        chat = chat_data(gen, prompts=prompts, written=written, batch_size=16, generate_missing=args.generate)
+        print(chat.describe(), flush=True)
+        model = one_exit_model(args.start, k)
+        t0 = time.time()
+        bx.train(model, data=Mixture([(chat.corpus(), 0.7), (shakespeare, 0.15), (docs, 0.15)]), tokens=args.tokens,
+                 lr=args.lr, batch_size=4, seq_len=512, bf16=True, vocab=args.vocab or None)
+        r = chat_figures(model, k, args.eval_prompts, args.eval_instructions)
+        r.update(prompts=sum(e.tag == "" for e in chat.examples), written=sum(e.tag == "w" for e in chat.examples),
+                 answer_tokens=chat.answer_tokens(), seconds=time.time() - t0)
+        entry["variants"][name] = r
+        print(name, r, flush=True)
+        atomic_write(results, lambda tmp: Path(tmp).write_text(json.dumps(entry, indent=1)))
+        write_table(entry, results.with_suffix(".md"))
+    atomic_write(results, lambda tmp: Path(tmp).write_text(json.dumps(entry, indent=1)))
+    write_table(entry, results.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
