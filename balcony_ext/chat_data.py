@@ -36,6 +36,7 @@ from .instructions import build_instructions
 ANSWERS_FILE = "answers.jsonl"
 WRITTEN_FILE = "written_questions.jsonl"  # the model's lists of questions (written_questions.py)
 WRITTEN_ANSWERS_FILE = "written_answers.jsonl"
+WRITTEN_EXCLUDES = 16_000  # a written question equal to one of the first this many template instructions is dropped
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 
@@ -190,7 +191,10 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
     if written:
         from .written_questions import write_questions
 
-        qs = write_questions(model, written, cache / WRITTEN_FILE, seed=seed, exclude=[i.text for i in instructions],
+        # (the same template instructions are excluded whatever `prompts` is, so that the written
+        # questions, and the cache of their answers, do not depend on it)
+        templates = build_instructions(WRITTEN_EXCLUDES, seed)
+        qs = write_questions(model, written, cache / WRITTEN_FILE, seed=seed, exclude=[i.text for i in templates],
                              batch_size=batch_size, generate_missing=generate_missing, progress=progress)
         held |= split_by_document([q.text for q in qs], heldout, seed)
         answered = _answered(qs, cache / WRITTEN_ANSWERS_FILE, "w", **answer)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from balcony_ext.chat_data import WRITTEN_ANSWERS_FILE, WRITTEN_FILE, chat_data
+from balcony_ext.chat_data import WRITTEN_ANSWERS_FILE, WRITTEN_EXCLUDES, WRITTEN_FILE, chat_data
 from balcony_ext.written_questions import FRAMINGS, parse_questions, write_questions, writing_prompts
 from tiny_models import tiny_chat_balcony
 
@@ -122,3 +122,17 @@ def test_chat_data_answers_the_written_questions_beside_the_templates(tmp_path, 
     assert not {e.prompt for e in data.heldout_examples} & {e.prompt for e in data.train_examples}
     with pytest.raises(ValueError, match="written must be"):
         chat_data(model, written=-2, **args)
+
+
+def test_the_written_questions_do_not_depend_on_the_number_of_template_instructions(tmp_path, monkeypatch):
+    # they leave out the same template instructions whatever `prompts` is, so one cache of their answers
+    # serves chat_data(prompts=8000, written=N) and chat_data(prompts=12000, written=N)
+    import balcony_ext.written_questions as wq
+
+    seen = []
+    monkeypatch.setattr(wq, "write_questions", lambda model, n, path, exclude=(), **kw: seen.append(set(exclude)) or [])
+    model = tiny_chat_balcony()
+    args = dict(heldout=0.2, max_new_tokens=3, batch_size=5, cache_dir=tmp_path / "chat", progress=False, written=5)
+    chat_data(model, prompts=6, **args)
+    chat_data(model, prompts=9, **args)
+    assert len(seen) == 2 and seen[0] == seen[1] and len(seen[0]) == WRITTEN_EXCLUDES
