@@ -51,10 +51,11 @@ class ChatExample:
     answer_ids: list
     finish: str  # "stop" (the model ended its answer) or "length" (cut at max_new_tokens)
     tag: str = ""  # "" for the template instructions, "w" for those the model wrote
+    sample: int = 0  # 0: the first answer; 1, 2, ...: further sampled answers (chat_data(samples=...))
 
     @property
     def name(self) -> str:
-        return f"chat-{self.tag}{self.index:06d}"
+        return f"chat-{self.tag}{self.index:06d}" + (f"-{self.sample}" if self.sample else "")
 
 
 @dataclass
@@ -95,7 +96,10 @@ class ChatData:
         return Corpus(tr_ids, ho_ids, tr_names, ho_names, self.source, train_mask=tr_mask, heldout_mask=ho_mask)
 
     def describe(self) -> str:
-        return (f"{self.source}: {len(self.train_examples)} training prompts, {len(self.heldout_examples)} held out, "
+        train = self.train_examples
+        prompts = len({(e.tag, e.index) for e in train})
+        answers = f" ({len(train)} answers)" if len(train) > prompts else ""
+        return (f"{self.source}: {prompts} training prompts{answers}, {len(self.heldout_examples)} held out, "
                 f"{self.answer_tokens():,} answer tokens")
 
 
@@ -137,7 +141,8 @@ def exits_digest(model) -> str:
 
 def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, max_new_tokens: int = 256,
               batch_size: int = 16, temperature: float = 0.8, top_p: float = 0.95, cache_dir=None,
-              generate_missing: bool = True, progress: bool = True, answer_exits=None, written: int = 0) -> ChatData:
+              generate_missing: bool = True, progress: bool = True, answer_exits=None, written: int = 0,
+              samples: int = 1, first: int = 0) -> ChatData:
     """The first `prompts` instructions of build_instructions(prompts, seed) and the frozen model's
     answers at full depth (generated now for those not yet in the cache). Held-out prompts (by
     prompt, fraction `heldout`) and every other training prompt are answered greedily, the others
@@ -150,13 +155,22 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
 
     written: that many more instructions, written by the model itself at full depth
     (written_questions.py), answered the same way and split by prompt the same way; cached beside
-    the template instructions' answers (the same cache serves any number of both)."""
+    the template instructions' answers (the same cache serves any number of both).
+
+    samples: answers to each training instruction (held-out ones keep one): the first as above, the
+    others sampled with `temperature` and `top_p` (other seeds), each set cached in a file of its own.
+    first: leave out the template instructions before this index (e.g. first=8000, prompts=12000: the
+    4,000 after those an earlier run trained on); they are neither read nor answered."""
     if model.tokenizer is None:
         raise ValueError("chat data needs the model's tokenizer (the model has none)")
     if not isinstance(prompts, int) or prompts < 1:
         raise ValueError(f"prompts must be a positive int, got {prompts!r}")
     if isinstance(written, bool) or not isinstance(written, int) or written < 0:
         raise ValueError(f"written must be an int >= 0, got {written!r}")
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first < prompts:
+        raise ValueError(f"first must be an int in [0, prompts={prompts}), got {first!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples (answers to each training instruction) must be an int >= 1, got {samples!r}")
     settings = dict(format=FORMAT_VERSION, model=model.name, dtype=str(model.dtype).replace("torch.", ""),
                     seed=seed, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, heldout=heldout)
@@ -187,7 +201,7 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
     answer = dict(model=model, answer_exits=answer_exits, held=held, seed=seed, batch_size=batch_size,
                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   generate_missing=generate_missing, progress=progress)
-    examples = _answered(instructions, cache / ANSWERS_FILE, "", **answer)
+    sets = [(instructions, ANSWERS_FILE, "", first)]
     if written:
         from .written_questions import write_questions
 
@@ -197,33 +211,47 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
         qs = write_questions(model, written, cache / WRITTEN_FILE, seed=seed, exclude=[i.text for i in templates],
                              batch_size=batch_size, generate_missing=generate_missing, progress=progress)
         held |= split_by_document([q.text for q in qs], heldout, seed)
-        answered = _answered(qs, cache / WRITTEN_ANSWERS_FILE, "w", **answer)
-        examples += answered
-        answerer += f", {len(answered)} of them written by the model"
-    return ChatData(examples, held, f"chat: {model.name}{answerer} answering {len(examples)} instructions")
+        sets.append((qs, WRITTEN_ANSWERS_FILE, "w", 0))
+    examples = [e for sample in range(samples) for ins, name, tag, start in sets
+                for e in _answered(ins, cache / _sample_file(name, sample), tag, sample=sample, first=start, **answer)]
+    firsts = [e for e in examples if e.sample == 0]
+    if written:
+        answerer += f", {sum(e.tag == 'w' for e in firsts)} of them written by the model"
+    more = f", {samples} answers to each training instruction" if samples > 1 else ""
+    return ChatData(examples, held, f"chat: {model.name}{answerer} answering {len(firsts)} instructions{more}")
+
+
+def _sample_file(name: str, sample: int) -> str:
+    """The answers file of the sample-th answers ("answers.jsonl", "answers.s1.jsonl", ...)."""
+    return name if sample == 0 else name.replace(".jsonl", f".s{sample}.jsonl")
 
 
 def _answered(instructions, path: Path, tag: str, *, model, answer_exits, held, seed, batch_size, max_new_tokens,
-              temperature, top_p, generate_missing, progress) -> list:
+              temperature, top_p, generate_missing, progress, sample: int = 0, first: int = 0) -> list:
     """The model's answers to `instructions` (ChatExamples), from the answers file at `path`, the
-    missing ones generated and appended batch by batch. tag marks the examples' names ("w": written)."""
+    missing ones generated and appended batch by batch. tag marks the examples' names ("w": written).
+    sample > 0: further answers, all sampled, to the training instructions only. Instructions before
+    `first` are left out."""
     from tqdm.auto import tqdm
 
     from .generate import encode_prompt, generate
 
     done = {r["index"]: r for r in _read_records(path)}
-    todo = [i for i in range(len(instructions)) if i not in done]
+    wanted = [i for i in range(first, len(instructions)) if sample == 0 or instructions[i].text not in held]
+    todo = [i for i in wanted if i not in done]
     if todo and generate_missing:
-        bar = tqdm(total=len(instructions), initial=len(instructions) - len(todo), unit="prompt",
-                   desc="answering instructions", disable=not progress)
+        bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), unit="prompt",
+                   desc="answering instructions" + (f" (answer {sample + 1})" if sample else ""), disable=not progress)
         t0, new_tokens = time.perf_counter(), 0
-        salt = 0 if not tag else 700_000_000  # (the written questions' sampling seeds differ from the templates')
+        # (the written questions' sampling seeds differ from the templates', and each sample's from the others')
+        salt = (0 if not tag else 700_000_000) + sample * 100_000_007
         with open(path, "a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 rows = todo[start:start + batch_size]
                 ins = [instructions[i] for i in rows]
                 ids = [encode_prompt(model.tokenizer, x.text, chat=True) for x in ins]
-                temps = [0.0 if (x.text in held or i % 2 == 0) else temperature for i, x in zip(rows, ins)]
+                temps = [temperature if sample else 0.0 if (x.text in held or i % 2 == 0) else temperature
+                         for i, x in zip(rows, ins)]
                 depth = ([answer_exits[i % len(answer_exits)] for i in rows] if answer_exits
                          else model.num_layers)
                 outs = generate(model, ids, exit_layer=depth, max_new_tokens=max_new_tokens,
@@ -240,12 +268,12 @@ def _answered(instructions, path: Path, tag: str, *, model, answer_exits, held, 
                 bar.update(len(rows))
                 bar.set_postfix({"answer tok/s": f"{new_tokens / (time.perf_counter() - t0):.0f}"})
         bar.close()
-    missing = [i for i in range(len(instructions)) if i not in done]
+    missing = [i for i in wanted if i not in done]
     if missing and generate_missing:
         raise RuntimeError(f"chat data: {len(missing)} prompts still unanswered in {path.parent}")
 
     examples = []
-    for i, x in enumerate(instructions):
+    for i, x in enumerate(instructions[first:], first):
         r = done.get(i)
         if r is None:
             continue
@@ -253,5 +281,5 @@ def _answered(instructions, path: Path, tag: str, *, model, answer_exits, held, 
             raise ValueError(f"the chat cache {path.parent} does not match the instructions (prompt {i} differs); "
                              "it was made by another version of balcony_ext: use another cache_dir")
         examples.append(ChatExample(i, r["prompt"], r["kind"], r["temperature"], r["prompt_ids"], r["answer_ids"],
-                                    r["finish"], tag))
+                                    r["finish"], tag, sample))
     return examples

@@ -165,3 +165,48 @@ def test_exits_answer_on_policy_tied_to_their_weights(tmp_path, monkeypatch):
     assert "exits [1, 2]" in corpus.describe() and int(corpus.train_mask.sum()) > 0
     with pytest.raises(ValueError, match="exits"):
         prepare("chat-exits", model=tiny_chat_balcony())
+
+
+def test_several_answers_to_each_training_instruction(tmp_path, monkeypatch):
+    model = tiny_chat_balcony()
+    one = _small(model, tmp_path)
+    three = _small(model, tmp_path, samples=3)
+    assert three.examples[:24] == one.examples  # the first answers are the same cache
+    more = three.examples[24:]
+    train = {e.prompt for e in one.train_examples}
+    assert len(more) == 2 * len(train) and {e.sample for e in more} == {1, 2}
+    assert all(e.prompt in train and e.temperature == 0.8 for e in more)  # sampled; none held out
+    for s in (1, 2):
+        assert (tmp_path / "chat" / ANSWERS_FILE.replace(".jsonl", f".s{s}.jsonl")).exists()
+    # other seeds: the extra answers are not copies of the first ones
+    first = {e.index: e.answer_ids for e in one.examples}
+    assert sum(e.answer_ids != first[e.index] for e in more) > len(more) // 2
+    corpus = three.corpus()
+    names = corpus.train_docs + corpus.heldout_docs
+    assert len(set(names)) == len(names) == 24 + len(more)
+    assert corpus.heldout_docs == one.corpus().heldout_docs
+    assert "3 answers to each training instruction" in three.source
+    # a complete cache generates nothing more
+    gen_mod = sys.modules["balcony_ext.generate"]
+    monkeypatch.setattr(gen_mod, "generate", lambda *a, **k: pytest.fail("generated again"))
+    assert _small(model, tmp_path, samples=3).examples == three.examples
+    with pytest.raises(ValueError, match="samples"):
+        _small(model, tmp_path, samples=0)
+
+
+def test_first_leaves_out_the_earlier_instructions(tmp_path, monkeypatch):
+    model = tiny_chat_balcony()
+    whole = _small(model, tmp_path)
+    calls = []
+    gen_mod = sys.modules["balcony_ext.generate"]
+    original = gen_mod.generate
+    monkeypatch.setattr(gen_mod, "generate", lambda m, p, **kw: calls.append(len(p)) or original(m, p, **kw))
+    late = _small(model, tmp_path, first=16, samples=2)
+    firsts = [e for e in late.examples if e.sample == 0]
+    assert firsts == whole.examples[16:]  # read from the cache
+    train = [e for e in firsts if e.prompt not in late.heldout_prompts]
+    assert sum(calls) == len(train)  # second answers only for the training instructions from 16 on
+    assert {e.index for e in late.examples if e.sample == 1} == {e.index for e in train}
+    for bad in (-1, 24, True):
+        with pytest.raises(ValueError, match="first must be"):
+            _small(model, tmp_path, first=bad)

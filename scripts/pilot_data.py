@@ -2,17 +2,21 @@
 tokens of different chat data, each measured by the teacher-forced chat evaluation on many held-out
 instructions. Recorded in docs/results/data_pilots.json and .md.
 
-    .venv/bin/python scripts/pilot_data.py --exit 15 --tokens 409600 --variants 8000 8000+6000 12000
+    .venv/bin/python scripts/pilot_data.py --from EXITS --exit 15 --tokens 409600 \
+        --variants t:8000-9000 w:0-1000 t:8000-8500x2 t:8000-8500+w:0-500
 
-A variant is PROMPTS[+WRITTEN]: the first PROMPTS template instructions (balcony_ext.instructions) and
-WRITTEN questions the model wrote itself (balcony_ext.written_questions), with the frozen model's answers
-from the chat cache (chat_data; only what is cached is used unless --generate: the count used is
-recorded). Every variant starts from the same exit (--from, default: the shipped file), is mixed with
-human text as the shipped recipe is (70% chat, 15% Shakespeare, 15% Python docs), and trains with the
-same schedule, seed and settings (bf16 autocast, 4 x 512 tokens a step, lr --lr with 1% warm-up and
-cosine decay, the KL over --vocab shortlisted tokens). The held-out instructions of the evaluation are
-never trained on whatever the variant (the split is by a hash of each instruction's text), so the
-figures compare the data at equal tokens.
+A variant is t:A-B (the template instructions A to B-1, balcony_ext.instructions, in their order) and/or
+w:0-N (the first N questions the model wrote itself, balcony_ext.written_questions) joined by "+", then
+optionally "xK": K answers to each (chat_data(samples=K): the first as always, the others sampled). The question a pilot answers is what new data is worth, so the parts should be data the
+starting exits never saw (the shipped exits trained on templates 0-3999, the continued ones on 0-7999),
+and the run should pass over it more than once (409,600 tokens at 70% chat is ~290k answer tokens, about
+1,400 answers): e.g. 1,000 new templates against 1,000 written questions against 500 templates answered
+twice. The answers come from the chat cache (chat_data; --generate makes what is missing). Every variant
+starts from the same exit (--from, default: the shipped file), is mixed with human text as the shipped
+recipe is (70% chat, 15% Shakespeare, 15% Python docs) and trains with the same schedule, seed and
+settings (bf16 autocast, 4 x 512 tokens a step, lr --lr with 1% warm-up and cosine decay, the KL over
+--vocab shortlisted tokens). The held-out instructions of the evaluation are never trained on whatever
+the variant (the split is by a hash of each instruction's text).
 """
 
 import argparse
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 import balcony_ext as bx
-from balcony_ext.chat_data import chat_data
+from balcony_ext.chat_data import ChatData, chat_data
 from balcony_ext.chat_eval import evaluate_chat
 from balcony_ext.data import Mixture, prepare
 from balcony_ext.files import atomic_write
@@ -34,14 +38,37 @@ RESULTS = ROOT / "docs" / "results" / "data_pilots.json"
 
 
 def parse_variant(v: str) -> tuple:
-    prompts, _, written = v.partition("+")
+    """"t:8000-9000+w:0-500x2" -> ((8000, 9000), 500, 2): the templates' range, the written questions
+    (the first N), the answers to each."""
+    data, _, samples = v.partition("x")
+    templates, written = None, 0
     try:
-        out = int(prompts), int(written or 0)
+        for part in data.split("+"):
+            kind, _, span = part.partition(":")
+            a, b = (int(x) for x in span.split("-"))
+            if kind == "t" and templates is None and 0 <= a < b:
+                templates = (a, b)
+            elif kind == "w" and not written and a == 0 < b:
+                written = b
+            else:
+                raise ValueError(part)
+        samples = int(samples or 1)
+        if samples < 1:
+            raise ValueError(samples)
     except ValueError:
-        raise SystemExit(f"a variant is PROMPTS[+WRITTEN], e.g. 8000 or 8000+6000; got {v!r}") from None
-    if out[0] < 1 or out[1] < 0:
-        raise SystemExit(f"a variant needs PROMPTS >= 1 and WRITTEN >= 0, got {v!r}")
-    return out
+        raise SystemExit(f"a variant is t:A-B (templates A to B-1) and/or w:0-N (the first N written questions) "
+                         f"joined by +, then optionally xK (K answers each), e.g. t:8000-9000, w:0-1000, "
+                         f"t:8000-8500x2; got {v!r}") from None
+    return templates, written, samples
+
+
+def variant_data(gen, templates, written: int, samples: int, generate: bool) -> ChatData:
+    """The chat examples of a variant (every answer to each instruction in it)."""
+    a, b = templates or (0, 1)
+    chat = chat_data(gen, prompts=b, first=a, written=written, samples=samples, batch_size=16,
+                     generate_missing=generate)
+    keep = [e for e in chat.examples if e.tag == "w" or templates is not None]
+    return ChatData(keep, chat.heldout_prompts, chat.source)
 
 
 def one_exit_model(path: str, k: int):
@@ -64,10 +91,11 @@ def write_table(entry: dict, path: Path):
     lines = [f"# Data pilots: exit {entry['exit']}, {entry['tokens']:,} tokens each from {entry['from']}",
              "", f"{entry['recipe']}; evaluated on {entry['eval_prompts']} held-out instructions "
              f"(teacher-forced); {entry['machine']}", "",
-             "| data | template instructions | written | answer tokens | chat top-1 | chat KL | seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "| data | template instructions | written | answers | answer tokens (training) | chat top-1 | chat KL | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in entry["variants"].items():
-        lines.append(f"| {name} | {r.get('prompts', '-')} | {r.get('written', '-')} | {r.get('answer_tokens', '-')} "
+        lines.append(f"| {name} | {r.get('prompts', '-')} | {r.get('written', '-')} | {r.get('answers', '-')} "
+                     f"| {r.get('answer_tokens', '-')} "
                      f"| {r['chat_top1']:.4f} | {r['chat_kl']:.3f} | {r.get('seconds', 0):.0f} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -77,7 +105,7 @@ def main():
     ap.add_argument("--from", dest="start", default=str(bundled_exits_path()), help="the exits file to start from")
     ap.add_argument("--exit", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=409_600)
-    ap.add_argument("--variants", nargs="+", default=["8000", "8000+6000"])
+    ap.add_argument("--variants", nargs="+", default=["t:8000-9000", "w:0-1000", "t:8000-8500x2"])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vocab", type=int, default=16384, help="the KL over the shortlist's first N tokens (0: all)")
     ap.add_argument("--eval-prompts", type=int, default=256)
@@ -102,16 +130,17 @@ def main():
         entry["variants"]["start (no training)"] = chat_figures(model, k, args.eval_prompts, args.eval_instructions)
     gen = bx.load(exits=None, dtype=torch.bfloat16)  # (the chat answers' cache is keyed by the bf16 model)
     shakespeare, docs = prepare("shakespeare", gen.tokenizer), prepare("python-docs", gen.tokenizer)
-    for name, (prompts, written) in variants.items():
-        chat = chat_data(gen, prompts=prompts, written=written, batch_size=16, generate_missing=args.generate)
-        print(chat.describe(), flush=True)
+    for name, (templates, written, samples) in variants.items():
+        chat = variant_data(gen, templates, written, samples, args.generate)
+        print(name, chat.describe(), flush=True)
         model = one_exit_model(args.start, k)
         t0 = time.time()
         bx.train(model, data=Mixture([(chat.corpus(), 0.7), (shakespeare, 0.15), (docs, 0.15)]), tokens=args.tokens,
                  lr=args.lr, batch_size=4, seq_len=512, bf16=True, vocab=args.vocab or None)
         r = chat_figures(model, k, args.eval_prompts, args.eval_instructions)
-        r.update(prompts=sum(e.tag == "" for e in chat.examples), written=sum(e.tag == "w" for e in chat.examples),
-                 answer_tokens=chat.answer_tokens(), seconds=time.time() - t0)
+        train = chat.train_examples
+        r.update(prompts=len({e.index for e in train if e.tag == ""}), written=len({e.index for e in train if e.tag == "w"}),
+                 answers=len(train), answer_tokens=sum(len(e.answer_ids) for e in train), seconds=time.time() - t0)
         entry["variants"][name] = r
         print(name, r, flush=True)
         atomic_write(results, lambda tmp: Path(tmp).write_text(json.dumps(entry, indent=1)))
