@@ -52,8 +52,8 @@ CHECK_TOKENS = 2048
 def build_data(model, args):
     """The training mixture; the chat answers are generated (or read from the cache) in bfloat16."""
     gen_model = bx.load(exits=None, dtype=torch.bfloat16)
-    chat = chat_data(gen_model, prompts=args.prompts, written=args.written, samples=args.samples, batch_size=16,
-                     generate_missing=not args.from_checkpoint)
+    chat = chat_data(gen_model, prompts=args.prompts, first=args.first, written=args.written, samples=args.samples,
+                     batch_size=16, generate_missing=not args.from_checkpoint)
     del gen_model
     print(chat.describe())
     parts = [(chat.corpus() if name == "chat" else prepare(name, model.tokenizer), w) for name, w in data_spec(args.mix)]
@@ -95,6 +95,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=4000, help="chat instructions answered by the model")
     ap.add_argument("--written", type=int, default=0, metavar="N",
                     help="N more instructions written by the model itself (balcony_ext.written_questions)")
+    ap.add_argument("--first", type=int, default=0, metavar="A",
+                    help="leave out the template instructions before A (e.g. those the --from-exits run trained on)")
     ap.add_argument("--samples", type=int, default=1, metavar="K",
                     help="answers to each training instruction (the first as always, the others sampled)")
     ap.add_argument("--run-dir", default=os.path.join(os.environ.get("BALCONY_CACHE", Path.home() / ".cache" / "balcony_ext"),
@@ -127,10 +129,12 @@ def main():
     else:
         bx.attach(model, args.exits, init="last", norm_init="final")
     chat, data = build_data(model, args)
-    recipe = (f"{' '.join(args.mix)} ({args.prompts} instructions"
+    recipe = (f"{' '.join(args.mix)} ({args.prompts - args.first} instructions"
+              + (f" from the {args.first}th" if args.first else "")
               + (f" and {args.written} written by the model" if args.written else "")
-              + (f", {args.samples} answers each" if args.samples > 1 else "") + "), bf16 autocast, lr {args.lr:g} cosine over "
-              f"{args.tokens:,} tokens, 1% warm-up, {args.batch}x{args.seq} tokens per step, "
+              + (f", {args.samples} answers each" if args.samples > 1 else "")
+              + f"), bf16 autocast, lr {args.lr:g} cosine over {args.tokens:,} tokens, 1% warm-up, "
+              f"{args.batch}x{args.seq} tokens per step, "
               + (f"continuing {args.from_exits}" if args.from_exits else "init last, norm final")
               + (f", KL over the shortlist's first {args.vocab:,} tokens" if args.vocab else ""))
     if args.from_checkpoint:
