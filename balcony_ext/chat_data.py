@@ -1,19 +1,21 @@
 """Chat self-distillation data: everyday instructions answered by the frozen full model.
 
     chat = chat_data(model, prompts=4000)              # answers generated once, cached, resumable
-    chat = chat_data(model, prompts=8000, written=6000)   # and 6,000 questions the model wrote itself
-    corpus = chat.corpus(heldout=0.05)                 # a Corpus whose loss mask covers the answers
+    chat = chat_data(model, prompts=8000, written=6000)  # and 6,000 questions the model wrote itself
+    corpus = chat.corpus()                             # a Corpus whose loss mask covers the answers
     bx.train(model, data="chat")                       # the same, through the data spec
     bx.train(model, data=[("chat", 0.7), ("shakespeare", 0.3)])   # a mixture
 
 The instructions come from `instructions.build_instructions` (templates over topic lists, no
 download) and, with written=N, from the model itself (`written_questions`: lists of questions it
-writes about those topics, parsed and deduplicated; the templates stop growing past ~16k). Each one goes through the tokenizer's chat template and the frozen model answers it at
-full depth with the project's own batched `generate`: prompts held out for evaluation, and every
-other training prompt, greedily; the rest sampled (temperature 0.8, top-p 0.95), so the exits see
-both the model's most likely answers and its spread. Records are appended to a JSON-lines file, one
-per answered prompt, as each batch finishes: an interrupted run resumes at the first unanswered
-prompt (a torn last line is dropped), and a finished cache is read in seconds.
+writes about those topics, parsed and deduplicated; the templates stop growing past ~16k). Each one
+goes through the tokenizer's chat template and the frozen model answers it at full depth with the
+project's own batched `generate`: prompts held out for evaluation, and every other training prompt,
+greedily; the rest sampled (temperature 0.8, top-p 0.95), so the exits see both the model's most
+likely answers and its spread. Records are appended to a JSON-lines file, one per answered prompt,
+as each batch finishes: an interrupted run resumes at the first unanswered prompt (a torn last line
+is dropped), and a finished cache is read in seconds. samples=K answers each training instruction K
+times (the others sampled), first=A leaves out the instructions before A.
 
 The split is by prompt (`data.split_by_document` over the instruction texts): a held-out
 instruction is never trained on, whatever the number of prompts.

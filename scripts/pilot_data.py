@@ -2,21 +2,22 @@
 tokens of different chat data, each measured by the teacher-forced chat evaluation on many held-out
 instructions. Recorded in docs/results/data_pilots.json and .md.
 
-    .venv/bin/python scripts/pilot_data.py --from EXITS --exit 15 --tokens 409600 \
+    .venv/bin/python scripts/pilot_data.py --from EXITS --exit 15 --tokens 409600 \\
         --variants t:8000-9000 w:0-1000 t:8000-8500x2 t:8000-8500+w:0-500
 
 A variant is t:A-B (the template instructions A to B-1, balcony_ext.instructions, in their order) and/or
 w:0-N (the first N questions the model wrote itself, balcony_ext.written_questions) joined by "+", then
-optionally "xK": K answers to each (chat_data(samples=K): the first as always, the others sampled). The question a pilot answers is what new data is worth, so the parts should be data the
-starting exits never saw (the shipped exits trained on templates 0-3999, the continued ones on 0-7999),
-and the run should pass over it more than once (409,600 tokens at 70% chat is ~290k answer tokens, about
-1,400 answers): e.g. 1,000 new templates against 1,000 written questions against 500 templates answered
-twice. The answers come from the chat cache (chat_data; --generate makes what is missing). Every variant
-starts from the same exit (--from, default: the shipped file), is mixed with human text as the shipped
-recipe is (70% chat, 15% Shakespeare, 15% Python docs) and trains with the same schedule, seed and
-settings (bf16 autocast, 4 x 512 tokens a step, lr --lr with 1% warm-up and cosine decay, the KL over
---vocab shortlisted tokens). The held-out instructions of the evaluation are never trained on whatever
-the variant (the split is by a hash of each instruction's text).
+optionally "xK": K answers to each (chat_data(samples=K): the first as always, the others sampled). The
+question a pilot answers is what new data is worth, so the parts should be data the starting exits never
+saw (the shipped exits trained on templates 0-3999, the continued ones on 0-7999), and the run should
+pass over it more than once (409,600 tokens at 70% chat is ~290k answer tokens, about 1,400 answers):
+e.g. 1,000 new templates against 1,000 written questions against 500 templates answered twice. The
+answers come from the chat cache (chat_data; --generate makes what is missing). Every variant starts from
+the same exit (--from, default: the shipped file), is mixed with human text as the shipped recipe is (70%
+chat, 15% Shakespeare, 15% Python docs) and trains with the same schedule, seed and settings (bf16
+autocast, 4 x 512 tokens a step, lr --lr with 1% warm-up and cosine decay, the KL over --vocab
+shortlisted tokens). The held-out instructions of the evaluation are never trained on whatever the
+variant (the split is by a hash of each instruction's text).
 """
 
 import argparse
