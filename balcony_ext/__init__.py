@@ -6,7 +6,7 @@
 from . import _native
 from ._native import built_with_cuda, cpu_capability, max_cpu_capability, set_cpu_capability
 from . import ops, reference
-from .model import BalconyModel, attach
+from .model import BalconyModel, attach, detach
 from .loading import load
 from .exits_io import load_exits, save_exits
 from .train import train
@@ -26,6 +26,7 @@ __all__ = [
     "set_cpu_capability",
     "BalconyModel",
     "attach",
+    "detach",
     "load",
     "save_exits",
     "load_exits",

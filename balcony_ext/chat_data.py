@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .data import Corpus, split_by_document
+from .files import read_jsonl
 from .instructions import build_instructions
 
 ANSWERS_FILE = "answers.jsonl"
@@ -111,27 +112,6 @@ def default_cache_dir(model, settings: dict) -> Path:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.name)
     return cache_root() / "chat" / f"{name}-{digest}"
-
-
-def _read_records(path: Path) -> list:
-    """The complete records of an answers file; a torn last line (an interrupted write) is dropped
-    and cut off the file so that appending continues cleanly."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    records, good = [], 0
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good += len(line)
-    if good != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return records
 
 
 def exits_digest(model) -> str:
@@ -238,7 +218,7 @@ def _answered(instructions, path: Path, tag: str, *, model, answer_exits, held, 
 
     from .generate import encode_prompt, generate
 
-    done = {r["index"]: r for r in _read_records(path)}
+    done = {r["index"]: r for r in read_jsonl(path)}
     wanted = [i for i in range(first, len(instructions)) if sample == 0 or instructions[i].text not in held]
     todo = [i for i in wanted if i not in done]
     if todo and generate_missing:

@@ -251,3 +251,20 @@ def attach(model: BalconyModel, exits, init: str = "last", norm_init: str = "fin
     ordered = sorted(model.balconies.items(), key=lambda kv: int(kv[0]))
     model.balconies = nn.ModuleDict(ordered)
     return model
+
+
+def detach(model: BalconyModel, exits) -> BalconyModel:
+    """Removes the exits at the given depths (e.g. to evaluate or train one exit alone); the others and
+    the base stay as they are. An exit that is not attached raises; an empty list removes nothing.
+    Returns the model."""
+    if not isinstance(model, BalconyModel):
+        raise TypeError(f"detach() needs a BalconyModel, got {type(model).__name__}")
+    if isinstance(exits, (list, tuple)) and not exits:
+        return model
+    exits = model.validate_exits(exits)
+    missing = [k for k in exits if str(k) not in model.balconies]
+    if missing:
+        raise ValueError(f"exits {missing} are not attached (the model's exits: {model.exits})")
+    for k in exits:
+        del model.balconies[str(k)]
+    return model

@@ -19,6 +19,7 @@ import random
 import re
 from pathlib import Path
 
+from .files import read_jsonl
 from .instructions import TASKS, TOPICS, Instruction
 
 FRAMINGS = [
@@ -78,12 +79,6 @@ def parse_questions(text: str, topic: str) -> list:
     return out
 
 
-def _read(path: Path) -> dict:
-    from .chat_data import _read_records
-
-    return {r["index"]: r for r in _read_records(path)}
-
-
 def write_questions(model, n: int, path, seed: int = 0, exclude=(), batch_size: int = 16,
                     max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
                     generate_missing: bool = True, progress: bool = True) -> list:
@@ -100,7 +95,7 @@ def write_questions(model, n: int, path, seed: int = 0, exclude=(), batch_size: 
         raise ValueError(f"the number of written questions must be an int >= 0, got {n!r}")
     path = Path(path)
     pairs = writing_prompts(seed)
-    done = _read(path) if n else {}
+    done = {r["index"]: r for r in read_jsonl(path)} if n else {}
     seen = {_key(t) for t in exclude}
     out: list = []
 

@@ -210,3 +210,20 @@ def test_first_leaves_out_the_earlier_instructions(tmp_path, monkeypatch):
     for bad in (-1, 24, True):
         with pytest.raises(ValueError, match="first must be"):
             _small(model, tmp_path, first=bad)
+
+
+def test_read_jsonl_drops_a_torn_last_line_and_names_a_damaged_one(tmp_path):
+    from balcony_ext.files import read_jsonl
+
+    path = tmp_path / "records.jsonl"
+    assert read_jsonl(path) == []
+    path.write_bytes(b'{"index": 0}\n{"index": 1}\n{"ind')
+    assert read_jsonl(path) == [{"index": 0}, {"index": 1}]
+    assert path.read_bytes() == b'{"index": 0}\n{"index": 1}\n'  # cut, so appending continues cleanly
+    path.write_bytes(b'{"index": 0}\n{"index": 1}\n{"index": 2}\n{"index": 3')  # a whole last line, not ended
+    assert [r["index"] for r in read_jsonl(path)] == [0, 1, 2]
+    damaged = b'{"index": 0}\n{"ind\xff\n{"index": 2}\n'
+    path.write_bytes(damaged)
+    with pytest.raises(ValueError, match=r"line 2 of 3 is not a JSON record"):
+        read_jsonl(path)
+    assert path.read_bytes() == damaged  # nothing cut

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from balcony_ext.adapters import UnsupportedModelError, adapter_for
-from balcony_ext.model import attach
+from balcony_ext.model import attach, detach
 from tiny_models import tiny_balcony, tiny_hf
 
 
@@ -144,6 +144,29 @@ def test_attach_twice_needs_replace():
     assert model.exits == [1, 2, 3]
     attach(model, [2], init="random", replace=True)
     assert model.exit_module(2).init == "random"
+
+
+def test_detach_removes_only_the_named_exits():
+    model = tiny_balcony()
+    attach(model, [1, 2, 3])
+    kept = {n: t.clone() for n, t in model.exit_module(2).state_dict().items()}
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        before = model(ids, exits=[2])[2]
+        assert detach(model, [3, 1]) is model
+        after = model(ids, exits=[2])[2]
+    assert model.exits == [2]
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    for n, t in model.exit_module(2).state_dict().items():
+        assert torch.equal(t, kept[n])
+    assert detach(model, []).exits == [2]
+    with pytest.raises(ValueError, match=r"exits \[1\] are not attached \(the model's exits: \[2\]\)"):
+        detach(model, [1])
+    with pytest.raises(ValueError, match="out of range"):
+        detach(model, [model.num_layers])
+    with pytest.raises(TypeError, match=r"detach\(\) needs a BalconyModel"):
+        detach(tiny_hf(), [1])
+    assert model.exits == [2]
 
 
 def test_forward_unattached_exit_raises():

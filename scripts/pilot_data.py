@@ -77,9 +77,7 @@ def one_exit_model(path: str, k: int):
     bx.load_exits(model, path)
     if k not in model.exits:
         raise SystemExit(f"exit {k} is not in {path} (exits {model.exits})")
-    for j in [j for j in model.exits if j != k]:
-        del model.balconies[str(j)]
-    return model
+    return bx.detach(model, [j for j in model.exits if j != k])
 
 
 def chat_figures(model, k: int, prompts: int, n_instructions: int) -> dict:

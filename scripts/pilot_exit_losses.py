@@ -159,9 +159,7 @@ def main():
     k = args.exit
     if k not in model.exits:
         raise SystemExit(f"--exit {k}: the shipped exits are {model.exits}")
-    for other in model.exits:
-        if other != k:
-            del model.balconies[str(other)]
+    bx.detach(model, [j for j in model.exits if j != k])
     start = {n: t.clone() for n, t in model.balconies.state_dict().items()}
     states = frozen_states(model, k, args.steps, Path(args.cache_dir) / f"loss-pilot-states-{k}-{args.steps}.pt")
     results = Path(args.results)
