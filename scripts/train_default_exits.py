@@ -30,6 +30,9 @@ the exits of a run still in progress; the figures then say how many tokens they 
 
 The shipped file: exits 15 / 19 / 23 from the default command (3M tokens), exit 26 from
   --exits 26 --tokens 1500000 --run-dir RUN26   then   --from-checkpoint --add-run RUN26
+into FIRST.safetensors (the file shipped before this one), then all four continued on 3,000 new instructions
+(1M tokens):
+  --from-exits FIRST.safetensors --prompts 7000 --first 4000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN2
 """
 
 import argparse
@@ -87,6 +90,18 @@ def from_checkpoint(model, run_dir: Path) -> dict:
     return dict(history=state["history"], affine=affine, exits=depths, tokens=state["tokens_trained"])
 
 
+def continued(path) -> dict:
+    """What an exits file made by this script says of its training: tokens, recipe and runs."""
+    from balcony_ext.exits_io import read_exits
+
+    meta = read_exits(path)[1]
+    extra = meta.get("extra") or {}
+    if isinstance(extra, str):
+        extra = json.loads(extra)
+    return dict(tokens=int(meta.get("tokens_trained") or 0), recipe=extra.get("recipe", "a recipe not recorded"),
+                runs=list(extra.get("runs", [])))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=3_000_000)
@@ -123,8 +138,10 @@ def main():
     args = ap.parse_args()
 
     model = bx.load(exits=None)
+    before = None  # the continued file's tokens, recipe and runs
     if args.from_exits:  # (their depths replace --exits)
         bx.load_exits(model, args.from_exits)
+        before = continued(args.from_exits)
         args.exits, model.tokens_trained = list(model.exits), 0
     else:
         bx.attach(model, args.exits, init="last", norm_init="final")
@@ -135,7 +152,8 @@ def main():
               + (f", {args.samples} answers each" if args.samples > 1 else "")
               + f"), bf16 autocast, lr {args.lr:g} cosine over {args.tokens:,} tokens, 1% warm-up, "
               f"{args.batch}x{args.seq} tokens per step, "
-              + (f"continuing {args.from_exits}" if args.from_exits else "init last, norm final")
+              + (f"continuing exits trained on {before['tokens']:,} tokens ({before['recipe']})" if before
+                 else "init last, norm final")
               + (f", KL over the shortlist's first {args.vocab:,} tokens" if args.vocab else ""))
     if args.from_checkpoint:
         run = from_checkpoint(model, Path(args.run_dir))
@@ -147,6 +165,9 @@ def main():
     seconds = sum(h["step_s"] for h in hist)
     print(f"trained {model.tokens_trained:,} tokens in {seconds / 3600:.2f} h of steps")
     runs = [dict(exits=list(args.exits), tokens=model.tokens_trained, step_seconds=seconds)]
+    if before:  # the runs before this one, and the exits' tokens in all
+        runs = before["runs"] + [dict(runs[0], continued=True)]
+        model.tokens_trained += before["tokens"]
     for other in args.add_run:  # exits of other runs (trained alone), beside these
         more = from_checkpoint(model, Path(other))
         runs.append(dict(exits=more["exits"], tokens=more["tokens"], step_seconds=sum(h["step_s"] for h in more["history"])))
