@@ -9,7 +9,7 @@ A variant is t:A-B (the template instructions A to B-1, balcony_ext.instructions
 w:0-N (the first N questions the model wrote itself, balcony_ext.written_questions) joined by "+", then
 optionally "xK": K answers to each (chat_data(samples=K): the first as always, the others sampled). The
 question a pilot answers is what new data is worth, so the parts should be data the starting exits never
-saw (the shipped exits trained on templates 0-3999, the continued ones on 0-7999), and the run should
+saw (the shipped exits trained on templates 0-6999: 0-3999, then continued on 4000-6999), and the run should
 pass over it more than once (409,600 tokens at 70% chat is ~290k answer tokens, about 1,400 answers):
 e.g. 1,000 new templates against 1,000 written questions against 500 templates answered twice. The
 answers come from the chat cache (chat_data; --generate makes what is missing). Every variant starts from
