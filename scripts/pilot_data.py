@@ -7,7 +7,8 @@ instructions. Recorded in docs/results/data_pilots.json and .md.
 
 A variant is t:A-B (the template instructions A to B-1, balcony_ext.instructions, in their order) and/or
 w:0-N (the first N questions the model wrote itself, balcony_ext.written_questions) joined by "+", then
-optionally "xK": K answers to each (chat_data(samples=K): the first as always, the others sampled). The
+optionally "xK": K answers to each (chat_data(samples=K): the first as always, the others sampled), then
+optionally "@LR": this variant's learning rate instead of --lr (e.g. t:4000-7000@2e-3). The
 question a pilot answers is what new data is worth, so the parts should be data the starting exits never
 saw (the shipped exits trained on templates 0-6999: 0-3999, then continued on 4000-6999), and the run should
 pass over it more than once (409,600 tokens at 70% chat is ~290k answer tokens, about 1,400 answers):
@@ -38,12 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "data_pilots.json"
 
 
-def parse_variant(v: str) -> tuple:
-    """"t:8000-9000+w:0-500x2" -> ((8000, 9000), 500, 2): the templates' range, the written questions
-    (the first N), the answers to each."""
-    data, _, samples = v.partition("x")
+def parse_variant(v: str, lr: float) -> tuple:
+    """"t:8000-9000+w:0-500x2@2e-3" -> ((8000, 9000), 500, 2, 2e-3): the templates' range, the written
+    questions (the first N), the answers to each, the learning rate (`lr` when the variant names none)."""
+    body, _, lr_text = v.partition("@")
+    data, _, samples = body.partition("x")
     templates, written = None, 0
     try:
+        lr = float(lr_text) if lr_text else lr
+        if not 0 < lr < 1:
+            raise ValueError(lr_text)
         for part in data.split("+"):
             kind, _, span = part.partition(":")
             a, b = (int(x) for x in span.split("-"))
@@ -58,9 +63,9 @@ def parse_variant(v: str) -> tuple:
             raise ValueError(samples)
     except ValueError:
         raise SystemExit(f"a variant is t:A-B (templates A to B-1) and/or w:0-N (the first N written questions) "
-                         f"joined by +, then optionally xK (K answers each), e.g. t:8000-9000, w:0-1000, "
-                         f"t:8000-8500x2; got {v!r}") from None
-    return templates, written, samples
+                         f"joined by +, then optionally xK (K answers each) and @LR (a learning rate in (0, 1)), "
+                         f"e.g. t:8000-9000, w:0-1000, t:8000-8500x2, t:8000-9000@2e-3; got {v!r}") from None
+    return templates, written, samples, lr
 
 
 def variant_data(gen, templates, written: int, samples: int, generate: bool) -> ChatData:
@@ -113,9 +118,10 @@ def main():
     ap.add_argument("--generate", action="store_true", help="generate the chat data that is not cached")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
-    variants = {v: parse_variant(v) for v in args.variants}
+    variants = {v: parse_variant(v, args.lr) for v in args.variants}
     k, results = args.exit, Path(args.results)
-    recipe = (f"chat=0.7 shakespeare=0.15 python-docs=0.15, bf16 autocast, lr {args.lr:g} cosine, 1% warm-up, "
+    recipe = (f"chat=0.7 shakespeare=0.15 python-docs=0.15, bf16 autocast, lr {args.lr:g} (or the variant's @LR) "
+              f"cosine, 1% warm-up, "
               f"4x512 tokens a step" + (f", KL over the shortlist's first {args.vocab:,} tokens" if args.vocab else ""))
     entry = dict(exit=k, tokens=args.tokens, start=args.start, recipe=recipe, eval_prompts=args.eval_prompts,
                  machine=f"{bx.cpu_capability()}, threads: {torch.get_num_threads()}", variants={})
@@ -129,13 +135,13 @@ def main():
         entry["variants"]["start (no training)"] = chat_figures(model, k, args.eval_prompts, args.eval_instructions)
     gen = bx.load(exits=None, dtype=torch.bfloat16)  # (the chat answers' cache is keyed by the bf16 model)
     shakespeare, docs = prepare("shakespeare", gen.tokenizer), prepare("python-docs", gen.tokenizer)
-    for name, (templates, written, samples) in variants.items():
+    for name, (templates, written, samples, lr) in variants.items():
         chat = variant_data(gen, templates, written, samples, args.generate)
         print(name, chat.describe(), flush=True)
         model = one_exit_model(args.start, k)
         t0 = time.time()
         bx.train(model, data=Mixture([(chat.corpus(), 0.7), (shakespeare, 0.15), (docs, 0.15)]), tokens=args.tokens,
-                 lr=args.lr, batch_size=4, seq_len=512, bf16=True, vocab=args.vocab or None)
+                 lr=lr, batch_size=4, seq_len=512, bf16=True, vocab=args.vocab or None)
         r = chat_figures(model, k, args.eval_prompts, args.eval_instructions)
         train = chat.train_examples
         r.update(prompts=len({e.index for e in train if e.tag == ""}), written=len({e.index for e in train if e.tag == "w"}),
