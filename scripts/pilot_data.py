@@ -123,7 +123,8 @@ def main():
     recipe = (f"chat=0.7 shakespeare=0.15 python-docs=0.15, bf16 autocast, lr {args.lr:g} (or the variant's @LR) "
               f"cosine, 1% warm-up, "
               f"4x512 tokens a step" + (f", KL over the shortlist's first {args.vocab:,} tokens" if args.vocab else ""))
-    entry = dict(exit=k, tokens=args.tokens, start=args.start, recipe=recipe, eval_prompts=args.eval_prompts,
+    # (the starting file by its name only: the results are committed, a path is this machine's)
+    entry = dict(exit=k, tokens=args.tokens, start=Path(args.start).name, recipe=recipe, eval_prompts=args.eval_prompts,
                  machine=f"{bx.cpu_capability()}, threads: {torch.get_num_threads()}", variants={})
     entry["from"] = Path(args.start).name
     if results.exists():  # the same pilot run before: its variants are kept, those run now replaced
