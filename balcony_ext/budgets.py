@@ -199,12 +199,12 @@ def choose_exit(model, budget: float, calibration: dict | None = None) -> tuple:
 
 
 def exit_for_latency(model, ms_per_token: float, calibration: dict | None) -> tuple:
-    if calibration is None:
-        raise ValueError("a latency target needs a calibration of this machine: run `balcony calibrate` "
-                         "(or balcony_ext.calibrate(model)) first")
     if (isinstance(ms_per_token, bool) or not isinstance(ms_per_token, numbers.Real)
             or not (math.isfinite(ms_per_token) and ms_per_token > 0)):
         raise ValueError(f"ms_per_token must be a finite number > 0 (milliseconds per token), got {ms_per_token!r}")
+    if calibration is None:
+        raise ValueError("a latency target needs a calibration of this machine: run `balcony calibrate` "
+                         "(or balcony_ext.calibrate(model)) first")
     ms = {int(k): float(v) for k, v in calibration["ms_per_token"].items() if int(k) in model.exits + [model.num_layers]}
     fitting = [k for k, v in ms.items() if v <= ms_per_token]
     if fitting:

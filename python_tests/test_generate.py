@@ -533,6 +533,9 @@ def test_latency_target_must_be_a_positive_number(ms):
     cal = {"model": m.name, "ms_per_token": {str(k): float(k) for k in m.exits + [m.num_layers]}}
     with pytest.raises(ValueError, match=r"ms_per_token must be a finite number > 0 \(milliseconds per token\)"):
         bx.generate(m, _prompts(1)[0], ms_per_token=ms, calibration=cal, max_new_tokens=2)
+    # the value is named before the missing calibration: fixing the calibration alone would not help
+    with pytest.raises(ValueError, match=r"ms_per_token must be a finite number > 0"):
+        bx.generate(m, _prompts(1)[0], ms_per_token=ms, calibration=None, max_new_tokens=2)
 
 
 def test_a_damaged_saved_calibration_is_named(tmp_path, monkeypatch):
