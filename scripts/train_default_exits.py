@@ -95,9 +95,7 @@ def continued(path) -> dict:
     from balcony_ext.exits_io import read_exits
 
     meta = read_exits(path)[1]
-    extra = meta.get("extra") or {}
-    if isinstance(extra, str):
-        extra = json.loads(extra)
+    extra = json.loads(meta.get("extra") or "{}")
     return dict(tokens=int(meta.get("tokens_trained") or 0), recipe=extra.get("recipe", "a recipe not recorded"),
                 runs=list(extra.get("runs", [])))
 
@@ -164,7 +162,8 @@ def main():
     hist = run["history"]
     seconds = sum(h["step_s"] for h in hist)
     print(f"trained {model.tokens_trained:,} tokens in {seconds / 3600:.2f} h of steps")
-    runs = [dict(exits=list(args.exits), tokens=model.tokens_trained, step_seconds=seconds)]
+    trained = model.tokens_trained  # (this run's tokens, as `seconds` is this run's)
+    runs = [dict(exits=list(args.exits), tokens=trained, step_seconds=seconds)]
     if before:  # the runs before this one, and the exits' tokens in all
         runs = before["runs"] + [dict(runs[0], continued=True)]
         model.tokens_trained += before["tokens"]
@@ -193,7 +192,7 @@ def main():
     report.info["chat_free_answers_with"] = dict(decoding=decoding, rows={
         f"{key[0]}@{key[1]}": {f: v[f] for f in ("chat_rep4", "chat_prefix", "chat_f1")}
         for key, v in penalised.items() if isinstance(key, tuple) and key[0] != "full"})
-    training = dict(tokens=model.tokens_trained, step_seconds=seconds, batch=args.batch, seq_len=args.seq,
+    training = dict(tokens=trained, step_seconds=seconds, batch=args.batch, seq_len=args.seq,
                     recipe=recipe, chat_data=chat.describe(), final_loss_per_exit=hist[-1]["loss_per_exit"] if hist else None,
                     runs=runs)
     report.info["training"] = docs.info["training"] = training
