@@ -154,7 +154,7 @@ class Engine:
         valid = t.unsqueeze(0) < counts.to(x.device).unsqueeze(1)
         pos = torch.where(valid, starts.to(x.device).unsqueeze(1) + t, torch.full_like(valid, -1, dtype=torch.long))
         # many rows with bfloat16 weights: the GEMMs run in bfloat16 (as Hugging Face's do), each
-        # activation converted once; otherwise float32 activations (linear_rows widens the weights)
+        # activation converted once; otherwise linear_rows (which rounds the activations to bfloat16 itself)
         low = lw.q_proj.dtype if lw.q_proj.dtype == torch.bfloat16 and B * T >= BF16_GEMM_ROWS else None
 
         def lin(a, wt, bias=None, widen=True):

@@ -4,13 +4,14 @@ PyTorch's own linear on the same weights (CPU only: linear_rows is the CPU decod
     python benchmarks/bench_linear_rows.py --threads 1
     python benchmarks/bench_linear_rows.py --shapes 49152x576 1536x576 --rows 1 8
 
-Weight formats: float32, bfloat16 (widened in registers), Q8 (int8 blocks of 32 with a float16 scale), Q4
-(4-bit blocks of 32 with a float16 scale) and Q4_1 (4-bit blocks with a float16 scale and minimum), x
-rounded to int16 per row for the block formats. PyTorch's F.linear runs on float32 weights (for float32 and
-the block formats, whose dequantised matrices are float32) and on bfloat16 weights with bfloat16
-activations. The contenders
-alternate within every round (the machine drifts between minutes); each figure is the best of the
-rounds' medians. GB/s counts the weight bytes read, beside the copy bandwidth measured first.
+Weight formats: float32, bfloat16 (x rounded to bfloat16; vdpbf16ps on AVX512-BF16 CPUs), Q8 (int8
+blocks of 32 with a float16 scale), Q4 (4-bit blocks of 32 with a float16 scale) and Q4_1 (4-bit blocks
+with a float16 scale and minimum), x rounded to int16 per row for the block formats. PyTorch's F.linear
+runs on float32 weights (for float32 and the block formats, whose dequantised matrices are float32) and on
+bfloat16 weights with bfloat16 activations. The contenders alternate within every round (the machine
+drifts between minutes); each figure is the best of the rounds' medians. GB/s counts the weight bytes read, beside the copy bandwidth measured first. On an
+AVX512-BF16 CPU the bfloat16 weights also run with those instructions off ("x bf16 plain": the speed-up
+of vdpbf16ps), alternating in the same rounds.
 Prints a table, then one JSON line.
 """
 
@@ -35,12 +36,20 @@ def main():
     p = op_arguments(__doc__.splitlines()[0])
     p.set_defaults(device="cpu")
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="NxK weight shapes (K a multiple of 32)")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     if args.device != "cpu":
         sys.exit("linear_rows is a CPU kernel: use --device cpu")
     _, _, copy_gbs = op_setup(args)
+    insn = bx.cpu_capability() == "avx512bf16"
+
+    def plain(fn):
+        bx.set_cpu_capability("avx512")
+        try:
+            return fn()
+        finally:
+            bx.set_cpu_capability("avx512bf16")
     g = torch.Generator().manual_seed(0)
     results = []
     for shape in args.shapes:
@@ -53,6 +62,8 @@ def main():
             x = torch.randn(M, K, generator=g)
             xb = x.bfloat16()
             contenders = {f"ours {f}": (lambda wf=wf: ops.linear_rows(x, wf)) for f, wf in weights.items()}
+            if insn:  # the same kernel with the AVX512-BF16 instructions off, alternating in the same rounds
+                contenders["ours bfloat16 plain"] = lambda: plain(lambda: ops.linear_rows(x, weights["bfloat16"]))
             contenders["torch float32"] = lambda: F.linear(x, w)
             contenders["torch bfloat16"] = lambda: F.linear(xb, weights["bfloat16"])
             for f, wd in dequantised.items():
@@ -69,12 +80,14 @@ def main():
                 t = best[f"ours {f}"]
                 results.append(dict(shape=shape, rows=M, format=f, us=t * 1e6, gbs=nbytes[f] / t / 1e9,
                                     of_copy=nbytes[f] / t / 1e9 / copy_gbs, torch_us=best[ref] * 1e6,
-                                    vs_torch=best[ref] / t, vs_bf16=best["ours bfloat16"] / t))
+                                    vs_torch=best[ref] / t, vs_bf16=best["ours bfloat16"] / t,
+                                    vs_plain=best["ours bfloat16 plain"] / t if insn and f == "bfloat16" else None))
     print(f"# linear_rows, {machine()}, CPU kernels {bx.cpu_capability()}; copy bandwidth {copy_gbs:.1f} GB/s")
     print_table(results, [("shape", "N x K", ""), ("rows", "rows", "d"), ("format", "weights", ""),
                           ("us", "us", ".1f"), ("gbs", "GB/s read", ".1f"), ("of_copy", "x copy", ".2f"),
                           ("torch_us", "torch us", ".1f"), ("vs_torch", "x torch", ".2f"),
-                          ("vs_bf16", "x ours bf16", ".2f")])
+                          ("vs_bf16", "x ours bf16", ".2f")]
+                + ([("vs_plain", "x bf16 plain", ".2f")] if insn else []))
     emit_json(dict(benchmark="linear_rows", machine=machine(), cpu=bx.cpu_capability(), copy_gbs=copy_gbs,
                    rows=results))
 

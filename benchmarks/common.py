@@ -64,10 +64,10 @@ def machine() -> str:
 
 
 def print_table(rows, columns):
-    """rows: list of dicts; columns: list of (key, header, format)."""
+    """rows: list of dicts; columns: list of (key, header, format); a value of None prints as '-'."""
     cells = [[h for _, h, _ in columns]]
     for r in rows:
-        cells.append([format(r[k], f) if f else str(r[k]) for k, _, f in columns])
+        cells.append(["-" if r[k] is None else format(r[k], f) if f else str(r[k]) for k, _, f in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     for i, line in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))

@@ -29,15 +29,31 @@ def test_linear_rows_matches_reference(cpu_capability, wdtype, shape, bias):
     torch.testing.assert_close(acc, expected, atol=1e-4 * K ** 0.5, rtol=1e-5)
 
 
-def test_linear_rows_rows_are_independent(cpu_capability):
-    # a row's result does not depend on the other rows in the batch (bitwise): the property that
-    # makes mixed-budget batches give each sequence exactly its solo tokens
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 96, generator=g)
-    w = torch.randn(50, 96, generator=g)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w_fp32", "w_bf16"])
+@pytest.mark.parametrize("K", [96, 100, 576])
+def test_linear_rows_rows_are_independent(cpu_capability, wdtype, K):
+    # a row's result does not depend on the other rows in the batch (bitwise), nor on how many there are
+    # (groups of up to 8, weight blocks past 8 rows): the property that makes mixed-budget batches give
+    # each sequence exactly its solo tokens
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(19, K, generator=g)
+    w = torch.randn(50, K, generator=g).to(wdtype)
     full = ops.linear_rows(x, w)
-    for i in range(7):
+    for i in range(19):
         assert torch.equal(ops.linear_rows(x[i:i + 1].contiguous(), w)[0], full[i])
+    for m in (2, 5, 8, 9, 16):
+        assert torch.equal(ops.linear_rows(x[:m].contiguous(), w), full[:m])
+
+
+def test_linear_rows_bf16_weights_round_x():
+    # bfloat16 weights take x rounded to bfloat16 (each product then exact): x and x's rounding give the
+    # same result bit for bit, and a nonzero part below bfloat16's precision changes nothing
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 200, generator=g).bfloat16().float()
+    w = torch.randn(33, 200, generator=g).bfloat16()
+    nudged = x * (1 + 2.0 ** -12)  # rounds back to x
+    assert not torch.equal(nudged, x) and torch.equal(nudged.bfloat16().float(), x)
+    assert torch.equal(ops.linear_rows(nudged, w), ops.linear_rows(x, w))
 
 
 def test_linear_rows_errors():

@@ -169,10 +169,14 @@ def round_rows_i16(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_linear_rows(x, weight, bias=None):
-    """The specification: x [M,K] float32 @ weight[N,K]^T (widened to float32; Q8, Q4 and Q4_1 blocks
-    dequantised and x rounded to int16 per row, `round_rows_i16`) + bias, float32 [M,N]."""
+    """The specification: x [M,K] float32 @ weight[N,K]^T (widened to float32; bfloat16 weights take x
+    rounded to bfloat16, as a bfloat16 matmul does; Q8, Q4 and Q4_1 blocks dequantised and x rounded to
+    int16 per row, `round_rows_i16`) + bias, float32 [M,N]."""
     if is_blocks(weight):
         out = (round_rows_i16(x).double() @ weight_matrix(weight).double().T).float()
+        return out + bias.float() if bias is not None else out
+    if weight.dtype == torch.bfloat16:  # every product of two bfloat16 values is exact in float32
+        out = (x.bfloat16().double() @ weight.double().T).float()
         return out + bias.float() if bias is not None else out
     out = x.float() @ weight_matrix(weight).T
     return out + bias.float() if bias is not None else out
@@ -181,7 +185,8 @@ def reference_linear_rows(x, weight, bias=None):
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 accumulate: bool = False) -> torch.Tensor:
     """x [M,K] float32 times weight [N,K] (float32, bfloat16, Q8, Q4 or Q4_1 blocks, read once) transposed,
-    plus bias [N] float32: float32 [M,N]. With block weights each row of x is first rounded to int16 (one
+    plus bias [N] float32: float32 [M,N]. With bfloat16 weights x is first rounded to bfloat16 (each
+    product is then exact; AVX512-BF16 CPUs multiply with vdpbf16ps). With block weights each row of x is first rounded to int16 (one
     scale per row; see round_rows_i16) and every block's dot product is exact integer arithmetic. With
     `out`, writes (accumulate=False) or adds (True) into it.
     Meant for the few rows of a decode step, where the weight read is the whole cost."""

@@ -1,6 +1,7 @@
 // out[m, n] (+)= sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows of x: the matrix-vector
 // products of a decode step, where the weight is read once per step and memory bandwidth is
-// the limit. x, bias and out are float32; w is float32, bfloat16 (widened in registers), Q8
+// the limit. x, bias and out are float32; w is float32, bfloat16 (x is then first rounded to
+// bfloat16, as a bfloat16 matmul does: every product is exact in float32), Q8
 // (int8 blocks of 32 with a float16 scale each), Q4 (4-bit blocks of 32 with a float16 scale
 // each) or Q4_1 (4-bit blocks of 32 with a float16 scale and minimum each, see balcony/dtypes.h).
 // For the block formats, x is first rounded to int16 with one scale per row (relative error
@@ -301,6 +302,123 @@ constexpr bool kQ4Pairs = false;
 inline void permute_q4_pairs(int16_t*, int64_t, int64_t) {}
 #endif
 
+// bfloat16 weights: x rounded to bfloat16 (round to nearest even, as torch's .bfloat16()), once per call.
+// Plain path: kept as float32 values in xr (M rows of K), for linear_row.
+inline void round_rows_bf16(const float* x, int64_t x_stride, int64_t M, int64_t K, float* xr) {
+  constexpr int W = kVecWidth;
+  bf16_t h[W];
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * x_stride;
+    float* o = xr + m * K;
+    int64_t k = 0;
+    for (; k + W <= K; k += W) {
+      vstore(h, vload(r + k));
+      vstore(o + k, vload(h));
+    }
+    for (; k < K; ++k) o[k] = bf16_to_float(float_to_bf16(r[k]));
+  }
+}
+
+#ifdef BALCONY_CPU_BF16_INSN
+// The AVX512-BF16 path: x as bfloat16 rows of Kp = K rounded up to 32 (zero past K), and one weight row
+// against MR of them with vdpbf16ps (32 products per instruction, each exact, summed in float32): half
+// the instructions of widening to float, so twice the rate where the rows of x make the step compute-bound
+// (batched decoding). Two accumulators per row alternate chunks of 32 columns: the order does not depend
+// on MR. The row's last partial chunk is loaded masked (zeros past K: no stray NaN times a zero of x).
+constexpr int64_t kBf16Chunk = 32;
+inline int64_t bf16_row_stride(int64_t K) { return (K + kBf16Chunk - 1) / kBf16Chunk * kBf16Chunk; }
+inline void round_rows_to_bf16(const float* x, int64_t x_stride, int64_t M, int64_t K, bf16_t* xb) {
+  const int64_t Kp = bf16_row_stride(K);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * x_stride;
+    bf16_t* o = xb + m * Kp;
+    int64_t k = 0;
+    for (; k + kVecWidth <= K; k += kVecWidth) vstore(o + k, vload(r + k));
+    for (; k < K; ++k) o[k] = float_to_bf16(r[k]);
+    for (; k < Kp; ++k) o[k] = bf16_t{0};
+  }
+}
+// sums[i] = vsum(v[i]) for MR <= 8 vectors, bit for bit (every lane pair is added in vsum's halving order),
+// with the shuffles shared: 8 vector adds for 8 sums where one at a time took 32 adds and extracts.
+template <int MR>
+inline void vsum_rows(const vfloat (&v)[MR][2], float* sums) {
+  vfloat a[8];  // each row's two accumulators added (as the plain path does), zero past MR
+  for (int i = 0; i < 8; ++i) a[i] = i < MR ? v[i < MR ? i : 0][0] + v[i < MR ? i : 0][1] : vsplat(0.f);
+  vfloat h[4], q[2];
+  for (int i = 0; i < 4; ++i)  // lanes 0-7: row 2i's v[j] + v[j + 8]; lanes 8-15: row 2i + 1's
+    h[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // lanes 4r..4r+3: row 4i + r's halves of four (+4)
+    q[i] = __builtin_shufflevector(h[2 * i], h[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(h[2 * i], h[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // lanes 2r, 2r + 1: row r's (+2), then the last pair
+  const vfloat c = __builtin_shufflevector(q[0], q[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                   __builtin_shufflevector(q[0], q[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  typedef float v8 __attribute__((vector_size(32)));
+  const v8 r = __builtin_shufflevector(c, c, 0, 2, 4, 6, 8, 10, 12, 14) +
+               __builtin_shufflevector(c, c, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int i = 0; i < MR; ++i) sums[i] = r[i];
+}
+
+template <int MR>
+inline void linear_row_bf16_insn(const bf16_t* xb, const bf16_t* wr, int64_t K, float* sums) {
+  const int64_t Kp = bf16_row_stride(K);
+  vfloat acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vsplat(0.f);
+  v32bh wa, wb, xa, xc;
+  int64_t k = 0;
+  for (; k + 2 * kBf16Chunk <= K; k += 2 * kBf16Chunk) {
+    std::memcpy(&wa, wr + k, sizeof wa), std::memcpy(&wb, wr + k + kBf16Chunk, sizeof wb);
+    for (int i = 0; i < MR; ++i) {
+      std::memcpy(&xa, xb + i * Kp + k, sizeof xa), std::memcpy(&xc, xb + i * Kp + k + kBf16Chunk, sizeof xc);
+      acc[i][0] = dpbf16(acc[i][0], xa, wa);
+      acc[i][1] = dpbf16(acc[i][1], xc, wb);
+    }
+  }
+  for (; k < K; k += kBf16Chunk) {  // at most two chunks, the last maybe partial
+    const int64_t n = std::min<int64_t>(kBf16Chunk, K - k);
+    const unsigned mask = n == kBf16Chunk ? 0xffffffffu : (1u << n) - 1u;
+    wa = __builtin_ia32_loaddquhi512_mask(reinterpret_cast<const short*>(wr + k), v32bh{}, mask);
+    const int a = static_cast<int>((k / kBf16Chunk) & 1);
+    for (int i = 0; i < MR; ++i) {
+      std::memcpy(&xa, xb + i * Kp + k, sizeof xa);
+      acc[i][a] = dpbf16(acc[i][a], xa, wa);
+    }
+  }
+  vsum_rows<MR>(acc, sums);
+}
+#endif
+
+// Calls f(std::integral_constant<int, R>{}, m) for each group of R <= 8 rows of x starting at row m:
+// the row count as a compile-time constant, so that each group's accumulators stay in registers.
+template <typename F>
+inline void for_row_groups(int64_t M, F&& f) {
+  for (int64_t m = 0; m < M; m += 8) {
+    switch (std::min<int64_t>(8, M - m)) {
+      case 1: f(std::integral_constant<int, 1>{}, m); break;
+      case 2: f(std::integral_constant<int, 2>{}, m); break;
+      case 3: f(std::integral_constant<int, 3>{}, m); break;
+      case 4: f(std::integral_constant<int, 4>{}, m); break;
+      case 5: f(std::integral_constant<int, 5>{}, m); break;
+      case 6: f(std::integral_constant<int, 6>{}, m); break;
+      case 7: f(std::integral_constant<int, 7>{}, m); break;
+      case 8: f(std::integral_constant<int, 8>{}, m); break;
+      default: break;
+    }
+  }
+}
+
+// sums[0..MR) of one weight row into MR rows of out (plus the bias; added to them with accumulate).
+template <int MR>
+inline void store_row(const float* sums, const float* bias, float* out, int64_t out_stride, bool accumulate,
+                      int64_t n) {
+  const float b = bias ? bias[n] : 0.f;
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + i * out_stride + n;
+    *o = accumulate ? *o + sums[i] + b : sums[i] + b;
+  }
+}
+
 template <int MR, typename T>
 inline void linear_rows_mr(const float* x, int64_t x_stride, const int16_t* xq, const float* xs, const float* xsum,
                            const T* w, int64_t K, const float* bias, float* out, int64_t out_stride, bool accumulate,
@@ -314,11 +432,60 @@ inline void linear_rows_mr(const float* x, int64_t x_stride, const int16_t* xq, 
       linear_row_blocks<MR, T>(xq, xs, xsum, wr, K, sums);
     else
       linear_row<MR>(x, x_stride, w + n * K, K, sums);
-    const float b = bias ? bias[n] : 0.f;
-    for (int i = 0; i < MR; ++i) {
-      float* o = out + i * out_stride + n;
-      *o = accumulate ? *o + sums[i] + b : sums[i] + b;
+    store_row<MR>(sums, bias, out, out_stride, accumulate, n);
+  }
+}
+
+// A thread's scratch buffer of at least n elements (a plain array: no standard-library template is
+// instantiated under this translation unit's target); grows, never shrinks.
+template <typename E>
+inline E* scratch(E*& buf, int64_t& cap, int64_t n) {
+  if (cap < n) {
+    delete[] buf;
+    buf = new E[n];
+    cap = n;
+  }
+  return buf;
+}
+
+// x rounded to bfloat16 once per call, then the weight rows in blocks that stay in L1 while every group of
+// up to 8 rows of x passes (one block when M <= 8).
+inline void linear_rows_bf16(const float* x, int64_t x_stride, int64_t M, const bf16_t* w, int64_t K,
+                             const float* bias, float* out, int64_t out_stride, bool accumulate, int64_t n_begin,
+                             int64_t n_end) {
+  const int64_t block = M <= 8 ? n_end - n_begin : std::max<int64_t>(4, 16 * 1024 / (2 * K));
+#ifdef BALCONY_CPU_BF16_INSN
+  if (bf16_insn()) {
+    thread_local bf16_t* xb_buf = nullptr;
+    thread_local int64_t xb_cap = 0;
+    const int64_t Kp = bf16_row_stride(K);
+    bf16_t* xb = scratch(xb_buf, xb_cap, M * Kp);
+    round_rows_to_bf16(x, x_stride, M, K, xb);
+    for (int64_t nb = n_begin; nb < n_end; nb += block) {
+      const int64_t ne = std::min(n_end, nb + block);
+      for_row_groups(M, [&](auto mr, int64_t m) {
+        constexpr int MR = decltype(mr)::value;
+        float sums[MR];
+        for (int64_t n = nb; n < ne; ++n) {
+          linear_row_bf16_insn<MR>(xb + m * Kp, w + n * K, K, sums);
+          store_row<MR>(sums, bias, out + m * out_stride, out_stride, accumulate, n);
+        }
+      });
     }
+    return;
+  }
+#endif
+  thread_local float* xr_buf = nullptr;
+  thread_local int64_t xr_cap = 0;
+  float* xr = scratch(xr_buf, xr_cap, M * K);
+  round_rows_bf16(x, x_stride, M, K, xr);
+  for (int64_t nb = n_begin; nb < n_end; nb += block) {
+    const int64_t ne = std::min(n_end, nb + block);
+    for_row_groups(M, [&](auto mr, int64_t m) {
+      constexpr int MR = decltype(mr)::value;
+      linear_rows_mr<MR>(xr + m * K, K, nullptr, nullptr, nullptr, w, K, bias, out + m * out_stride, out_stride,
+                         accumulate, nb, ne);
+    });
   }
 }
 
@@ -339,16 +506,8 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
   if constexpr (kBlocks<T>) {
     const int64_t blocks = K / kQ8Block;
     const int64_t xs_need = M + (std::is_same_v<T, q41_t> ? M * xsum_stride(blocks) : 0);
-    if (xq_cap < M * K) {
-      delete[] xq_buf;
-      xq_buf = new int16_t[M * K];
-      xq_cap = M * K;
-    }
-    if (xs_cap < xs_need) {
-      delete[] xs_buf;
-      xs_buf = new float[xs_need];
-      xs_cap = xs_need;
-    }
+    scratch(xq_buf, xq_cap, M * K);
+    scratch(xs_buf, xs_cap, xs_need);
     quantize_rows_i16(x, x_stride, M, K, xq_buf, xs_buf);
     if constexpr (std::is_same_v<T, q41_t>) {
       float* sums = xs_buf + M;
@@ -366,29 +525,18 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
   }
   for (int64_t nb = n_begin; nb < n_end; nb += block) {
     const int64_t ne = std::min(n_end, nb + block);
-    for (int64_t m = 0; m < M; m += 8) {
-      const float* xm = x + m * x_stride;
-      float* om = out + m * out_stride;
-      switch (std::min<int64_t>(8, M - m)) {
-#define BALCONY_LINEAR_CASE(R) \
-  case R:                                                                                                    \
-    linear_rows_mr<R>(xm, x_stride, xq ? xq + m * K : nullptr, xs ? xs + m : nullptr,                         \
-                      xsum ? xsum + m * xsum_stride(K / kQ8Block) : nullptr, w, K, bias, om, out_stride, accumulate, \
-                      nb, ne);                                                                                      \
-    break;
-        BALCONY_LINEAR_CASE(1) BALCONY_LINEAR_CASE(2) BALCONY_LINEAR_CASE(3) BALCONY_LINEAR_CASE(4)
-        BALCONY_LINEAR_CASE(5) BALCONY_LINEAR_CASE(6) BALCONY_LINEAR_CASE(7) BALCONY_LINEAR_CASE(8)
-#undef BALCONY_LINEAR_CASE
-        default: break;
-      }
-    }
+    for_row_groups(M, [&](auto mr, int64_t m) {
+      linear_rows_mr<decltype(mr)::value>(x + m * x_stride, x_stride, xq ? xq + m * K : nullptr, xs ? xs + m : nullptr,
+                                          xsum ? xsum + m * xsum_stride(K / kQ8Block) : nullptr, w, K, bias,
+                                          out + m * out_stride, out_stride, accumulate, nb, ne);
+    });
   }
 }
 
 void linear_rows(ScalarKind wkind, const float* x, int64_t x_stride, int64_t M, const void* w, int64_t K,
                  const float* bias, float* out, int64_t out_stride, bool accumulate, int64_t n_begin, int64_t n_end) {
   if (wkind == ScalarKind::BF16)
-    linear_rows_impl(x, x_stride, M, static_cast<const bf16_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
+    linear_rows_bf16(x, x_stride, M, static_cast<const bf16_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
                      n_end);
   else if (wkind == ScalarKind::Q8)
     linear_rows_impl(x, x_stride, M, static_cast<const q8_t*>(w), K, bias, out, out_stride, accumulate, n_begin,
