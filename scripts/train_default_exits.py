@@ -30,9 +30,10 @@ the exits of a run still in progress; the figures then say how many tokens they 
 
 The shipped file: exits 15 / 19 / 23 from the default command (3M tokens), exit 26 from
   --exits 26 --tokens 1500000 --run-dir RUN26   then   --from-checkpoint --add-run RUN26
-into FIRST.safetensors (the file shipped before this one), then all four continued on 3,000 new instructions
-(1M tokens):
+into FIRST.safetensors, then all four continued on 3,000 new instructions (1M tokens) into SECOND.safetensors:
   --from-exits FIRST.safetensors --prompts 7000 --first 4000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN2
+and then on 4,000 more (1M tokens):
+  --from-exits SECOND.safetensors --prompts 11000 --first 7000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN3
 """
 
 import argparse
