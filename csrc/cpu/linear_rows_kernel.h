@@ -408,6 +408,18 @@ inline void for_row_groups(int64_t M, F&& f) {
   }
 }
 
+// Calls f(mr, m, nb, ne) for each block [nb, ne) of the weight rows [n_begin, n_end) and, within it, each
+// group of up to 8 rows of x (see for_row_groups): past 8 rows of x, blocks of weight rows that stay in L1
+// while every group passes (one block when M <= 8).
+template <typename F>
+inline void for_blocks(int64_t M, int64_t w_row_bytes, int64_t n_begin, int64_t n_end, F&& f) {
+  const int64_t block = M <= 8 ? n_end - n_begin : std::max<int64_t>(4, 16 * 1024 / w_row_bytes);
+  for (int64_t nb = n_begin; nb < n_end; nb += block) {
+    const int64_t ne = std::min(n_end, nb + block);
+    for_row_groups(M, [&](auto mr, int64_t m) { f(mr, m, nb, ne); });
+  }
+}
+
 // sums[0..MR) of one weight row into MR rows of out (plus the bias; added to them with accumulate).
 template <int MR>
 inline void store_row(const float* sums, const float* bias, float* out, int64_t out_stride, bool accumulate,
@@ -448,12 +460,10 @@ inline E* scratch(E*& buf, int64_t& cap, int64_t n) {
   return buf;
 }
 
-// x rounded to bfloat16 once per call, then the weight rows in blocks that stay in L1 while every group of
-// up to 8 rows of x passes (one block when M <= 8).
+// x rounded to bfloat16 once per call, then every weight row against every group of rows of x (for_blocks).
 inline void linear_rows_bf16(const float* x, int64_t x_stride, int64_t M, const bf16_t* w, int64_t K,
                              const float* bias, float* out, int64_t out_stride, bool accumulate, int64_t n_begin,
                              int64_t n_end) {
-  const int64_t block = M <= 8 ? n_end - n_begin : std::max<int64_t>(4, 16 * 1024 / (2 * K));
 #ifdef BALCONY_CPU_BF16_INSN
   if (bf16_insn()) {
     thread_local bf16_t* xb_buf = nullptr;
@@ -461,17 +471,14 @@ inline void linear_rows_bf16(const float* x, int64_t x_stride, int64_t M, const 
     const int64_t Kp = bf16_row_stride(K);
     bf16_t* xb = scratch(xb_buf, xb_cap, M * Kp);
     round_rows_to_bf16(x, x_stride, M, K, xb);
-    for (int64_t nb = n_begin; nb < n_end; nb += block) {
-      const int64_t ne = std::min(n_end, nb + block);
-      for_row_groups(M, [&](auto mr, int64_t m) {
-        constexpr int MR = decltype(mr)::value;
-        float sums[MR];
-        for (int64_t n = nb; n < ne; ++n) {
-          linear_row_bf16_insn<MR>(xb + m * Kp, w + n * K, K, sums);
-          store_row<MR>(sums, bias, out + m * out_stride, out_stride, accumulate, n);
-        }
-      });
-    }
+    for_blocks(M, 2 * K, n_begin, n_end, [&](auto mr, int64_t m, int64_t nb, int64_t ne) {
+      constexpr int MR = decltype(mr)::value;
+      float sums[MR];
+      for (int64_t n = nb; n < ne; ++n) {
+        linear_row_bf16_insn<MR>(xb + m * Kp, w + n * K, K, sums);
+        store_row<MR>(sums, bias, out + m * out_stride, out_stride, accumulate, n);
+      }
+    });
     return;
   }
 #endif
@@ -479,21 +486,15 @@ inline void linear_rows_bf16(const float* x, int64_t x_stride, int64_t M, const 
   thread_local int64_t xr_cap = 0;
   float* xr = scratch(xr_buf, xr_cap, M * K);
   round_rows_bf16(x, x_stride, M, K, xr);
-  for (int64_t nb = n_begin; nb < n_end; nb += block) {
-    const int64_t ne = std::min(n_end, nb + block);
-    for_row_groups(M, [&](auto mr, int64_t m) {
-      constexpr int MR = decltype(mr)::value;
-      linear_rows_mr<MR>(xr + m * K, K, nullptr, nullptr, nullptr, w, K, bias, out + m * out_stride, out_stride,
-                         accumulate, nb, ne);
-    });
-  }
+  for_blocks(M, 2 * K, n_begin, n_end, [&](auto mr, int64_t m, int64_t nb, int64_t ne) {
+    linear_rows_mr<decltype(mr)::value>(xr + m * K, K, nullptr, nullptr, nullptr, w, K, bias, out + m * out_stride,
+                                        out_stride, accumulate, nb, ne);
+  });
 }
 
 template <typename T>
 inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const T* w, int64_t K, const float* bias,
                              float* out, int64_t out_stride, bool accumulate, int64_t n_begin, int64_t n_end) {
-  // More than 8 rows of x: weight rows in blocks that stay in L1 while every group of 8 passes.
-  const int64_t block = M <= 8 ? n_end - n_begin : std::max<int64_t>(4, 16 * 1024 / row_bytes<T>(K));
   // the block formats: x rounded to int16 once per call, into this thread's scratch (M x K, small beside the
   // weights; a plain buffer: no standard-library template is instantiated under this translation unit's
   // target), and for Q4_1 each row's block sums of those integers (exact in float: |sum| < 2^21)
@@ -523,14 +524,11 @@ inline void linear_rows_impl(const float* x, int64_t x_stride, int64_t M, const 
     if constexpr (kNibbles<T>) permute_q4_pairs(xq_buf, M, K);
     xq = xq_buf, xs = xs_buf;
   }
-  for (int64_t nb = n_begin; nb < n_end; nb += block) {
-    const int64_t ne = std::min(n_end, nb + block);
-    for_row_groups(M, [&](auto mr, int64_t m) {
-      linear_rows_mr<decltype(mr)::value>(x + m * x_stride, x_stride, xq ? xq + m * K : nullptr, xs ? xs + m : nullptr,
-                                          xsum ? xsum + m * xsum_stride(K / kQ8Block) : nullptr, w, K, bias,
-                                          out + m * out_stride, out_stride, accumulate, nb, ne);
-    });
-  }
+  for_blocks(M, row_bytes<T>(K), n_begin, n_end, [&](auto mr, int64_t m, int64_t nb, int64_t ne) {
+    linear_rows_mr<decltype(mr)::value>(x + m * x_stride, x_stride, xq ? xq + m * K : nullptr, xs ? xs + m : nullptr,
+                                        xsum ? xsum + m * xsum_stride(K / kQ8Block) : nullptr, w, K, bias,
+                                        out + m * out_stride, out_stride, accumulate, nb, ne);
+  });
 }
 
 void linear_rows(ScalarKind wkind, const float* x, int64_t x_stride, int64_t M, const void* w, int64_t K,
