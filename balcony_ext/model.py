@@ -136,8 +136,11 @@ class BalconyModel(nn.Module):
         return ex
 
     def check_token_ids(self, input_ids) -> None:
-        """Raises ValueError naming the first token id (tensor or list) outside the vocabulary."""
+        """Raises TypeError for ids that are not integers and ValueError naming the first token id
+        (tensor or list) outside the vocabulary."""
         ids = torch.as_tensor(input_ids)
+        if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise TypeError(f"token ids must be integers (e.g. torch.long), got dtype {ids.dtype}")
         V = self.adapter.vocab_size
         outside = (ids < 0) | (ids >= V)
         if outside.any():

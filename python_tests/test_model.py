@@ -189,6 +189,16 @@ def test_token_ids_outside_the_vocabulary_named(bad):
     assert set(model(torch.tensor([[0, 255]]), exits=[2, 4])) == {2, 4}
 
 
+@pytest.mark.parametrize("ids", [torch.tensor([[5.0, 7.0]]), torch.tensor([[True, False]]), [[5.0, 7.5]]])
+def test_token_ids_that_are_not_integers_named(ids):
+    model = tiny_balcony()
+    attach(model, [2])
+    with pytest.raises(TypeError, match="token ids must be integers .*got dtype torch.(float32|bool)"):
+        model(ids, exits=[2])
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        model.frozen_forward(ids, [2])
+
+
 def test_unsupported_architecture_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 
