@@ -77,10 +77,16 @@ class CompletionBody(_Common):
     best_of: int | None = None
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     role: str
-    content: str | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatBody(_Common):
@@ -98,6 +104,27 @@ class APIError(Exception):
 
 def _error(status, message, param=None, code=None, kind="invalid_request_error"):
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+def message_text(i: int, m: ChatMessage) -> str:
+    """A message's text: its content string, or its text parts joined (OpenAI's content-parts form);
+    a part of another type (an image, audio, a file) is refused by name."""
+    if m.content is None:
+        raise APIError(400, f"messages[{i}] has no content", param=f"messages.{i}.content")
+    if isinstance(m.content, str):
+        return m.content
+    texts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text":
+            raise APIError(400, f"messages[{i}].content[{j}] is of type {part.type!r}: this server reads text "
+                                f"parts only", param=f"messages.{i}.content.{j}.type")
+        if part.text is None:
+            raise APIError(400, f"messages[{i}].content[{j}] is a text part without text",
+                           param=f"messages.{i}.content.{j}.text")
+        texts.append(part.text)
+    if not texts:
+        raise APIError(400, f"messages[{i}] has no content (an empty list of parts)", param=f"messages.{i}.content")
+    return "\n".join(texts)
 
 
 class Metrics:
@@ -277,9 +304,7 @@ def create_app(model, batcher: Batcher, model_id: str | None = None) -> FastAPI:
             if m.role not in ROLES:
                 raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}",
                                param=f"messages.{i}.role")
-            if m.content is None:
-                raise APIError(400, f"messages[{i}] has no content", param=f"messages.{i}.content")
-        msgs = [{"role": m.role, "content": m.content} for m in body.messages]
+        msgs = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(body.messages)]
         try:
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # the template's own complaint (e.g. roles out of order)

@@ -267,12 +267,29 @@ def test_shutdown_finishes_running_requests_and_refuses_new_ones(model, monkeypa
     ([{"role": "user"}], "messages[0] has no content"),
     ([{"role": "system", "content": "be brief"}, {"role": "user", "content": None}], "messages[1] has no content"),
     ([{"role": "banana", "content": "hi"}], "messages[0].role must be one of system, developer, user, assistant"),
+    ([{"role": "user", "content": []}], "messages[0] has no content (an empty list of parts)"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                   {"type": "image_url", "image_url": {"url": "data:,"}}]}],
+     "messages[0].content[1] is of type 'image_url': this server reads text parts only"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0] is a text part without text"),
 ])
 def test_chat_messages_without_content_or_with_unknown_roles_refused(server, model, messages, needle):
     with httpx.Client(base_url=server.url, timeout=30) as h:
         r = h.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
         assert r.status_code == 400, r.text
         assert needle in r.json()["error"]["message"]
+
+
+def test_chat_content_parts_read_as_their_text(server, model):
+    """OpenAI's content-parts form: the text parts joined by newlines, the same answer as that string."""
+    parts = [{"type": "text", "text": "Why is the sky"}, {"type": "text", "text": "blue?"}]
+    c = server.client
+    r = c.chat.completions.create(model=model.name, messages=[{"role": "user", "content": parts}], max_tokens=8,
+                                  temperature=0, extra_body={"exit_layer": 2})
+    alone = _alone(model, "Why is the sky\nblue?", True, exit_layer=2, max_new_tokens=8)
+    assert r.choices[0].message.content == alone.text
+    assert r.usage.prompt_tokens == len(model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Why is the sky\nblue?"}], add_generation_prompt=True, tokenize=True))
 
 
 def test_top_k_past_the_vocabulary_is_served(server, model):
