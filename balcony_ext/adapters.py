@@ -16,8 +16,8 @@ modules give the same logits on a probe (never silently wrong).
 The decode engine (engine.py, the native step) runs the Llama family, Phi-3 (whose fused q/k/v and
 gate/up projections it reads as row slices), OLMo 2 (norms after its sublayers, q/k norms over all
 heads) and Gemma 2 / 3 ((1 + w) norms folded on load, sandwich norms, scaled embedding, GELU, sliding
-windows, soft-caps, a rotary table per layer type) with full rotary embeddings (`Family.native`); the
-other families attach, train, evaluate, save and load exits and generate through their own modules.
+windows, soft-caps, a rotary table per layer type), with full or partial rotary embeddings
+(`Family.native`); the other families attach, train, evaluate, save and load exits and generate through their own modules.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Family:
     rotary_per_layer_type: bool = False  # rotary_emb(x, position_ids, layer_type) (Gemma 3)
     logit_softcap: str | None = None  # config field: logits = cap * tanh(logits / cap)
     norm_offset: float = 0.0  # its RMS norms scale by (offset + w) (Gemma: 1)
-    native: bool = False  # the decode engine runs it (with full rotary embeddings)
+    native: bool = False  # the native decode step runs it
 
 
 FAMILIES = {
@@ -61,7 +61,7 @@ FAMILIES = {
     "gemma2": Family("Gemma2ForCausalLM", logit_softcap="final_logit_softcapping", norm_offset=1.0, native=True),
     "gemma3_text": Family("Gemma3ForCausalLM", rotary_per_layer_type=True, logit_softcap="final_logit_softcapping",
                           norm_offset=1.0, native=True),
-    "phi3": Family("Phi3ForCausalLM", native=True),  # (with partial rotary: through its modules)
+    "phi3": Family("Phi3ForCausalLM", native=True),  # (partial rotary in Phi-4-mini)
     "olmo2": Family("Olmo2ForCausalLM", input_norm=None, native=True),  # (norms after its sublayers)
     "gpt_neox": Family("GPTNeoXForCausalLM", inner="gpt_neox", norm="final_layer_norm", embed="embed_in",
                        attention="attention"),
@@ -69,14 +69,6 @@ FAMILIES = {
 SUPPORTED = {t: f.causal_lm for t, f in FAMILIES.items()}  # model_type -> class name
 NATIVE = sorted(t for t, f in FAMILIES.items() if f.native)
 LLAMA_FIELDS = {"llama", "mistral", "qwen2", "qwen3"}  # whose config hash leaves the other families' fields out
-
-
-def rotary_fraction(config) -> float:
-    """The share of each head's dimensions that rotary embeddings turn (1.0: all)."""
-    f = getattr(config, "partial_rotary_factor", None)
-    if f is None:
-        f = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor")
-    return 1.0 if f is None else float(f)
 
 
 class UnsupportedModelError(ValueError):
@@ -160,8 +152,8 @@ class DecoderAdapter:
 
     @property
     def native(self) -> bool:
-        """Whether the decode engine (generate) runs this model: its family, with full rotary embeddings."""
-        return self.family.native and rotary_fraction(self.config) == 1.0
+        """Whether the native decode step runs this model (its family does)."""
+        return self.family.native
 
     @property
     def logit_softcap(self) -> float | None:

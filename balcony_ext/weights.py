@@ -231,14 +231,14 @@ class NativeWeights:
         return self.final_norm if k == self.L else self.exit_norms[self.exits.index(k)]
 
     def rope(self, positions: int):
-        """cos/sin [R, P, D/2] float32 from the model's own rotary embedding (its scaling included), one
-        table per entry of rope_types (slot_rope names each cache slot's)."""
+        """cos/sin [K, P, R/2] float32 from the model's own rotary embedding (its scaling included), one
+        table per entry of rope_types (slot_rope names each cache slot's); R <= D the dimensions of a head
+        it rotates (R < D: partial rotary, the rest pass unchanged)."""
         if self._tables is None or self._tables[0].shape[1] < positions:
             ids = torch.arange(positions, device=self.embed.device).unsqueeze(0)
             probe = torch.zeros(1, positions, self.D, device=self.embed.device)
-            half = self.D // 2
             tables = [self.rotary(probe, ids) if t is None else self.rotary(probe, ids, t) for t in self.rope_types]
-            self._tables = tuple(torch.stack([tb[i][0, :, :half].float() for tb in tables]).contiguous()
+            self._tables = tuple(torch.stack([tb[i][0, :, : tb[i].shape[-1] // 2].float() for tb in tables]).contiguous()
                                  for i in (0, 1))
         return self._tables
 
@@ -304,8 +304,7 @@ def engine_weights(model):
             from .adapters import NATIVE
 
             model._module_notice = (f"{model.adapter.model_type} decodes through the model's own modules, layer "
-                                    f"by layer (correct, slower): the native step covers {', '.join(NATIVE)} "
-                                    "with full rotary embeddings")
+                                    f"by layer (correct, slower): the native step covers {', '.join(NATIVE)}")
             warnings.warn(model._module_notice, RuntimeWarning, stacklevel=3)
         cached = (key, NativeWeights(model) if model.adapter.native else ModuleWeights(model))
         model._engine_weights = cached

@@ -33,8 +33,9 @@ inline void check_rope_append_args(const at::Tensor& query, const at::Tensor& ke
               key_cache.sizes(), ", got ", value_cache.sizes());
   TORCH_CHECK(positions.size(0) == B && positions.size(1) == T, "rope_append: positions must be [B, T] = [", B, ", ",
               T, "], got ", positions.sizes());
-  TORCH_CHECK(cos.size(1) == D / 2 && sin.sizes() == cos.sizes(), "rope_append: cos and sin must be [P, D/2] = [P, ",
-              D / 2, "], got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.size(1) >= 1 && cos.size(1) <= D / 2 && sin.sizes() == cos.sizes(),
+              "rope_append: cos and sin must be [P, R/2] with R <= D = ", D, " the rotated dimensions of a head "
+              "(R/2 = ", D / 2, " for full rotary), alike; got ", cos.sizes(), " and ", sin.sizes());
   TORCH_CHECK(positions.scalar_type() == at::kLong, "rope_append: positions must be int64, got ",
               positions.scalar_type());
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,

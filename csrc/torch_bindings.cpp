@@ -44,7 +44,8 @@ TORCH_LIBRARY(balcony, m) {
   // Rotary embedding (rotate-half layout) on query in place and on key, then key and value
   // written into the caches at their positions. query [B,T,Hq,D], key/value [B,T,Hkv,D],
   // key_cache/value_cache [B,Hkv,S,D], positions [B,T] int64 (rope position = cache slot;
-  // a negative position marks padding: nothing is rotated or written), cos/sin [P, D/2] float32.
+  // a negative position marks padding: nothing is rotated or written), cos/sin [P, R/2] float32: the
+  // first R <= D dimensions of each head rotated, the rest unchanged (partial rotary).
   m.def(
       "rope_append(Tensor(a!) query, Tensor key, Tensor value, Tensor(b!) key_cache, Tensor(c!) value_cache, "
       "Tensor positions, Tensor cos, Tensor sin) -> ()");
@@ -92,7 +93,7 @@ TORCH_LIBRARY(balcony, m) {
   // q bias, k, k bias, v, v bias, q norm, k norm, o, post-attention norm, gate, up, down, attention-output
   // norm, MLP-output norm; empty tensors for absent ones; balcony_ext/weights.py names the same fields), exits add their norm. Caches: float32 [B,Hkv,S,D] per slot (L base layers, then one per exit); kept:
   // float32 [B,S,H] per exit, receives the hidden state after that depth at each row's position.
-  // cos/sin: [P, D/2], or [R, P, D/2] with slot_rope naming each slot's table (Gemma 3: per attention
+  // cos/sin: [P, R/2] (R <= D rotated dimensions), or [K, P, R/2] with slot_rope naming each slot's table (Gemma 3: per attention
   // type); slot_window: each slot's sliding window (0: none; empty: none anywhere), a row attending to
   // its last `window` positions; embed_scale multiplies the embedding (Gemma); activation: 0 SiLU, 1
   // GELU (tanh) on the gate; attn_softcap / logit_softcap > 0: scores / logits become cap * tanh(x / cap)

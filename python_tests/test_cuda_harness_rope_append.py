@@ -19,12 +19,14 @@ pytestmark = pytest.mark.cuda_harness
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _case(B, T, Hq, Hkv, D, S, P, positions, layout="separate", head_pad=0, token_pad=0, offset=0, table_offset=0):
+def _case(B, T, Hq, Hkv, D, S, P, positions, layout="separate", head_pad=0, token_pad=0, offset=0, table_offset=0,
+          rot_half=None):
     return dict(B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, S=S, P=P, positions=positions, layout=layout, head_pad=head_pad,
-                token_pad=token_pad, offset=offset, table_offset=table_offset)
+                token_pad=token_pad, offset=offset, table_offset=table_offset,
+                rot_half=D // 2 if rot_half is None else rot_half)
 
 
-# Packed path: D/2 a multiple of the 16-byte pack (8 for 16-bit types, 4 for float32), every base and
+# Packed path: R/2 (the rotated half; D/2 for full rotary) and D a multiple of the 16-byte pack (8 for 16-bit types, 4 for float32), every base and
 # stride a multiple of the pack. Padding tokens (< 0) are skipped; so is a position >= S or >= P.
 CASES = {
     # decode (T = 1), GQA 2, one padding row
@@ -44,6 +46,9 @@ CASES = {
     # positions past the cache (>= S) or the tables (>= P) are skipped, like padding
     "out_of_range_cache": _case(2, 2, 4, 2, 64, 4, 8, [[3, 4], [7, 1]]),
     "out_of_range_table": _case(2, 2, 4, 2, 64, 8, 5, [[4, 5], [7, 2]]),
+    # partial rotary (the first R = 2 * rot_half dimensions of a head; Phi-4-mini rotates 3/4 of them)
+    "partial_packed": _case(2, 2, 6, 2, 64, 6, 6, [[0, 5], [-1, 2]], layout="qkv", rot_half=16),
+    "scalar_partial_odd": _case(2, 2, 3, 1, 20, 5, 6, [[3, 4], [-1, 0]], rot_half=3),
 }
 
 
@@ -75,7 +80,7 @@ def _layouts(c):
 def _packed(c, dtype, views):
     """Whether launch_rope_append takes the 16-byte packed path for this case (its own test)."""
     n = 16 // torch.tensor([], dtype=dtype).element_size()
-    ok = (c["D"] // 2) % n == 0 and c["offset"] % n == 0 and c["table_offset"] % 4 == 0
+    ok = c["rot_half"] % n == 0 and c["D"] % n == 0 and c["offset"] % n == 0 and c["table_offset"] % 4 == 0
     for _, off, _, strides in views.values():
         ok = ok and off % n == 0 and all(s % n == 0 for s in strides[:3])
     return ok
@@ -105,7 +110,8 @@ def test_rope_append_under_harness(case, dtype):
     positions = torch.tensor(c["positions"], dtype=torch.int64)
     assert positions.shape == (B, T)
     toff = c["table_offset"]
-    angles = torch.arange(P, dtype=torch.float32)[:, None] * (10000.0 ** (-torch.arange(D // 2) / (D // 2)))[None]
+    R2 = c["rot_half"]
+    angles = torch.arange(P, dtype=torch.float32)[:, None] * (10000.0 ** (-torch.arange(R2) / R2))[None]
     cos = torch.cat([torch.full((toff,), float("nan")), angles.cos().reshape(-1)])
     sin = torch.cat([torch.full((toff,), float("nan")), angles.sin().reshape(-1)])
 
@@ -114,7 +120,7 @@ def test_rope_append_under_harness(case, dtype):
         _, o, _, st = views[name]
         strides.update({f"{key}_sb": st[0], f"{key}_st": st[1], f"{key}_sh": st[2], f"{key}_offset": o})
     params = dict(dtype=ch.dtype_name(dtype), qkv=int(c["layout"] == "qkv"), T=T, Hq=Hq, Hkv=Hkv, D=D, S=S, P=P,
-                  tokens=B * T, cache_offset=off, table_offset=toff, **strides)
+                  tokens=B * T, cache_offset=off, table_offset=toff, rot_half=R2, **strides)
     inputs = dict(positions=positions, cos=cos, sin=sin)
     outputs = dict(query=bufs["query"], key_cache=key_cache, value_cache=value_cache)
     for name in ("key", "value"):
@@ -128,7 +134,7 @@ def test_rope_append_under_harness(case, dtype):
     cache4 = lambda t: t[off:].view(B, Hkv, S, D)  # noqa: E731
     reference_rope_append(_view(want, views["query"]), _view(want, views["key"]), _view(want, views["value"]),
                           cache4(want_kc), cache4(want_vc), torch.where(skipped, -1, positions),
-                          cos[toff:].view(P, D // 2), sin[toff:].view(P, D // 2))
+                          cos[toff:].view(P, R2), sin[toff:].view(P, R2))
 
     # Which storage elements the op writes: the query rows of kept tokens, the cache slots they name.
     ids = torch.arange(lens["query"])

@@ -4,6 +4,8 @@ adapter composes the model's own modules into the same logits as Hugging Face's 
 depth gives Hugging Face's tokens and exit switches catch up exactly; unknown model types are
 accepted only when a probe proves the composition."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -176,15 +178,23 @@ def test_phi3_runs_the_native_step_on_row_slices_of_its_fused_projections(cpu_ca
     assert_native_matches_composed(m, [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], [2, m.num_layers], steps=4, tol=2e-4)
     # Q4_1 blocks of the fused matrices: generation equals the rounded model's own forward
     _assert_q4_1_generation_is_the_rounded_models(m)
-    # partial rotary embeddings: not the native step's; the model's own modules run it
-    partial = tiny_balcony("phi3", layers=4, partial_rotary_factor=0.5, initializer_range=0.2)
-    assert not partial.adapter.native
-    ids = [5, 6, 7, 8, 9]
-    with pytest.warns(RuntimeWarning, match="phi3 decodes through the model's own modules"):  # once per model
-        out = generate(partial, ids, max_new_tokens=6, stop_tokens=[], calibration=None)
-    ref = partial.base.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                pad_token_id=0)[0, len(ids):].tolist()
-    assert out.tokens == ref
+    # partial rotary embeddings (Phi-4-mini turns 3/4 of each head's dimensions): the native step too;
+    # greedy generation equals Hugging Face's, every step's logits a fresh forward's across exit switches
+    for factor in (0.5, 0.75):
+        partial = tiny_balcony("phi3", layers=6, partial_rotary_factor=factor, initializer_range=0.2)
+        attach(partial, [2, 4], init="random", seed=1)
+        assert partial.adapter.native
+        assert engine_weights(partial).rope(8)[0].shape[-1] == int(w.D * factor) // 2
+        ids = [5, 6, 7, 8, 9]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (no notice of a module-by-module decode)
+            out = generate(partial, ids, max_new_tokens=8, stop_tokens=[], calibration=None)
+        # (Hugging Face stops at its end-of-sequence token, which min_new_tokens would suppress)
+        ref = partial.base.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                    pad_token_id=0)[0, len(ids):].tolist()
+        assert len(ref) >= 5 and out.tokens[:len(ref)] == ref
+        _assert_steps_match_fresh_forward(partial, ids, {0: 2, 2: 6, 3: 4, 5: 2, 6: 6}, 8, native=True)
+        assert_native_matches_composed(partial, [[5, 6, 7, 8], [9, 10, 11]], [2, 6], steps=4, tol=2e-4)
 
 
 def test_olmo2_runs_the_native_step_with_norms_after_its_sublayers(cpu_capability):

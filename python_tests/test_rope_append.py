@@ -18,7 +18,7 @@ SHAPES = [
 ]
 
 
-def make_inputs(B, T, Hq, Hkv, D, S, device, dtype, seed=0, P=None):
+def make_inputs(B, T, Hq, Hkv, D, S, device, dtype, seed=0, P=None, rot_half=None):
     g = torch.Generator().manual_seed(seed)
     P = P or S + 3
     q = torch.randn(B, T, Hq, D, generator=g).to(device, dtype)
@@ -27,7 +27,7 @@ def make_inputs(B, T, Hq, Hkv, D, S, device, dtype, seed=0, P=None):
     kc = torch.randn(B, Hkv, S, D, generator=g).to(device, dtype)
     vc = torch.randn(B, Hkv, S, D, generator=g).to(device, dtype)
     pos = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)]).to(device)
-    theta = torch.rand(P, D // 2, generator=g) * 6.3 + torch.arange(P).unsqueeze(1) * 0.01
+    theta = torch.rand(P, rot_half or D // 2, generator=g) * 6.3 + torch.arange(P).unsqueeze(1) * 0.01
     return q, k, v, kc, vc, pos, theta.cos().to(device), theta.sin().to(device)
 
 
@@ -47,6 +47,42 @@ def test_rope_append(cpu_capability, device, dtype, shape):
     for g, w in zip(got, want):
         assert_close(g, w)
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)  # values are copied exactly
+
+
+# (B, T, Hq, Hkv, D, S, R/2): the first R dimensions of a head rotated, the rest unchanged
+PARTIAL = [
+    (1, 1, 24, 8, 128, 37, 48),  # Phi-4-mini: 3/4 of 128
+    (2, 3, 4, 2, 64, 11, 16),  # Pythia: 1/4 of 64
+    (3, 2, 3, 1, 22, 9, 5),  # odd: vector tails in the rotation and the copy
+    (1, 2, 2, 2, 40, 6, 1),  # one rotated pair
+]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("shape", PARTIAL)
+def test_rope_append_partial_rotary(cpu_capability, device, dtype, shape):
+    B, T, Hq, Hkv, D, S, R2 = shape
+    q, k, v, kc, vc, pos, cos, sin = make_inputs(B, T, Hq, Hkv, D, S, device, dtype, seed=7, rot_half=R2)
+    got, want = run_both(q, k, v, kc, vc, pos, cos, sin)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    # the unrotated dimensions pass bit-exactly: query in place, key into the cache
+    assert torch.equal(got[0][..., 2 * R2:], q[..., 2 * R2:])
+    for b in range(B):
+        assert torch.equal(got[1][b, :, pos[b], 2 * R2:], k[b, :, :, 2 * R2:].transpose(0, 1))
+    # as Hugging Face applies partial rotary: rotate_half on x[..., :R], x[..., R:] appended
+    c = torch.cat([cos[pos], cos[pos]], -1).unsqueeze(2).to(device)
+    s = torch.cat([sin[pos], sin[pos]], -1).unsqueeze(2).to(device)
+    x = q.float()
+    xr = x[..., : 2 * R2]
+    rot = torch.cat([-xr[..., R2:], xr[..., :R2]], -1)
+    assert_close(got[0], torch.cat([xr * c + rot * s, x[..., 2 * R2:]], -1).to(dtype))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_rope_append_partial_opcheck(device, dtype):
+    inputs = make_inputs(2, 3, 4, 2, 32, 10, device, dtype, seed=8, rot_half=4)
+    torch.library.opcheck(torch.ops.balcony.rope_append.default, inputs)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -138,6 +174,9 @@ def test_rope_append_errors():
         ops.rope_append(q, k, v, kc, vc, pos.int(), cos, sin)
     with pytest.raises(RuntimeError, match="cos and sin must be float32"):
         ops.rope_append(q, k, v, kc, vc, pos, cos.double(), sin.double())
+    for width in (17, 0):  # wider than D/2; empty
+        with pytest.raises(RuntimeError, match=r"cos and sin must be \[P, R/2\] with R <= D = 32"):
+            ops.rope_append(q, k, v, kc, vc, pos, cos.new_zeros(12, width), sin.new_zeros(12, width))
     with pytest.raises(RuntimeError, match="key_cache must be"):
         ops.rope_append(q, k, v, kc[:, :1].contiguous(), vc[:, :1].contiguous(), pos, cos, sin)
 

@@ -31,9 +31,10 @@ struct RopeAppendArgs {
   void* key_cache;    // [B,Hkv,S,D], contiguous
   void* value_cache;  // [B,Hkv,S,D], contiguous
   const int64_t* positions;  // [B,T], contiguous; negative = padding, else < S and < P (checked by the caller)
-  const float* cos;          // [P, D/2], contiguous
+  const float* cos;          // [P, R/2], contiguous: the first R <= D dimensions of a head are rotated
   const float* sin;
   int64_t T, Hq, Hkv, D, S;
+  int64_t rot_half;  // R/2 (D/2: full rotary)
 };
 
 // Split-KV decode attention. Task (b, kv head h, split j) covers positions

@@ -243,7 +243,7 @@ void decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, cons
               "with the tanh approximation), got ", activation);
   const int64_t R = cos.dim() == 3 ? cos.size(0) : 1;
   TORCH_CHECK((cos.dim() == 2 || cos.dim() == 3) && sin.sizes() == cos.sizes(), "decode_step: cos and sin must be "
-              "[P, D/2] or one table per rotary kind [R, P, D/2], alike; got ", cos.sizes(), " and ", sin.sizes());
+              "[P, R/2] (R <= D the rotated dimensions) or one table per rotary kind [K, P, R/2], alike; got ", cos.sizes(), " and ", sin.sizes());
   TORCH_CHECK(slot_rope.empty() ? R == 1 : static_cast<int64_t>(slot_rope.size()) == L + E, "decode_step: slot_rope "
               "must name the rotary table of each of the ", L + E, " cache slots (or be empty with one table), got ",
               slot_rope.size(), " entries for ", R, " tables");

@@ -40,6 +40,7 @@ void rope_append_cpu(at::Tensor& query, const at::Tensor& key, const at::Tensor&
   a.cos = c.data_ptr<float>();
   a.sin = s.data_ptr<float>();
   a.T = query.size(1), a.Hq = query.size(2), a.Hkv = key.size(2), a.D = query.size(3), a.S = S;
+  a.rot_half = cos.size(1);
   const int64_t tokens = pos.numel();
   const int64_t bytes_per_token = (a.Hq * 2 + a.Hkv * 4) * a.D * static_cast<int64_t>(query.element_size());
   auto kernel = BALCONY_CPU_DISPATCH(rope_append);

@@ -6,9 +6,9 @@
 
 namespace balcony::cpu::BALCONY_CPU_CAPABILITY {
 
-// In place on x (may alias out) or from x into out: for i < D/2, with c = cos[i], s = sin[i]
-//   out[i]       = x[i] * c - x[i + D/2] * s
-//   out[i + D/2] = x[i + D/2] * c + x[i] * s
+// In place on x (may alias out) or from x into out: for i < half, with c = cos[i], s = sin[i]
+//   out[i]        = x[i] * c - x[i + half] * s
+//   out[i + half] = x[i + half] * c + x[i] * s
 // Float32 math, one rounding to T. Each vector step loads both halves before storing either,
 // so x == out is safe.
 template <typename T>
@@ -30,9 +30,11 @@ inline void rope_rotate_row(const T* x, T* out, const float* cos, const float* s
   }
 }
 
+// Tokens [begin, end): query rotated in place over its first R = 2 * rot_half dimensions (the rest
+// unchanged); key rotated likewise into the key cache, its dimensions R..D-1 copied; value copied.
 template <typename T>
 inline void rope_append_tokens(const RopeAppendArgs& a, int64_t begin, int64_t end) {
-  const int64_t half = a.D / 2;
+  const int64_t half = a.rot_half, rest = a.D - 2 * half;
   for (int64_t token = begin; token < end; ++token) {
     const int64_t pos = a.positions[token];
     if (pos < 0) continue;
@@ -46,6 +48,8 @@ inline void rope_append_tokens(const RopeAppendArgs& a, int64_t begin, int64_t e
     for (int64_t h = 0; h < a.Hkv; ++h) {
       const int64_t slot = ((b * a.Hkv + h) * a.S + pos) * a.D;
       rope_rotate_row(k + h * a.k_sh, static_cast<T*>(a.key_cache) + slot, c, s, half);
+      if (rest > 0)
+        std::memcpy(static_cast<T*>(a.key_cache) + slot + 2 * half, k + h * a.k_sh + 2 * half, sizeof(T) * rest);
       std::memcpy(static_cast<T*>(a.value_cache) + slot, v + h * a.v_sh, sizeof(T) * a.D);
     }
   }

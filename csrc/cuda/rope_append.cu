@@ -39,6 +39,7 @@ void rope_append_cuda(at::Tensor& query, const at::Tensor& key, const at::Tensor
     p.D = static_cast<int>(query.size(3));
     p.S = static_cast<int>(key_cache.size(2));
     p.P = static_cast<int>(cos.size(0));
+    p.rot_half = static_cast<int>(cos.size(1));
     BALCONY_CUDA_CHECK(cuda::launch_rope_append<scalar_t>(p, static_cast<int>(tokens), cuda::current_stream()));
   });
 }

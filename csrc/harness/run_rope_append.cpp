@@ -27,6 +27,7 @@ BALCONY_HARNESS_ENTRY(rope_append) {
     p.D = int(c.i("D"));
     p.S = int(c.i("S"));
     p.P = int(c.i("P"));
+    p.rot_half = int(c.i("rot_half", c.i("D") / 2));
     return balcony::cuda::launch_rope_append<T>(p, int(c.i("tokens")), nullptr);
   });
 }
