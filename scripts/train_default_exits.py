@@ -32,8 +32,10 @@ The shipped file: exits 15 / 19 / 23 from the default command (3M tokens), exit 
   --exits 26 --tokens 1500000 --run-dir RUN26   then   --from-checkpoint --add-run RUN26
 into FIRST.safetensors, then all four continued on 3,000 new instructions (1M tokens) into SECOND.safetensors:
   --from-exits FIRST.safetensors --prompts 7000 --first 4000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN2
-and then on 4,000 more (1M tokens):
+and then on 4,000 more (1M tokens) into THIRD.safetensors:
   --from-exits SECOND.safetensors --prompts 11000 --first 7000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN3
+and then on 4,000 more (1.1M tokens):
+  --from-exits THIRD.safetensors --prompts 15000 --first 11000 --lr 1e-3 --tokens 1100000 --vocab 16384 --run-dir RUN4
 """
 
 import argparse
