@@ -17,7 +17,8 @@ The decode engine (engine.py, the native step) runs the Llama family, Phi-3 (who
 gate/up projections it reads as row slices), OLMo 2 (norms after its sublayers, q/k norms over all
 heads) and Gemma 2 / 3 ((1 + w) norms folded on load, sandwich norms, scaled embedding, GELU, sliding
 windows, soft-caps, a rotary table per layer type), with full or partial rotary embeddings
-(`Family.native`); the other families attach, train, evaluate, save and load exits and generate through their own modules.
+(`Family.native`); the other families attach, train, evaluate, save and load exits and generate
+through their own modules.
 """
 
 from __future__ import annotations

@@ -238,8 +238,9 @@ class NativeWeights:
             ids = torch.arange(positions, device=self.embed.device).unsqueeze(0)
             probe = torch.zeros(1, positions, self.D, device=self.embed.device)
             tables = [self.rotary(probe, ids) if t is None else self.rotary(probe, ids, t) for t in self.rope_types]
-            self._tables = tuple(torch.stack([tb[i][0, :, : tb[i].shape[-1] // 2].float() for tb in tables]).contiguous()
-                                 for i in (0, 1))
+            # (Hugging Face's tables repeat their first half: cos [1, P, R] holds R/2 distinct columns)
+            self._tables = tuple(torch.stack([tb[i][0, :, : tb[i].shape[-1] // 2].float() for tb in tables])
+                                 .contiguous() for i in (0, 1))
         return self._tables
 
     def rope_of(self, slot: int) -> int:
