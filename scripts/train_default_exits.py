@@ -34,8 +34,10 @@ into FIRST.safetensors, then all four continued on 3,000 new instructions (1M to
   --from-exits FIRST.safetensors --prompts 7000 --first 4000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN2
 and then on 4,000 more (1M tokens) into THIRD.safetensors:
   --from-exits SECOND.safetensors --prompts 11000 --first 7000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN3
-and then on 4,000 more (1.1M tokens):
+and then on 4,000 more (1.1M tokens) into FOURTH.safetensors:
   --from-exits THIRD.safetensors --prompts 15000 --first 11000 --lr 1e-3 --tokens 1100000 --vocab 16384 --run-dir RUN4
+and then on 4,000 more (1.1M tokens):
+  --from-exits FOURTH.safetensors --prompts 19000 --first 15000 --lr 1e-3 --tokens 1100000 --vocab 16384 --run-dir RUN5
 """
 
 import argparse
