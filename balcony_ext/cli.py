@@ -116,7 +116,8 @@ def cmd_generate(args) -> int:
     model = _load(args, exits=args.exits_file)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, stop=args.stop or None, presence_penalty=args.presence_penalty,
-              frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
+              frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+              confidence=args.confidence)
     if args.exit is not None:
         kw["exit_layer"] = args.exit
     elif args.ms_per_token is not None:
@@ -137,6 +138,8 @@ def cmd_generate(args) -> int:
     sizes = sorted({n for n in out.heads if n})
     listed = (f", {sum(1 for n in out.heads if n)} with a shortlisted head of {'/'.join(f'{n:,}' for n in sizes)} tokens"
               if sizes else "")
+    deep = sum(1 for k in out.exit_layers if k == model.num_layers) if args.confidence else 0
+    listed += f", {deep} taken again at the full depth (confidence below {args.confidence:g})" if deep else ""
     print(f"\n\n[{len(out.tokens)} tokens at exit {'/'.join(map(str, exits))} of {model.num_layers}{listed}; "
           f"{out.tokens_per_second:.1f} tokens/s; first token after {out.time_to_first_token * 1000:.0f} ms]")
     for note in out.notes:
@@ -326,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="Hugging Face's, > 0 (1: off)")
+    g.add_argument("--confidence", type=float, default=0.0,
+                   help="a token whose exit gives its most likely token a probability below this is taken again at "
+                        "the full depth (0: never)")
     g.add_argument("--stop", action="append", help="a string that ends the answer (repeatable)")
     g.add_argument("--calibration", default=None, help="a calibration file (default: the one `balcony calibrate` saved)")
     g.set_defaults(func=cmd_generate)

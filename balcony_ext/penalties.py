@@ -56,6 +56,10 @@ class Penalties:
                       rows(repetition, torch.float32), rows(start, torch.long))
         return p if p.active else None
 
+    def rows(self, idx: torch.Tensor) -> Penalties:
+        """The penalties of the rows idx (host long tensor), in that order."""
+        return Penalties(self.presence[idx], self.frequency[idx], self.repetition[idx], self.start[idx])
+
     @property
     def active(self) -> bool:
         return bool((self.presence != 0).any() or (self.frequency != 0).any() or (self.repetition != 1).any())

@@ -78,6 +78,12 @@ def test_train_then_eval(tmp_path, capsys):
     assert "frequency_penalty must be a number in [-2, 2]" in capsys.readouterr().err
     assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--repetition-penalty", "1.3",
                  "--max-new-tokens", "4", "Hi"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--confidence", "1", "--max-new-tokens",
+                 "4", "Hi"]) == 0  # every token is taken again at the full depth
+    assert "4 tokens at exit 30 of 30, 4 taken again at the full depth (confidence below 1)" in capsys.readouterr().out
+    assert main(["generate", "--exits-file", str(exits), "--confidence", "-0.5", "Hi"]) == 2
+    assert "confidence must be a number in [0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.slow

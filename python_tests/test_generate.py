@@ -590,3 +590,58 @@ def test_calibrate_flags_and_path_named(tmp_path):
                                         r"directory\), got int 5"):  # (after the measurements, before)
         bx.calibrate(m, tokens=2, context=4, repeats=1, path=5, progress=False)
     assert not (tmp_path / "c.json").exists()
+
+
+# -- confidence-based early exit: a token its exit is unsure of is taken again at the full depth
+def _top_prob(model, ids, k):
+    return float(_fresh_logits(model, ids, k).softmax(-1).max())
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_confidence_one_takes_every_token_at_the_full_depth(native, cpu_capability):
+    m = _model()
+    ids = _prompts(1, lengths=(7,))[0]
+    full = bx.generate(m, ids, exit_layer=L, max_new_tokens=10, stop_tokens=[], native=native)
+    out = bx.generate(m, ids, exit_layer=2, confidence=1.0, max_new_tokens=10, stop_tokens=[], native=native)
+    assert out.tokens == full.tokens
+    assert out.exit_layers == [L] * 10 and out.heads == [0] * 10
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_confidence_decides_each_token_and_deepened_logits_are_exact(native, cpu_capability):
+    m = _model()
+    ids = _prompts(1, lengths=(6,))[0]
+    # a threshold between the exit's confidences along its own answer, so that both kinds occur
+    plain = bx.generate(m, ids, exit_layer=2, max_new_tokens=12, stop_tokens=[])
+    probs = sorted(_top_prob(m, ids + plain.tokens[:t], 2) for t in range(12))
+    tau = (probs[3] + probs[4]) / 2
+    g = bx.generate(m, ids, exit_layer=2, confidence=tau, max_new_tokens=12, stop_tokens=[], stream=True,
+                    native=native)
+    for _ in g:
+        seq = ids + g.generated[0][:-1]
+        k = g.exit_layers[0][-1]
+        assert (k == L) == (_top_prob(m, seq, 2) < tau)
+        torch.testing.assert_close(g.engine.logits[0], _fresh_logits(m, seq, k), atol=3e-4, rtol=3e-4)
+        assert g.generated[0][-1] == int(_fresh_logits(m, seq, k).argmax())
+    assert set(g.exit_layers[0]) == {2, L}
+    assert g.engine.catch_up_tokens > 0
+
+
+def test_confidence_per_sequence_in_a_batch_equals_each_alone(cpu_capability):
+    m = _model()
+    prompts = _prompts(4)
+    exits, conf = [2, 4, L, 2], [0.5, 0.9, 0.7, 0.0]
+    kw = dict(max_new_tokens=8, stop_tokens=[], frequency_penalty=0.4)
+    together = bx.generate(m, prompts, exit_layer=exits, confidence=conf, **kw)
+    for p, k, c, out in zip(prompts, exits, conf, together):
+        alone = bx.generate(m, p, exit_layer=k, confidence=c, **kw)
+        assert out.tokens == alone.tokens and out.exit_layers == alone.exit_layers
+    assert together[2].exit_layers == [L] * 8 and together[3].exit_layers == [2] * 8
+    assert any(x == L for x in together[0].exit_layers + together[1].exit_layers)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "high", True, None, [0.5, 0.5]])
+def test_confidence_out_of_range_is_refused(bad):
+    m = _model()
+    with pytest.raises(ValueError, match="confidence"):
+        bx.generate(m, _prompts(1)[0], budget=0.5, confidence=bad, max_new_tokens=2)
