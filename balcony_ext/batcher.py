@@ -47,7 +47,9 @@ class Request:
     """One generation request. Give at most one of budget, exit_layer and ms_per_token (none: full
     depth); min_budget is the floor the load controller never goes below (default: the request's
     own exit, i.e. never lowered). shortlist: as generate's (None: the budget may buy a shortlisted
-    head; False: never; True: only shortlisted heads; n: the first n shortlisted tokens)."""
+    head; False: never; True: only shortlisted heads; n: the first n shortlisted tokens). confidence:
+    as generate's (a token whose exit gives its most likely token a probability below it is taken
+    again at the full depth; 0: never)."""
 
     prompt_ids: list
     max_new_tokens: int = 128
@@ -56,6 +58,7 @@ class Request:
     ms_per_token: float | None = None
     min_budget: float | None = None
     shortlist: bool | int | None = None
+    confidence: float = 0.0
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -209,6 +212,9 @@ class Batcher:
             raise ValueError(f"top_k must be an int >= 0, got {req.top_k!r}")
         req.top_k = min(req.top_k, self.model.adapter.vocab_size)  # (top_k >= the vocabulary: no cut)
         check_penalties(req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
+        if not (real(req.confidence) and 0 <= req.confidence <= 1):
+            raise ValueError(f"confidence must be a number in [0, 1] (0: every token at its exit), "
+                             f"got {req.confidence!r}")
         req.target_exit, req.floor_exit, req.notes = self.resolve_exit(req)
         req.exit = req.target_exit  # (the controller's ceiling applies when the prompt is admitted)
         req.prompt_ids = ids
@@ -282,13 +288,14 @@ class Batcher:
                 continue
             budget -= n - req.prefilled
             one = lambda x, dt: torch.tensor([x], dtype=dt)  # noqa: E731
-            nxt = e.prefill_step([req.exit], one(req.temperature, torch.float32), one(req.top_k, torch.long),
-                                 one(req.top_p, torch.float32), torch.rand(1, generator=req._gen),
-                                 self._penalties([req]), [req.head])
+            inputs = (one(req.temperature, torch.float32), one(req.top_k, torch.long), one(req.top_p, torch.float32),
+                      torch.rand(1, generator=req._gen))
+            nxt = e.prefill_step([req.exit], *inputs, self._penalties([req]), [req.head])
+            deep = self._deepen(e, [req], {req.id: 0}, inputs, self._penalties([req]))
             req.prefilled = n
             req.t_first = time.perf_counter()
             req.state = "decode"
-            self._take(req, int(nxt[0]))
+            self._take(req, int(deep.get(req.id, nxt[0])), deep=req.id in deep)
 
     def _decode(self):
         # (a row whose first token came from this iteration's prefill takes its second one here)
@@ -311,14 +318,31 @@ class Batcher:
         engine = self.engine.prefix(n)
         engine.catch_up(exits)
         t1 = time.perf_counter()
-        nxt = engine.step(exits, temperature, top_k, top_p, uniform, self._penalties(reqs, n), heads)
+        penalties = self._penalties(reqs, n)
+        nxt = engine.step(exits, temperature, top_k, top_p, uniform, penalties, heads)
         t2 = time.perf_counter()
-        self._observe(t2 - t0)
+        deep = self._deepen(engine, reqs, {r.id: r.row for r in reqs}, (temperature, top_k, top_p, uniform),
+                            penalties)
+        self._observe(time.perf_counter() - t0)
         if self.controller:
             self.controller.observe(exits, lengths, t2 - t1)  # (the step alone: catch-ups are rare)
-        for r, token in [(r, int(nxt[r.row])) for r in reqs]:  # (taking one may move another's row)
-            self._take(r, token)
+        for r, token in [(r, int(deep.get(r.id, nxt[r.row]))) for r in reqs]:  # (taking one may move another's row)
+            self._take(r, token, deep=r.id in deep)
         self.steps += 1
+
+    def _deepen(self, engine, reqs: list, rows: dict, inputs: tuple, penalties) -> dict:
+        """After a step (or prefill) at the requests' exits: {request id: its token taken again at the full
+        depth} for those whose exit gave its most likely token a probability below their confidence."""
+        L = self.model.num_layers
+        unsure = [r for r in reqs if r.confidence > 0 and 0 < r.exit < L]
+        if not unsure:
+            return {}
+        top = engine.logits[[rows[r.id] for r in unsure]].softmax(-1).amax(-1).tolist()
+        unsure = [r for r, p in zip(unsure, top) if p < r.confidence]
+        if not unsure:
+            return {}
+        nxt = engine.deepen([rows[r.id] for r in unsure], *inputs, penalties)
+        return {r.id: int(t) for r, t in zip(unsure, nxt)}
 
     @staticmethod
     def _penalties(reqs: list, n: int | None = None):
@@ -334,10 +358,12 @@ class Batcher:
             start[b] = len(r.prompt_ids)
         return Penalties.of(rows, pres, freq, rep, start)
 
-    def _take(self, req: Request, token: int):
-        """The request's next token: recorded, streamed, and the row either extended or freed."""
-        piece = req.seq.add(token, req.exit, req.head)
-        self.tokens_by_exit[req.exit] += 1
+    def _take(self, req: Request, token: int, deep: bool = False):
+        """The request's next token (deep: taken again at the full depth): recorded, streamed, and the
+        row either extended or freed."""
+        k, head = (self.model.num_layers, 0) if deep else (req.exit, req.head)
+        piece = req.seq.add(token, k, head)
+        self.tokens_by_exit[k] += 1
         self.generated_tokens += 1
         if req.on_piece is not None:
             req.on_piece(req, piece, token)

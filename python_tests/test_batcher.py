@@ -30,7 +30,7 @@ def _ids(n, seed):
 def _alone(m, req):
     return bx.generate(m, req.prompt_ids, exit_layer=req.target_exit, max_new_tokens=req.max_new_tokens,
                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop_tokens=[],
-                       calibration=None)
+                       calibration=None, confidence=req.confidence)
 
 
 def test_continuous_batching_equals_each_request_alone(cpu_capability):
@@ -39,6 +39,7 @@ def test_continuous_batching_equals_each_request_alone(cpu_capability):
     specs = []
     for i in range(18):
         kw = [dict(budget=1.0), dict(exit_layer=2), dict(exit_layer=4), dict(budget=0.3)][i % 4]
+        kw |= dict(confidence=0.6) if i % 5 == 1 else {}  # (tokens its exit is unsure of: at the full depth)
         sampled = dict(temperature=0.9, top_k=20, top_p=0.9, seed=100 + i) if i % 3 == 2 else {}
         specs.append(Request(_ids(3 + (7 * i) % 13, seed=i), max_new_tokens=4 + (5 * i) % 9, stop_tokens=[],
                              **kw, **sampled))
@@ -57,6 +58,8 @@ def test_continuous_batching_equals_each_request_alone(cpu_capability):
         assert r.tokens == alone.tokens, f"request {r.id}"
         assert r.exit_layers == alone.exit_layers
         assert r.finish_reason == "length"
+    deep = [x for r in reqs if r.confidence for x in r.exit_layers]
+    assert L in deep and len(set(deep)) > 1  # some tokens were taken again at the full depth, not all
 
 
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps():
@@ -172,6 +175,8 @@ def test_load_controller_holds_requests_the_floors_cannot_serve(monkeypatch):
     (dict(prompt_ids=5), r"prompt_ids must be a list of token ids \(ints\), got int"),
     (dict(stop=5), "stop must be a non-empty string or a list of them"),
     (dict(stop_tokens=2), "stop_tokens must be a list of token ids"),
+    (dict(confidence=1.5), r"confidence must be a number in \[0, 1\]"),
+    (dict(confidence="high"), r"confidence must be a number in \[0, 1\]"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_queued(kw, match):
     m = _model()

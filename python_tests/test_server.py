@@ -87,6 +87,15 @@ def test_completion_and_chat_completion(server, model):
     assert r.choices[0].message.content == alone.text and r.choices[0].message.role == "assistant"
     assert r.model_extra["exits"] == {"2": len(alone.tokens)}
     assert c.models.list().data[0].id == model.name
+    # confidence: the tokens exit 2 is unsure of are taken again at the full depth
+    for conf in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5):  # a threshold that takes some tokens at the exit, not all
+        alone = _alone(model, "Why is the sky blue?", True, exit_layer=2, confidence=conf, max_new_tokens=12)
+        if set(alone.exit_layers) == {2, L}:
+            break
+    assert set(alone.exit_layers) == {2, L}
+    r = c.chat.completions.create(model=model.name, messages=msgs, max_tokens=12, temperature=0,
+                                  extra_body={"exit_layer": 2, "confidence": conf})
+    assert r.choices[0].message.content == alone.text and r.model_extra["exit_layers"] == alone.exit_layers
 
 
 def test_streaming(server, model):
@@ -191,6 +200,8 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
     ({"prompt": "x", "exit_layer": True}, 400, "exit_layer: Input should be a valid integer"),
     ({"prompt": "x", "seed": True}, 400, "seed: Input should be a valid integer"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
+    ({"prompt": "x", "confidence": 1.5}, 400, "confidence must be a number in [0, 1]"),
+    ({"prompt": "x", "confidence": True}, 400, "confidence: Input should be a valid number"),
     ({"prompt": "x", "n": "2"}, 400, "n: Input should be a valid integer"),
     ({"prompt": [True, False]}, 400, "prompt"),
     # a truthy string was taken for include_usage=True before
