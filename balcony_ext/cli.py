@@ -200,7 +200,9 @@ def cmd_demo(args) -> int:
     sizes = "/".join(f"{n // 1024}k" for n in model.shortlist_sizes)
     print(f"{model.name}: {L} layers, exits at {model.exits} (trained on {model.tokens_trained:,} tokens)"
           + (f", shortlisted heads of {sizes} tokens" if sizes else "") + f"; prompt: {args.prompt!r}; greedy"
-          + (f", frequency_penalty {args.frequency_penalty:g}" if args.frequency_penalty else "") + "\n")
+          + (f", frequency_penalty {args.frequency_penalty:g}" if args.frequency_penalty else "")
+          + (f"; confidence {args.confidence:g} (a token its exit is less sure of is taken again at the full depth)"
+             if args.confidence else "") + "\n")
     budgets = args.budgets
     if budgets is None:  # tenths from 1 down to the cheapest route
         from .budgets import load_calibration, route_costs
@@ -210,8 +212,10 @@ def cmd_demo(args) -> int:
     runs, seen = [], set()
     for budget in sorted(budgets, reverse=True):
         out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens,
-                       frequency_penalty=args.frequency_penalty)
-        route = (out.exit_layers[0], out.heads[0])
+                       frequency_penalty=args.frequency_penalty, confidence=args.confidence)
+        # the route the budget bought: its tokens' (those taken again at the full depth are (L, 0))
+        route = next(((k, n) for k, n in zip(out.exit_layers, out.heads) if k != L), (L, out.heads[0]))
+        at_exit = sum(k == route[0] for k in out.exit_layers) / len(out.exit_layers)
         if args.budgets is None and route in seen:
             continue  # (a budget that buys the same route as a higher one)
         seen.add(route)
@@ -220,7 +224,9 @@ def cmd_demo(args) -> int:
         row = figures.get((head_method(n) if n else "full" if k == L else "balcony", k), {})
         agree = row.get("chat_top1")
         print(f"--- budget {budget:g}: " + ("the full model" if k == L else f"exit {k}")
-              + (f" with a {n:,}-token head" if n else "") + f", {out.tokens_per_second:.1f} tokens/s"
+              + (f" with a {n:,}-token head" if n else "")
+              + (f" ({at_exit:.0%} of the tokens; the rest at the full depth)" if k != L and at_exit < 1 else "")
+              + f", {out.tokens_per_second:.1f} tokens/s"
               + (f", agrees with the full model on {agree:.0%} of answer tokens" if agree is not None and
                  route != (L, 0) else ""))
         print(out.text.strip() + "\n")
@@ -373,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--frequency-penalty", type=float, default=0.3,
                    help="OpenAI's frequency penalty at every budget (0: plain greedy); 0.3 measured best for the "
                         "exits' free answers")
+    d.add_argument("--confidence", type=float, default=0.0,
+                   help="at every budget, a token whose exit gives its most likely token a probability below this is "
+                        "taken again at the full depth (0: never)")
     d.set_defaults(func=cmd_demo)
     return p
 

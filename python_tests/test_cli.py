@@ -100,3 +100,11 @@ def test_demo(capsys):
     assert "budget 0.9: the full model with a 16,384-token head" in out  # the shipped shortlist's routes
     for k in exits:  # every exit answers at a budget of its own, with its chat agreement
         assert f": exit {k}" in out and "agrees with the full model on" in out
+
+
+@pytest.mark.slow
+def test_demo_with_confidence(capsys):
+    assert main(["demo", "--budgets", "0.5", "--confidence", "0.3", "--max-new-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "confidence 0.3 (a token its exit is less sure of is taken again at the full depth)" in out
+    assert "--- budget 0.5: exit 15 with a 16,384-token head (" in out and "the rest at the full depth)" in out
