@@ -291,11 +291,11 @@ class Batcher:
             inputs = (one(req.temperature, torch.float32), one(req.top_k, torch.long), one(req.top_p, torch.float32),
                       torch.rand(1, generator=req._gen))
             nxt = e.prefill_step([req.exit], *inputs, self._penalties([req]), [req.head])
-            deep = self._deepen(e, [req], {req.id: 0}, inputs, self._penalties([req]))
+            deep = e.deepen_unsure([req.exit], [req.confidence], *inputs, self._penalties([req]))
             req.prefilled = n
             req.t_first = time.perf_counter()
             req.state = "decode"
-            self._take(req, int(deep.get(req.id, nxt[0])), deep=req.id in deep)
+            self._take(req, deep.get(0, int(nxt[0])), deep=0 in deep)
 
     def _decode(self):
         # (a row whose first token came from this iteration's prefill takes its second one here)
@@ -321,28 +321,16 @@ class Batcher:
         penalties = self._penalties(reqs, n)
         nxt = engine.step(exits, temperature, top_k, top_p, uniform, penalties, heads)
         t2 = time.perf_counter()
-        deep = self._deepen(engine, reqs, {r.id: r.row for r in reqs}, (temperature, top_k, top_p, uniform),
-                            penalties)
+        confidence = [0.0] * n
+        for r in reqs:
+            confidence[r.row] = r.confidence
+        deep = engine.deepen_unsure(exits, confidence, temperature, top_k, top_p, uniform, penalties)
         self._observe(time.perf_counter() - t0)
         if self.controller:
             self.controller.observe(exits, lengths, t2 - t1)  # (the step alone: catch-ups are rare)
-        for r, token in [(r, int(deep.get(r.id, nxt[r.row]))) for r in reqs]:  # (taking one may move another's row)
-            self._take(r, token, deep=r.id in deep)
+        for r, row in [(r, r.row) for r in reqs]:  # (taking one may move another's row)
+            self._take(r, deep.get(row, int(nxt[row])), deep=row in deep)
         self.steps += 1
-
-    def _deepen(self, engine, reqs: list, rows: dict, inputs: tuple, penalties) -> dict:
-        """After a step (or prefill) at the requests' exits: {request id: its token taken again at the full
-        depth} for those whose exit gave its most likely token a probability below their confidence."""
-        L = self.model.num_layers
-        unsure = [r for r in reqs if r.confidence > 0 and 0 < r.exit < L]
-        if not unsure:
-            return {}
-        top = engine.logits[[rows[r.id] for r in unsure]].softmax(-1).amax(-1).tolist()
-        unsure = [r for r, p in zip(unsure, top) if p < r.confidence]
-        if not unsure:
-            return {}
-        nxt = engine.deepen([rows[r.id] for r in unsure], *inputs, penalties)
-        return {r.id: int(t) for r, t in zip(unsure, nxt)}
 
     @staticmethod
     def _penalties(reqs: list, n: int | None = None):

@@ -381,6 +381,19 @@ class Engine:
         return nxt.cpu()  # (on a GPU: the step's one synchronisation, reading the next tokens)
 
     # -- a token again at the full depth (confidence-based early exit)
+    def deepen_unsure(self, exits: list, confidence: list, temperature, top_k, top_p, uniform,
+                      penalties=None) -> dict:
+        """After a step (or the prefill) at `exits`: {row: its next token taken again at the full depth}
+        for every row at an exit (0 < exit < L) whose logits give their most likely token a probability
+        below confidence[row] (0: never)."""
+        rows = [b for b in range(self.B) if 0 < exits[b] < self.L and confidence[b] > 0]
+        if rows:
+            top = self.logits[rows].softmax(-1).amax(-1).tolist()
+            rows = [b for b, p in zip(rows, top) if p < confidence[b]]
+        if not rows:
+            return {}
+        return dict(zip(rows, self.deepen(rows, temperature, top_k, top_p, uniform, penalties).tolist()))
+
     def deepen(self, rows: list, temperature, top_k, top_p, uniform, penalties=None) -> torch.Tensor:
         """After a step (or the prefill) at shallower exits: the last token of each row in `rows`
         again at the full depth. The base layers past its exit run over the positions they lack,

@@ -255,15 +255,10 @@ class Generation:
         else:
             e.catch_up(exits)
             nxt = e.step(exits, self.temperature, self.top_k, self.top_p, uniform, self.penalties, heads)
-        # confidence-based early exit: a token its exit is unsure of is taken again at the full depth
-        unsure = [b for b in range(e.B) if 0 < exits[b] < e.L and self.confidence[b] > 0]
-        if unsure:
-            top = e.logits[unsure].softmax(-1).amax(-1).cpu()
-            unsure = [b for b, p in zip(unsure, top) if p < self.confidence[b]]
-            if unsure:
-                nxt[unsure] = e.deepen(unsure, self.temperature, self.top_k, self.top_p, uniform, self.penalties)
-                for b in unsure:
-                    exits[b], heads[b] = e.L, 0
+        # a token its exit is less sure of than the sequence's confidence: again at the full depth
+        for b, token in e.deepen_unsure(exits, self.confidence.tolist(), self.temperature, self.top_k, self.top_p,
+                                        uniform, self.penalties).items():
+            nxt[b], exits[b], heads[b] = token, e.L, 0
         pieces = [""] * e.B
         for b, q in enumerate(self.seqs):
             if not q.done:
@@ -330,9 +325,9 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     whose exit gives its most likely token a probability below it is taken again at the full depth
     (the layers past the exit run for it and for the positions they lack, in one pass): answers
     closer to the full model's for a price per token between the exit's and a little over the full
-    model's (out.exit_layers shows where each token came from); 0 (the default) never. stream=True returns a Generation to iterate for text pieces (its
-    set_budget() changes the budget mid-generation); otherwise a GenerationOutput (a list for a
-    list of prompts).
+    model's (out.exit_layers shows where each token came from); 0 (the default) never.
+    stream=True returns a Generation to iterate for text pieces (its set_budget() changes the budget
+    mid-generation); otherwise a GenerationOutput (a list for a list of prompts).
     """
     if not isinstance(stream, bool):
         raise ValueError(f"stream must be True or False, got {stream!r}")
