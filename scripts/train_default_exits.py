@@ -30,14 +30,13 @@ the exits of a run still in progress; the figures then say how many tokens they 
 
 The shipped file: exits 15 / 19 / 23 from the default command (3M tokens), exit 26 from
   --exits 26 --tokens 1500000 --run-dir RUN26   then   --from-checkpoint --add-run RUN26
-into FIRST.safetensors, then all four continued on 3,000 new instructions (1M tokens) into SECOND.safetensors:
-  --from-exits FIRST.safetensors --prompts 7000 --first 4000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN2
-and then on 4,000 more (1M tokens) into THIRD.safetensors:
-  --from-exits SECOND.safetensors --prompts 11000 --first 7000 --lr 1e-3 --tokens 1000000 --vocab 16384 --run-dir RUN3
-and then on 4,000 more (1.1M tokens) into FOURTH.safetensors:
-  --from-exits THIRD.safetensors --prompts 15000 --first 11000 --lr 1e-3 --tokens 1100000 --vocab 16384 --run-dir RUN4
-and then on 4,000 more (1.1M tokens):
-  --from-exits FOURTH.safetensors --prompts 19000 --first 15000 --lr 1e-3 --tokens 1100000 --vocab 16384 --run-dir RUN5
+then all four continued on new instructions, five times, each step from the file the step before wrote:
+  --from-exits PREVIOUS.safetensors --lr 1e-3 --vocab 16384 --run-dir RUN_N  and
+  --prompts 7000  --first 4000  --tokens 1000000   (templates 4,000-6,999: 3,000 new instructions)
+  --prompts 11000 --first 7000  --tokens 1000000   (then 4,000 more each time)
+  --prompts 15000 --first 11000 --tokens 1100000
+  --prompts 19000 --first 15000 --tokens 1100000
+  --prompts 23000 --first 19000 --tokens 1100000
 """
 
 import argparse
