@@ -138,7 +138,8 @@ def cmd_generate(args) -> int:
     sizes = sorted({n for n in out.heads if n})
     listed = (f", {sum(1 for n in out.heads if n)} with a shortlisted head of {'/'.join(f'{n:,}' for n in sizes)} tokens"
               if sizes else "")
-    deep = sum(1 for k in out.exit_layers if k == model.num_layers) if args.confidence else 0
+    asked = g.budgets.exits(0)[0]  # (the CLI's budget, exit or latency is one route for every step)
+    deep = sum(1 for k in out.exit_layers if k == model.num_layers) if asked != model.num_layers else 0
     listed += f", {deep} taken again at the full depth (confidence below {args.confidence:g})" if deep else ""
     print(f"\n\n[{len(out.tokens)} tokens at exit {'/'.join(map(str, exits))} of {model.num_layers}{listed}; "
           f"{out.tokens_per_second:.1f} tokens/s; first token after {out.time_to_first_token * 1000:.0f} ms]")
