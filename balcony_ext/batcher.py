@@ -49,7 +49,8 @@ class Request:
     own exit, i.e. never lowered). shortlist: as generate's (None: the budget may buy a shortlisted
     head; False: never; True: only shortlisted heads; n: the first n shortlisted tokens). confidence:
     as generate's (a token whose exit gives its most likely token a probability below it is taken
-    again at the full depth; 0: never)."""
+    again at the full depth; 0: never). full_start: as generate's (the first full_start answer tokens
+    at the full depth with the full head, the request's route after them)."""
 
     prompt_ids: list
     max_new_tokens: int = 128
@@ -59,6 +60,7 @@ class Request:
     min_budget: float | None = None
     shortlist: bool | int | None = None
     confidence: float = 0.0
+    full_start: int = 0
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -215,6 +217,9 @@ class Batcher:
         if not (real(req.confidence) and 0 <= req.confidence <= 1):
             raise ValueError(f"confidence must be a number in [0, 1] (0: every token at its exit), "
                              f"got {req.confidence!r}")
+        if isinstance(req.full_start, bool) or not isinstance(req.full_start, numbers.Integral) or req.full_start < 0:
+            raise ValueError(f"full_start must be an int >= 0 (answer tokens taken at the full depth before the "
+                             f"request's route; 0: none), got {req.full_start!r}")
         req.target_exit, req.floor_exit, req.notes = self.resolve_exit(req)
         req.exit = req.target_exit  # (the controller's ceiling applies when the prompt is admitted)
         req.prompt_ids = ids
@@ -280,9 +285,10 @@ class Batcher:
                 break
             e = self.engine.row(req.row)
             n = len(req.prompt_ids)
+            k, head = self._route(req)
             if n - req.prefilled > budget:  # a chunk of the prompt, the last token not yet
                 upto = min(req.prefilled + budget, n - 1)
-                e.catch_up([req.exit], upto=torch.tensor([upto]))
+                e.catch_up([k], upto=torch.tensor([upto]))
                 budget -= upto - req.prefilled
                 req.prefilled = upto
                 continue
@@ -290,12 +296,12 @@ class Batcher:
             one = lambda x, dt: torch.tensor([x], dtype=dt)  # noqa: E731
             inputs = (one(req.temperature, torch.float32), one(req.top_k, torch.long), one(req.top_p, torch.float32),
                       torch.rand(1, generator=req._gen))
-            nxt = e.prefill_step([req.exit], *inputs, self._penalties([req]), [req.head])
-            deep = e.deepen_unsure([req.exit], [req.confidence], *inputs, self._penalties([req]))
+            nxt = e.prefill_step([k], *inputs, self._penalties([req]), [head])
+            deep = e.deepen_unsure([k], [req.confidence], *inputs, self._penalties([req]))
             req.prefilled = n
             req.t_first = time.perf_counter()
             req.state = "decode"
-            self._take(req, deep.get(0, int(nxt[0])), deep=0 in deep)
+            self._take(req, deep.get(0, int(nxt[0])), (self.model.num_layers, 0) if 0 in deep else (k, head))
 
     def _decode(self):
         # (a row whose first token came from this iteration's prefill takes its second one here)
@@ -311,7 +317,7 @@ class Batcher:
         temperature, top_k, top_p = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n)
         uniform = torch.full((n,), 0.5)
         for r in reqs:
-            exits[r.row], heads[r.row] = r.exit, r.head
+            exits[r.row], heads[r.row] = self._route(r)
             temperature[r.row], top_k[r.row], top_p[r.row] = r.temperature, r.top_k, r.top_p
             uniform[r.row] = torch.rand(1, generator=r._gen)[0]
         t0 = time.perf_counter()
@@ -329,7 +335,8 @@ class Batcher:
         if self.controller:
             self.controller.observe(exits, lengths, t2 - t1)  # (the step alone: catch-ups are rare)
         for r, row in [(r, r.row) for r in reqs]:  # (taking one may move another's row)
-            self._take(r, deep.get(row, int(nxt[row])), deep=row in deep)
+            self._take(r, deep.get(row, int(nxt[row])), (self.model.num_layers, 0) if row in deep else
+                       (exits[row], heads[row]))
         self.steps += 1
 
     @staticmethod
@@ -346,10 +353,14 @@ class Batcher:
             start[b] = len(r.prompt_ids)
         return Penalties.of(rows, pres, freq, rep, start)
 
-    def _take(self, req: Request, token: int, deep: bool = False):
-        """The request's next token (deep: taken again at the full depth): recorded, streamed, and the
-        row either extended or freed."""
-        k, head = (self.model.num_layers, 0) if deep else (req.exit, req.head)
+    def _route(self, req: Request) -> tuple:
+        """(exit, head) of the request's next token: the full depth and head in its full start, then its own."""
+        return (self.model.num_layers, 0) if len(req.seq.tokens) < req.full_start else (req.exit, req.head)
+
+    def _take(self, req: Request, token: int, route: tuple):
+        """The request's next token, taken at route (exit, head): recorded, streamed, and the row either
+        extended or freed."""
+        k, head = route
         piece = req.seq.add(token, k, head)
         self.tokens_by_exit[k] += 1
         self.generated_tokens += 1

@@ -117,7 +117,7 @@ def cmd_generate(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, stop=args.stop or None, presence_penalty=args.presence_penalty,
               frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-              confidence=args.confidence)
+              confidence=args.confidence, full_start=args.full_start)
     if args.exit is not None:
         kw["exit_layer"] = args.exit
     elif args.ms_per_token is not None:
@@ -139,7 +139,9 @@ def cmd_generate(args) -> int:
     listed = (f", {sum(1 for n in out.heads if n)} with a shortlisted head of {'/'.join(f'{n:,}' for n in sizes)} tokens"
               if sizes else "")
     asked = g.budgets.exits(0)[0]  # (the CLI's budget, exit or latency is one route for every step)
-    deep = sum(1 for k in out.exit_layers if k == model.num_layers) if asked != model.num_layers else 0
+    L, start = model.num_layers, min(args.full_start, len(out.tokens))
+    deep = sum(1 for k in out.exit_layers[start:] if k == L) if asked != L else 0
+    listed += f", the first {start} at the full depth (--full-start)" if start and asked != L else ""
     listed += f", {deep} taken again at the full depth (confidence below {args.confidence:g})" if deep else ""
     print(f"\n\n[{len(out.tokens)} tokens at exit {'/'.join(map(str, exits))} of {model.num_layers}{listed}; "
           f"{out.tokens_per_second:.1f} tokens/s; first token after {out.time_to_first_token * 1000:.0f} ms]")
@@ -203,7 +205,9 @@ def cmd_demo(args) -> int:
           + (f", shortlisted heads of {sizes} tokens" if sizes else "") + f"; prompt: {args.prompt!r}; greedy"
           + (f", frequency_penalty {args.frequency_penalty:g}" if args.frequency_penalty else "")
           + (f"; confidence {args.confidence:g} (a token its exit is less sure of is taken again at the full depth)"
-             if args.confidence else "") + "\n")
+             if args.confidence else "")
+          + (f"; the first {args.full_start} answer tokens at the full depth at every budget" if args.full_start else "")
+          + "\n")
     budgets = args.budgets
     if budgets is None:  # tenths from 1 down to the cheapest route
         from .budgets import load_calibration, route_costs
@@ -213,7 +217,8 @@ def cmd_demo(args) -> int:
     runs, seen = [], set()
     for budget in sorted(budgets, reverse=True):
         out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens,
-                       frequency_penalty=args.frequency_penalty, confidence=args.confidence)
+                       frequency_penalty=args.frequency_penalty, confidence=args.confidence,
+                       full_start=args.full_start)
         # the route the budget bought: its tokens' (those taken again at the full depth are (L, 0))
         route = next(((k, n) for k, n in zip(out.exit_layers, out.heads) if k != L), (L, out.heads[0]))
         at_exit = sum(k == route[0] for k in out.exit_layers) / len(out.exit_layers)
@@ -339,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--confidence", type=float, default=0.0,
                    help="a token whose exit gives its most likely token a probability below this is taken again at "
                         "the full depth (0: never)")
+    g.add_argument("--full-start", type=int, default=0,
+                   help="the first N answer tokens at the full depth, the budget's route after them (0: none)")
     g.add_argument("--stop", action="append", help="a string that ends the answer (repeatable)")
     g.add_argument("--calibration", default=None, help="a calibration file (default: the one `balcony calibrate` saved)")
     g.set_defaults(func=cmd_generate)
@@ -383,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--confidence", type=float, default=0.0,
                    help="at every budget, a token whose exit gives its most likely token a probability below this is "
                         "taken again at the full depth (0: never)")
+    d.add_argument("--full-start", type=int, default=0,
+                   help="at every budget, the first N answer tokens at the full depth, the budget's route after them "
+                        "(0: none)")
     d.set_defaults(func=cmd_demo)
     return p
 

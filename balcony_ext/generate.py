@@ -172,7 +172,7 @@ class Generation:
                  max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
                  stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto",
                  presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None,
-                 confidence=0.0):
+                 confidence=0.0, full_start=0):
         self.t_start = time.perf_counter()  # the time to first token counts from the call
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -209,6 +209,9 @@ class Generation:
         self.top_p = rows("top_p", top_p, torch.float32, lambda x: real(x) and 0 < x <= 1, "in (0, 1]")
         self.confidence = rows("confidence", confidence, torch.float32, lambda x: real(x) and 0 <= x <= 1,
                                "a number in [0, 1] (0: every token at its exit)")
+        self.full_start = rows("full_start", full_start, torch.long, lambda x: isinstance(x, numbers.Integral) and x >= 0,
+                               "an int >= 0 (answer tokens taken at the full depth before the budget's route; 0: none)"
+                               ).tolist()
         self.penalties = Penalties.of(B, presence_penalty, frequency_penalty, repetition_penalty,
                                       start=[len(i) for i in self.ids])
         need = max(len(i) for i in self.ids) + max_new_tokens
@@ -246,6 +249,8 @@ class Generation:
         """One token for every unfinished row; returns the new text of each row."""
         e = self.engine
         routes = self.budgets.routes(self.step_index)
+        L = self.model.num_layers  # a row still in its full start: the full depth and head
+        routes = [(L, 0) if self.step_index < self.full_start[b] else r for b, r in enumerate(routes)]
         # finished rows stay idle (exit 0: no layer runs for them)
         exits = [0 if self.done[b] else routes[b][0] for b in range(e.B)]
         heads = [routes[b][1] for b in range(e.B)]
@@ -306,7 +311,7 @@ class Generation:
 def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, max_new_tokens: int = 128,
              temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None, stop_tokens=None, chat=None,
              stream: bool = False, max_len=None, native=None, calibration="auto", presence_penalty=0.0,
-             frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None, confidence=0.0):
+             frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None, confidence=0.0, full_start=0):
     """Generates from one prompt (or a list of prompts, as one batch) at the exit the budget buys.
     A prompt is a string or token ids (a list of ints, or a 1-D tensor; a list of prompts or a 2-D
     tensor of ids makes a batch).
@@ -326,6 +331,10 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     (the layers past the exit run for it and for the positions they lack, in one pass): answers
     closer to the full model's for a price per token between the exit's and a little over the full
     model's (out.exit_layers shows where each token came from); 0 (the default) never.
+    full_start: an int >= 0 (or per-sequence list): the first full_start answer tokens are taken at
+    the full depth with the full head, the budget's route after them. An answer's opening sets its
+    course, and an exit continues the full model's opening far closer to the full model's answer than
+    its own (docs/results/full_start.md); for a long answer the opening costs little.
     stream=True returns a Generation to iterate for text pieces (its set_budget() changes the budget
     mid-generation); otherwise a GenerationOutput (a list for a list of prompts).
     """
@@ -342,7 +351,8 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    stop=stop, stop_tokens=stop_tokens, chat=chat, max_len=max_len, native=native,
                    calibration=calibration, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                   repetition_penalty=repetition_penalty, shortlist=shortlist, confidence=confidence)
+                   repetition_penalty=repetition_penalty, shortlist=shortlist, confidence=confidence,
+                   full_start=full_start)
     if stream:
         return g
     return g.run()

@@ -30,7 +30,7 @@ def _ids(n, seed):
 def _alone(m, req):
     return bx.generate(m, req.prompt_ids, exit_layer=req.target_exit, max_new_tokens=req.max_new_tokens,
                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop_tokens=[],
-                       calibration=None, confidence=req.confidence)
+                       calibration=None, confidence=req.confidence, full_start=req.full_start)
 
 
 def test_continuous_batching_equals_each_request_alone(cpu_capability):
@@ -40,6 +40,7 @@ def test_continuous_batching_equals_each_request_alone(cpu_capability):
     for i in range(18):
         kw = [dict(budget=1.0), dict(exit_layer=2), dict(exit_layer=4), dict(budget=0.3)][i % 4]
         kw |= dict(confidence=0.6) if i % 5 == 1 else {}  # (tokens its exit is unsure of: at the full depth)
+        kw |= dict(full_start=2 + i % 4) if i % 6 == 5 else {}  # (its opening at the full depth)
         sampled = dict(temperature=0.9, top_k=20, top_p=0.9, seed=100 + i) if i % 3 == 2 else {}
         specs.append(Request(_ids(3 + (7 * i) % 13, seed=i), max_new_tokens=4 + (5 * i) % 9, stop_tokens=[],
                              **kw, **sampled))
@@ -60,6 +61,9 @@ def test_continuous_batching_equals_each_request_alone(cpu_capability):
         assert r.finish_reason == "length"
     deep = [x for r in reqs if r.confidence for x in r.exit_layers]
     assert L in deep and len(set(deep)) > 1  # some tokens were taken again at the full depth, not all
+    started = [r for r in reqs if r.full_start and r.target_exit != L]
+    assert started and all(r.exit_layers[:r.full_start] == [L] * r.full_start for r in started)
+    assert any(set(r.exit_layers[r.full_start:]) == {r.target_exit} for r in started)
 
 
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps():
@@ -79,6 +83,20 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps():
     assert short.tokens == _alone(m, short).tokens
     # chunks attend over the cache instead of one causal pass: the same tokens (and logits to rounding)
     assert long_.tokens == _alone(m, long_).tokens
+
+
+def test_full_start_of_a_prompt_prefilled_in_chunks():
+    m = _model()
+    b = Batcher(m, max_batch=2, max_len=96, prefill_chunk=8, calibration=None)
+    reqs = [b.submit(Request(_ids(30, 5), max_new_tokens=7, stop_tokens=[], exit_layer=2, full_start=3)),
+            b.submit(Request(_ids(6, 6), max_new_tokens=9, stop_tokens=[], exit_layer=4, full_start=1))]
+    while b.busy:
+        b.iterate()
+    for r in reqs:
+        alone = _alone(m, r)
+        assert r.tokens == alone.tokens and r.exit_layers == alone.exit_layers
+    assert reqs[0].exit_layers == [L] * 3 + [2] * 4 and reqs[1].exit_layers == [L] + [4] * 8
+    assert b.tokens_by_exit[L] == 4
 
 
 def test_cancel_frees_the_row_and_the_next_request_is_served():
@@ -177,6 +195,9 @@ def test_load_controller_holds_requests_the_floors_cannot_serve(monkeypatch):
     (dict(stop_tokens=2), "stop_tokens must be a list of token ids"),
     (dict(confidence=1.5), r"confidence must be a number in \[0, 1\]"),
     (dict(confidence="high"), r"confidence must be a number in \[0, 1\]"),
+    (dict(full_start=-2), r"full_start must be an int >= 0 .*got -2"),
+    (dict(full_start=1.5), r"full_start must be an int >= 0 .*got 1.5"),
+    (dict(full_start=True), r"full_start must be an int >= 0 .*got True"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_queued(kw, match):
     m = _model()

@@ -84,6 +84,11 @@ def test_train_then_eval(tmp_path, capsys):
     assert "4 tokens at exit 30 of 30, 4 taken again at the full depth (confidence below 1)" in capsys.readouterr().out
     assert main(["generate", "--exits-file", str(exits), "--confidence", "-0.5", "Hi"]) == 2
     assert "confidence must be a number in [0, 1]" in capsys.readouterr().err
+    assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--full-start", "2", "--max-new-tokens",
+                 "5", "--frequency-penalty", "0.5", "Hi"]) == 0  # the opening at the full depth, then exit 15
+    assert "5 tokens at exit 15/30 of 30, the first 2 at the full depth (--full-start);" in capsys.readouterr().out
+    assert main(["generate", "--exits-file", str(exits), "--full-start", "-1", "Hi"]) == 2
+    assert "full_start must be an int >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -108,3 +113,11 @@ def test_demo_with_confidence(capsys):
     out = capsys.readouterr().out
     assert "confidence 0.3 (a token its exit is less sure of is taken again at the full depth)" in out
     assert "--- budget 0.5: exit 15 with a 16,384-token head (" in out and "the rest at the full depth)" in out
+
+
+@pytest.mark.slow
+def test_demo_with_full_start(capsys):
+    assert main(["demo", "--budgets", "0.7", "--full-start", "4", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "the first 4 answer tokens at the full depth at every budget" in out
+    assert "--- budget 0.7: exit 23 with a 8,192-token head (50% of the tokens; the rest at the full depth)" in out

@@ -645,3 +645,51 @@ def test_confidence_out_of_range_is_refused(bad):
     m = _model()
     with pytest.raises(ValueError, match="confidence"):
         bx.generate(m, _prompts(1)[0], budget=0.5, confidence=bad, max_new_tokens=2)
+
+
+# -- full start: the first answer tokens at the full depth, the budget's route after them
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_full_start_takes_the_opening_at_the_full_depth_then_the_route(native, cpu_capability):
+    m = _model()
+    ids = _prompts(1, lengths=(7,))[0]
+    full = bx.generate(m, ids, exit_layer=L, max_new_tokens=10, stop_tokens=[], native=native)
+    g = bx.generate(m, ids, exit_layer=2, full_start=4, max_new_tokens=10, stop_tokens=[], stream=True, native=native)
+    for _ in g:
+        seq = ids + g.generated[0][:-1]
+        k = g.exit_layers[0][-1]
+        assert k == (L if len(g.generated[0]) <= 4 else 2)
+        torch.testing.assert_close(g.engine.logits[0], _fresh_logits(m, seq, k), atol=3e-4, rtol=3e-4)
+        assert g.generated[0][-1] == int(_fresh_logits(m, seq, k).argmax())
+    out = g.result()
+    assert out.tokens[:4] == full.tokens[:4]
+    assert out.exit_layers == [L] * 4 + [2] * 6 and out.heads == [0] * 10
+    # a full start as long as the answer is the full model's answer
+    assert bx.generate(m, ids, exit_layer=2, full_start=10, max_new_tokens=10, stop_tokens=[],
+                       native=native).tokens == full.tokens
+
+
+def test_full_start_per_sequence_in_a_batch_equals_each_alone(cpu_capability):
+    m = _model()
+    prompts = _prompts(4)
+    exits, start, conf = [2, 4, L, 2], [3, 0, 5, 8], [0.0, 0.0, 0.0, 0.6]
+    kw = dict(max_new_tokens=8, stop_tokens=[], frequency_penalty=0.4)
+    together = bx.generate(m, prompts, exit_layer=exits, full_start=start, confidence=conf, **kw)
+    for p, k, s, c, out in zip(prompts, exits, start, conf, together):
+        alone = bx.generate(m, p, exit_layer=k, full_start=s, confidence=c, **kw)
+        assert out.tokens == alone.tokens and out.exit_layers == alone.exit_layers
+    assert together[0].exit_layers == [L] * 3 + [2] * 5 and together[1].exit_layers == [4] * 8
+    assert together[3].exit_layers == [L] * 8
+
+
+def test_full_start_with_a_budget_that_changes_mid_generation(cpu_capability):
+    m = _model()
+    ids = _prompts(1, lengths=(5,))[0]
+    out = bx.generate(m, ids, exit_layer={0: 4, 5: 2}, full_start=3, max_new_tokens=8, stop_tokens=[])
+    assert out.exit_layers == [L] * 3 + [4] * 2 + [2] * 3
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "4", True, None, [2, 2]])
+def test_full_start_that_is_not_a_count_is_refused(bad):
+    m = _model()
+    with pytest.raises(ValueError, match="full_start"):
+        bx.generate(m, _prompts(1)[0], budget=0.5, full_start=bad, max_new_tokens=2)

@@ -96,6 +96,12 @@ def test_completion_and_chat_completion(server, model):
     r = c.chat.completions.create(model=model.name, messages=msgs, max_tokens=12, temperature=0,
                                   extra_body={"exit_layer": 2, "confidence": conf})
     assert r.choices[0].message.content == alone.text and r.model_extra["exit_layers"] == alone.exit_layers
+    # full_start: the opening at the full depth, the request's exit after it
+    alone = _alone(model, "Why is the sky blue?", True, exit_layer=2, full_start=5, max_new_tokens=12)
+    r = c.chat.completions.create(model=model.name, messages=msgs, max_tokens=12, temperature=0,
+                                  extra_body={"exit_layer": 2, "full_start": 5})
+    assert r.choices[0].message.content == alone.text and r.model_extra["exit_layers"] == alone.exit_layers
+    assert alone.exit_layers[:5] == [L] * 5 and set(alone.exit_layers[5:]) == {2}
 
 
 def test_streaming(server, model):
@@ -202,6 +208,8 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
     ({"prompt": "x", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
     ({"prompt": "x", "confidence": 1.5}, 400, "confidence must be a number in [0, 1]"),
     ({"prompt": "x", "confidence": True}, 400, "confidence: Input should be a valid number"),
+    ({"prompt": "x", "full_start": -3}, 400, "full_start must be an int >= 0"),
+    ({"prompt": "x", "full_start": 2.0}, 400, "full_start: Input should be a valid integer"),
     ({"prompt": "x", "n": "2"}, 400, "n: Input should be a valid integer"),
     ({"prompt": [True, False]}, 400, "prompt"),
     # a truthy string was taken for include_usage=True before
