@@ -219,8 +219,10 @@ def cmd_demo(args) -> int:
         out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens,
                        frequency_penalty=args.frequency_penalty, confidence=args.confidence,
                        full_start=args.full_start)
-        # the route the budget bought: its tokens' (those taken again at the full depth are (L, 0))
-        route = next(((k, n) for k, n in zip(out.exit_layers, out.heads) if k != L), (L, out.heads[0]))
+        # the route the budget bought: its tokens' past the full start (those taken again at the full depth
+        # are (L, 0))
+        after = list(zip(out.exit_layers, out.heads))[args.full_start:] or [(L, 0)]
+        route = next(((k, n) for k, n in after if k != L), after[0])
         at_exit = sum(k == route[0] for k in out.exit_layers) / len(out.exit_layers)
         if args.budgets is None and route in seen:
             continue  # (a budget that buys the same route as a higher one)

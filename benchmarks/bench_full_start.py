@@ -1,14 +1,14 @@
 """Full start: how an exit continues an answer whose opening the full model wrote.
 
     PYTHONPATH=. python benchmarks/bench_full_start.py [--prompts 64] [--exits 15 19 23 26]
-        [--full-start 0 8 16 32] [--max-new-tokens 128] [--frequency-penalty 0]
+        [--full-start 0 8 16 32] [--max-new-tokens 128] [--frequency-penalty 0] [--shortlist N]
 
 With `full_start=K`, generate() takes the first K answer tokens at the full depth with the full head
 and the rest at the exit. On held-out chat instructions (never trained: chat_eval.heldout_instructions)
 the full model answers greedily; then each (exit, K) answers the same prompts greedily (batch 16), and
 the table gives:
   cost        parameters read per token relative to the full model's, over these answers (the opening
-              at 1, the rest at the exit's cost)
+              at 1, the rest at the exit's cost: its layers and its head, full or --shortlist N tokens)
   rep4, F1    repeated 4-grams in the whole answer and its token F1 with the full model's answer (the
               opening is the full model's own, so F1 rises with K by itself)
   F1 after K  the token F1 of the answer's tokens past the K-th with the full model's tokens past the
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import balcony_ext as bx  # noqa: E402
-from balcony_ext.budgets import costs  # noqa: E402
+from balcony_ext.budgets import costs, head_cost  # noqa: E402
 from balcony_ext.chat_eval import _strip_stop, heldout_instructions, repeated_ngram_share, token_f1  # noqa: E402
 from balcony_ext.generate import stop_token_ids  # noqa: E402
 from common import emit_json, machine, print_table  # noqa: E402
@@ -37,7 +37,7 @@ def answers(model, texts, exit_layer, full_start, args, stop, batch=16):
     for i in range(0, len(texts), batch):
         out += bx.generate(model, texts[i:i + batch], exit_layer=exit_layer, full_start=full_start,
                            max_new_tokens=args.max_new_tokens, frequency_penalty=args.frequency_penalty,
-                           calibration=None, shortlist=False)
+                           calibration=None, shortlist=args.shortlist if exit_layer != model.num_layers else False)
     return [_strip_stop(o.tokens, stop) for o in out]
 
 
@@ -54,6 +54,9 @@ def main():
     ap.add_argument("--exits", type=int, nargs="+", default=None, help="default: every attached exit")
     ap.add_argument("--full-start", type=int, nargs="+", default=[0, 8, 16, 32])
     ap.add_argument("--frequency-penalty", type=float, default=0.0)
+    ap.add_argument("--shortlist", type=int, default=0,
+                    help="the exits read the first N tokens of the model's shortlist as their head (0: the full head); "
+                         "the opening reads the full head")
     args = ap.parse_args()
     starts = sorted(set(args.full_start) | {0})
 
@@ -66,6 +69,7 @@ def main():
     rows = []
     for k in args.exits or model.exits:
         exit_cost = c[("balcony", k)] / c["full"]
+        exit_cost *= head_cost(model, k, args.shortlist, c) if args.shortlist else 1.0
         own = None
         for K in starts:
             got = answers(model, texts, k, K, args, stop)
@@ -81,12 +85,14 @@ def main():
 
     print(f"{model.name}, exits {model.exits}; {args.prompts} held-out chat prompts, greedy"
           + (f" with frequency_penalty {args.frequency_penalty:g}" if args.frequency_penalty else "")
-          + f", {args.max_new_tokens} new tokens, full heads; {machine()}, CPU kernels {bx.cpu_capability()}")
+          + f", {args.max_new_tokens} new tokens; the exits' head: "
+          + (f"the first {args.shortlist:,} shortlisted tokens" if args.shortlist else "full")
+          + f"; {machine()}, CPU kernels {bx.cpu_capability()}")
     print_table(rows, [("exit", "exit", "d"), ("full_start", "full start", "d"), ("cost", "cost", ".3f"),
                        ("rep4", "rep4", ".3f"), ("f1", "F1", ".3f"), ("f1_after", "F1 after K", ".3f"),
                        ("control", "control", ".3f"), ("length", "tokens", ".0f")])
     emit_json(dict(bench="full_start", machine=machine(), cpu_kernels=bx.cpu_capability(), prompts=args.prompts,
-                   max_new_tokens=args.max_new_tokens, frequency_penalty=args.frequency_penalty,
+                   max_new_tokens=args.max_new_tokens, frequency_penalty=args.frequency_penalty, shortlist=args.shortlist,
                    full_answer_rep4=mean(map(repeated_ngram_share, ref)), rows=rows, when=time.strftime("%Y-%m-%d")))
 
 

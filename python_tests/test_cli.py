@@ -117,7 +117,8 @@ def test_demo_with_confidence(capsys):
 
 @pytest.mark.slow
 def test_demo_with_full_start(capsys):
-    assert main(["demo", "--budgets", "0.7", "--full-start", "4", "--max-new-tokens", "8"]) == 0
+    assert main(["demo", "--budgets", "0.9", "0.7", "--full-start", "4", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "the first 4 answer tokens at the full depth at every budget" in out
+    assert "--- budget 0.9: the full model with a 16,384-token head," in out  # (the route past the opening)
     assert "--- budget 0.7: exit 23 with a 8,192-token head (50% of the tokens; the rest at the full depth)" in out
