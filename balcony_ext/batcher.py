@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budgets import check_calibration, choose_exit, exit_costs, load_calibration, resolve_route
+from .budgets import check_calibration, choose_exit, exit_costs, load_calibration, plan_opening, resolve_route
 from .checks import check_flag
 from .controller import LoadController
 from .engine import Engine
@@ -50,7 +50,8 @@ class Request:
     head; False: never; True: only shortlisted heads; n: the first n shortlisted tokens). confidence:
     as generate's (a token whose exit gives its most likely token a probability below it is taken
     again at the full depth; 0: never). full_start: as generate's (the first full_start answer tokens
-    at the full depth with the full head, the request's route after them)."""
+    at the full depth with the full head, the request's route after them; "auto": a budget spends an
+    opening over max_new_tokens where it fits, budgets.plan_opening)."""
 
     prompt_ids: list
     max_new_tokens: int = 128
@@ -60,7 +61,7 @@ class Request:
     min_budget: float | None = None
     shortlist: bool | int | None = None
     confidence: float = 0.0
-    full_start: int = 0
+    full_start: int | str = "auto"
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -79,6 +80,7 @@ class Request:
     floor_exit: int = 0  # the lowest exit the controller may give it
     exit: int = 0  # the exit its next token is decoded at
     head: int = 0  # its LM head: 0 the full one, n the first n tokens of the model's shortlist (a budget bought it)
+    opening: int = 0  # answer tokens at the full depth first (full_start, or what its budget spends on them)
     row: int = -1
     seq: Sequence | None = None
     notes: list = field(default_factory=list)
@@ -180,7 +182,12 @@ class Batcher:
         kind, value = (("exit", req.exit_layer) if req.exit_layer is not None else
                        ("latency", req.ms_per_token) if req.ms_per_token is not None else
                        ("budget", 1.0 if req.budget is None else req.budget))
-        (k, req.head), note = resolve_route(m, kind, value, self.calibration, req.shortlist)
+        if kind == "budget" and req.full_start == "auto":
+            req.opening, (k, req.head), note = plan_opening(m, value, req.max_new_tokens, self.calibration,
+                                                            req.shortlist)
+        else:
+            (k, req.head), note = resolve_route(m, kind, value, self.calibration, req.shortlist)
+            req.opening = 0 if req.full_start == "auto" else req.full_start
         notes = [note] if note else []
         floor = k
         if req.min_budget is not None:
@@ -217,9 +224,12 @@ class Batcher:
         if not (real(req.confidence) and 0 <= req.confidence <= 1):
             raise ValueError(f"confidence must be a number in [0, 1] (0: every token at its exit), "
                              f"got {req.confidence!r}")
-        if isinstance(req.full_start, bool) or not isinstance(req.full_start, numbers.Integral) or req.full_start < 0:
-            raise ValueError(f"full_start must be an int >= 0 (answer tokens taken at the full depth before the "
-                             f"request's route; 0: none), got {req.full_start!r}")
+        fs = req.full_start
+        if not (isinstance(fs, str) and fs == "auto") and (
+                isinstance(fs, bool) or not isinstance(fs, numbers.Integral) or fs < 0):
+            raise ValueError(f"full_start must be 'auto' (a budget spends an opening where it fits) or an int >= 0 "
+                             f"(answer tokens taken at the full depth before the request's route; 0: none), got "
+                             f"{req.full_start!r}")
         req.target_exit, req.floor_exit, req.notes = self.resolve_exit(req)
         req.exit = req.target_exit  # (the controller's ceiling applies when the prompt is admitted)
         req.prompt_ids = ids
@@ -355,7 +365,7 @@ class Batcher:
 
     def _route(self, req: Request) -> tuple:
         """(exit, head) of the request's next token: the full depth and head in its full start, then its own."""
-        return (self.model.num_layers, 0) if len(req.seq.tokens) < req.full_start else (req.exit, req.head)
+        return (self.model.num_layers, 0) if len(req.seq.tokens) < req.opening else (req.exit, req.head)
 
     def _take(self, req: Request, token: int, route: tuple):
         """The request's next token, taken at route (exit, head): recorded, streamed, and the row either

@@ -8,7 +8,8 @@ there (so 0.85 buys the full depth with a shortlisted head rather than a shallow
 (depth, head): head 0 is the full head, n the first n shortlisted tokens. Costs come from a
 calibration (measured milliseconds per token on this machine, `balcony calibrate`), else from the
 parameters read per token. `exit_layer=k` picks an exit directly, `ms_per_token=x` the deepest exit
-whose calibrated latency fits.
+whose calibrated latency fits. plan_opening spends a budget over a whole answer instead: an opening at
+the full depth, then a route cheap enough that the answer's average fits (generate's full_start="auto").
 """
 
 from __future__ import annotations
@@ -192,6 +193,32 @@ def choose_route(model, budget: float, calibration: dict | None = None, shortlis
     return r, f"budget {budget:g} is below the cheapest exit (depth {r[0]}{head}, cost {costs[r]:.3f}); using it"
 
 
+OPENING = 32  # the longest opening a budget spends at the full depth (full_start="auto")
+
+
+def plan_opening(model, budget: float, max_new_tokens: int, calibration: dict | None = None, shortlist=None,
+                 longest: int = OPENING) -> tuple:
+    """(K, (depth, head), note): a budget spent over an answer of max_new_tokens tokens N as an opening
+    of K tokens at the full depth with the full head, then a route, so that (K + (N - K) * cost) / N fits
+    the budget: the longest opening up to `longest` after which some route fits, then the deepest route
+    (with the largest head) that fits what is left. An exit continues the full model's opening far
+    closer to the full model's answer than its own (docs/results/full_start.md), so the opening comes
+    first. The answer never costs more than budget * N full-depth tokens; one that stops early
+    spends less in all (but more per token). K is 0 where the route is the full depth."""
+    _check_budget(budget)
+    b, N = float(budget), max_new_tokens
+    costs = route_costs(model, calibration, shortlist)
+    V, L = model.adapter.vocab_size, model.num_layers
+    for K in range(min(longest, N - 1), -1, -1):
+        allowed = (b * N - K) / (N - K)
+        fitting = [r for r, c in costs.items() if c <= allowed + 1e-9]
+        if fitting:
+            route = max(fitting, key=lambda r: (r[0], r[1] or V))
+            return (0 if route == (L, 0) else K), route, None
+    route, note = choose_route(model, budget, calibration, shortlist)
+    return 0, route, note
+
+
 def choose_exit(model, budget: float, calibration: dict | None = None) -> tuple:
     """(exit depth, note): the deepest exit whose relative cost with the full head fits the budget."""
     (k, _), note = choose_route(model, budget, calibration, shortlist=0)
@@ -230,9 +257,13 @@ def resolve_route(model, kind: str, value, calibration: dict | None, shortlist=N
 
 class Budgets:
     """Turns budget / exit_layer / ms_per_token (numbers, per-sequence lists, schedules or
-    callables of the step) into the exit of every row at every step."""
+    callables of the step) into the exit of every row at every step. With `opening` > 0 (and
+    max_new_tokens), a budget that is a number (or per-sequence list of numbers) is spent over the answer
+    (plan_opening): `openings[b]` tokens at the full depth first, then the route returned by routes();
+    schedules, callables, exit_layer and ms_per_token price every token alike (openings 0)."""
 
-    def __init__(self, model, B, budget, exit_layer, ms_per_token, calibration, shortlist=None):
+    def __init__(self, model, B, budget, exit_layer, ms_per_token, calibration, shortlist=None,
+                 max_new_tokens=None, opening=0):
         given = [x is not None for x in (budget, exit_layer, ms_per_token)]
         if sum(given) > 1:
             raise ValueError("give one of budget, exit_layer and ms_per_token")
@@ -240,6 +271,7 @@ class Budgets:
             budget = 1.0
         head_sizes(model, shortlist)  # (validates the option before anything else)
         self.model, self.B, self.cal, self.shortlist = model, B, calibration, shortlist
+        self.max_new, self.opening = max_new_tokens, opening
         self.kind = "budget" if budget is not None else "exit" if exit_layer is not None else "latency"
         self.notes = [[] for _ in range(B)]
         self.set(budget if budget is not None else exit_layer if exit_layer is not None else ms_per_token, 0)
@@ -247,14 +279,32 @@ class Budgets:
     def set(self, value, step: int):
         """Uses `value` from `step` on. It is resolved for that step first: a bad value raises and changes
         nothing (the resolution is kept for that step, so a callable is still called once per step; a
-        number or a per-sequence list resolves the same at every step and is kept for all)."""
-        resolved = self._resolve(value, step)
-        self.value, self._resolved = value, (step, resolved)
-        self._fixed = not callable(value) and not isinstance(value, dict)
+        number or a per-sequence list resolves the same at every step and is kept for all). A number
+        set mid-answer makes the plan it would have made from the start: what is left of its opening
+        (answer tokens before openings[b]) at the full depth, then its route."""
+        fixed = not callable(value) and not isinstance(value, dict)
+        spend = fixed and self.kind == "budget" and self.opening > 0
+        openings = [0] * self.B
+        if spend:
+            vals = self._rows(value)
+            plans = [plan_opening(self.model, v, self.max_new, self.cal, self.shortlist, self.opening) for v in vals]
+            resolved = [(route, note) for _, route, note in plans]
+            openings = [K for K, _, _ in plans]
+        else:
+            resolved = self._resolve(value, step)
+        self.value, self._resolved, self._fixed, self.openings = value, (step, resolved), fixed, openings
 
     def _one(self, v, b):
         """((depth, head), note or None) for one row's value (resolve_route)."""
         return resolve_route(self.model, self.kind, v, self.cal, self.shortlist)
+
+    def _rows(self, v) -> list:
+        """One value per row from a number or a per-sequence list."""
+        if isinstance(v, (list, tuple)):
+            if len(v) != self.B:
+                raise ValueError(f"{len(v)} per-sequence values for {self.B} prompts")
+            return list(v)
+        return [v] * self.B
 
     def _resolve(self, v, step: int) -> list:
         """[((exit, head), note or None)] of every row at `step` for the value v; raises for a bad value."""
@@ -269,16 +319,11 @@ class Budgets:
             if not keys:
                 raise ValueError(f"the budget schedule {v} has no entry for step {step} (start it at 0)")
             v = v[keys[-1]]
-        if isinstance(v, (list, tuple)):
-            if len(v) != self.B:
-                raise ValueError(f"{len(v)} per-sequence values for {self.B} prompts")
-            vals = list(v)
-        else:
-            vals = [v] * self.B
-        return [self._one(x, b) for b, x in enumerate(vals)]
+        return [self._one(x, b) for b, x in enumerate(self._rows(v))]
 
     def routes(self, step: int) -> list:
-        """[(exit depth, head)] of every row at `step` (head: 0 the full one, n the first n shortlisted tokens)."""
+        """[(exit depth, head)] of every row at `step` (head: 0 the full one, n the first n shortlisted
+        tokens); a row still in its opening (openings) is at the full depth whatever this says."""
         at, resolved = self._resolved
         out = []
         for b, (route, note) in enumerate(resolved if at == step or self._fixed else self._resolve(self.value, step)):

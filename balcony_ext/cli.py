@@ -100,6 +100,14 @@ def _positive_int(text):
     return n
 
 
+def _full_start(text):
+    """--full-start: an int where the text is one (generate checks the value and names what is wrong)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _port(text):
     try:
         n = int(text)
@@ -139,9 +147,9 @@ def cmd_generate(args) -> int:
     listed = (f", {sum(1 for n in out.heads if n)} with a shortlisted head of {'/'.join(f'{n:,}' for n in sizes)} tokens"
               if sizes else "")
     asked = g.budgets.exits(0)[0]  # (the CLI's budget, exit or latency is one route for every step)
-    L, start = model.num_layers, min(args.full_start, len(out.tokens))
+    L, start = model.num_layers, out.full_start
     deep = sum(1 for k in out.exit_layers[start:] if k == L) if asked != L else 0
-    listed += f", the first {start} at the full depth (--full-start)" if start and asked != L else ""
+    listed += f", the first {start} at the full depth (its opening)" if start and asked != L else ""
     listed += f", {deep} taken again at the full depth (confidence below {args.confidence:g})" if deep else ""
     print(f"\n\n[{len(out.tokens)} tokens at exit {'/'.join(map(str, exits))} of {model.num_layers}{listed}; "
           f"{out.tokens_per_second:.1f} tokens/s; first token after {out.time_to_first_token * 1000:.0f} ms]")
@@ -206,7 +214,8 @@ def cmd_demo(args) -> int:
           + (f", frequency_penalty {args.frequency_penalty:g}" if args.frequency_penalty else "")
           + (f"; confidence {args.confidence:g} (a token its exit is less sure of is taken again at the full depth)"
              if args.confidence else "")
-          + (f"; the first {args.full_start} answer tokens at the full depth at every budget" if args.full_start else "")
+          + (f"; the first {args.full_start} answer tokens at the full depth at every budget"
+             if args.full_start not in (0, "auto") else "")
           + "\n")
     budgets = args.budgets
     if budgets is None:  # tenths from 1 down to the cheapest route
@@ -219,27 +228,30 @@ def cmd_demo(args) -> int:
         out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens,
                        frequency_penalty=args.frequency_penalty, confidence=args.confidence,
                        full_start=args.full_start)
-        # the route the budget bought: its tokens' past the full start (those taken again at the full depth
+        # the route the budget bought: its tokens' past the opening (those taken again at the full depth
         # are (L, 0))
-        after = list(zip(out.exit_layers, out.heads))[args.full_start:] or [(L, 0)]
+        after = list(zip(out.exit_layers, out.heads))[out.full_start:] or [(L, 0)]
         route = next(((k, n) for k, n in after if k != L), after[0])
-        at_exit = sum(k == route[0] for k in out.exit_layers) / len(out.exit_layers)
-        if args.budgets is None and route in seen:
-            continue  # (a budget that buys the same route as a higher one)
-        seen.add(route)
+        at_exit = sum(k == route[0] for k, _ in after) / len(after)
+        if args.budgets is None and (out.full_start, route) in seen:
+            continue  # (a budget that buys the same opening and route as a higher one)
+        seen.add((out.full_start, route))
         runs.append((budget, route, out))
         k, n = route
         row = figures.get((head_method(n) if n else "full" if k == L else "balcony", k), {})
         agree = row.get("chat_top1")
         print(f"--- budget {budget:g}: " + ("the full model" if k == L else f"exit {k}")
               + (f" with a {n:,}-token head" if n else "")
-              + (f" ({at_exit:.0%} of the tokens; the rest at the full depth)" if k != L and at_exit < 1 else "")
+              + (f" after a {out.full_start}-token opening at the full depth" if k != L and out.full_start else "")
+              + (f" ({at_exit:.0%} of the tokens past it; the rest at the full depth)"
+                 if k != L and at_exit < 1 else "")
               + f", {out.tokens_per_second:.1f} tokens/s"
               + (f", agrees with the full model on {agree:.0%} of answer tokens" if agree is not None and
                  route != (L, 0) else ""))
         print(out.text.strip() + "\n")
     full = next((o for b, r, o in runs if r == (L, 0)), None)
-    print(f"{'budget':>7}{'exit':>6}{'head':>7}{'tokens/s':>10}{'speed-up':>10}{'chat top-1':>12}{'chat F1':>9}"
+    print(f"{'budget':>7}{'opening':>8}{'exit':>6}{'head':>7}{'tokens/s':>10}{'speed-up':>10}{'chat top-1':>12}"
+          f"{'chat F1':>9}"
           f"{'held-out ppl':>14}")
     for budget, (k, n), out in runs:
         speed = out.tokens_per_second / full.tokens_per_second if full else float("nan")
@@ -248,7 +260,9 @@ def cmd_demo(args) -> int:
         f1 = f"{row['chat_f1']:.2f}" if row.get("chat_f1") is not None else "-"
         ppl = f"{row['perplexity']:.1f}" if row.get("perplexity") is not None else "-"
         head = f"{n // 1024}k" if n else "full"
-        print(f"{budget:>7g}{k:>6}{head:>7}{out.tokens_per_second:>10.1f}{speed:>9.2f}x{agree:>12}{f1:>9}{ppl:>14}")
+        opening = out.full_start if k != L else 0
+        print(f"{budget:>7g}{opening:>8}{k:>6}{head:>7}{out.tokens_per_second:>10.1f}{speed:>9.2f}x{agree:>12}{f1:>9}"
+              f"{ppl:>14}")
     if figures:
         print("\nchat top-1: how often the route's next token equals the full model's along the full model's answers "
               "to held-out instructions;\nchat F1: its own greedy answers' token F1 with the full model's; held-out "
@@ -346,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--confidence", type=float, default=0.0,
                    help="a token whose exit gives its most likely token a probability below this is taken again at "
                         "the full depth (0: never)")
-    g.add_argument("--full-start", type=int, default=0,
-                   help="the first N answer tokens at the full depth, the budget's route after them (0: none)")
+    g.add_argument("--full-start", type=_full_start, default="auto",
+                   help="the first N answer tokens at the full depth, the budget's route after them (0: none; auto: "
+                        "the budget spends an opening over --max-new-tokens where it fits; default)")
     g.add_argument("--stop", action="append", help="a string that ends the answer (repeatable)")
     g.add_argument("--calibration", default=None, help="a calibration file (default: the one `balcony calibrate` saved)")
     g.set_defaults(func=cmd_generate)
@@ -392,9 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--confidence", type=float, default=0.0,
                    help="at every budget, a token whose exit gives its most likely token a probability below this is "
                         "taken again at the full depth (0: never)")
-    d.add_argument("--full-start", type=int, default=0,
+    d.add_argument("--full-start", type=_full_start, default="auto",
                    help="at every budget, the first N answer tokens at the full depth, the budget's route after them "
-                        "(0: none)")
+                        "(0: none; auto: each budget spends an opening over --max-new-tokens where it fits; default)")
     d.set_defaults(func=cmd_demo)
     return p
 

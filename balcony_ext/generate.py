@@ -5,8 +5,9 @@
     for piece in bx.generate(model, prompt, budget=0.3, stream=True): print(piece, end="")
     outs = bx.generate(model, [p1, p2, p3], budget=[0.3, 0.6, 1.0])
 
-A budget in (0, 1] is the fraction of the full model's per-token cost the caller allows; the deepest
-exit whose cost fits is taken (budgets.py). The batch runs on one Engine (engine.py) over an
+A budget in (0, 1] is the fraction of the full model's cost the caller allows; by default it is spent
+over the answer's max_new_tokens tokens: an opening at the full depth, then the deepest route that
+fits the rest (budgets.plan_opening; full_start=0 prices every token alike). The batch runs on one Engine (engine.py) over an
 early-exit KV cache allocated for the call (kv_cache.py); `Generation._advance` is one token for
 every sequence.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .budgets import Budgets, calibration_path, check_calibration, load_calibration
+from .budgets import OPENING, Budgets, calibration_path, check_calibration, load_calibration
 from .checks import check_flag, check_path
 from .engine import Engine
 from .penalties import Penalties
@@ -41,6 +42,7 @@ class GenerationOutput:
     finish_reason: str  # "stop" or "length"
     notes: list = field(default_factory=list)
     heads: list = field(default_factory=list)  # per token: 0 the full LM head, n a head of the first n shortlisted tokens
+    full_start: int = 0  # the answer's first tokens taken at the full depth as its opening (full_start)
 
     def __str__(self):
         return self.text
@@ -172,7 +174,7 @@ class Generation:
                  max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
                  stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto",
                  presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None,
-                 confidence=0.0, full_start=0):
+                 confidence=0.0, full_start="auto"):
         self.t_start = time.perf_counter()  # the time to first token counts from the call
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -209,9 +211,11 @@ class Generation:
         self.top_p = rows("top_p", top_p, torch.float32, lambda x: real(x) and 0 < x <= 1, "in (0, 1]")
         self.confidence = rows("confidence", confidence, torch.float32, lambda x: real(x) and 0 <= x <= 1,
                                "a number in [0, 1] (0: every token at its exit)")
-        self.full_start = rows("full_start", full_start, torch.long, lambda x: isinstance(x, numbers.Integral) and x >= 0,
-                               "an int >= 0 (answer tokens taken at the full depth before the budget's route; 0: none)"
-                               ).tolist()
+        auto = isinstance(full_start, str) and full_start == "auto"
+        self.full_start = None if auto else rows(  # (None: the budget's plan says, Budgets.openings)
+            "full_start", full_start, torch.long, lambda x: isinstance(x, numbers.Integral) and x >= 0,
+            "'auto' (a budget spends an opening where it fits), an int >= 0 (answer tokens taken at the full depth "
+            "before the budget's route; 0: none) or a per-sequence list of ints").tolist()
         self.penalties = Penalties.of(B, presence_penalty, frequency_penalty, repetition_penalty,
                                       start=[len(i) for i in self.ids])
         need = max(len(i) for i in self.ids) + max_new_tokens
@@ -221,7 +225,7 @@ class Generation:
         stale = []
         cal = load_calibration(model, notes=stale) if calibration == "auto" else calibration
         self.budgets = Budgets(model, B, budget, exit_layer, ms_per_token, cal,  # validates before any allocation
-                               shortlist)
+                               shortlist, max_new_tokens=max_new_tokens, opening=OPENING if auto else 0)
         for notes in self.budgets.notes:
             notes.extend(stale)
         # the engine (its cache) is allocated when the generation starts, inside the time to first token
@@ -245,12 +249,17 @@ class Generation:
     exit_layers = property(lambda self: [q.exit_layers for q in self.seqs])
     done = property(lambda self: [q.done for q in self.seqs])
 
+    @property
+    def openings(self) -> list:
+        """Per sequence: the answer tokens taken at the full depth first (full_start, or the budget's plan)."""
+        return self.budgets.openings if self.full_start is None else self.full_start
+
     def _advance(self) -> list:
         """One token for every unfinished row; returns the new text of each row."""
         e = self.engine
         routes = self.budgets.routes(self.step_index)
-        L = self.model.num_layers  # a row still in its full start: the full depth and head
-        routes = [(L, 0) if self.step_index < self.full_start[b] else r for b, r in enumerate(routes)]
+        L = self.model.num_layers  # a row still in its opening (full start): the full depth and head
+        routes = [(L, 0) if self.step_index < start else r for start, r in zip(self.openings, routes)]
         # finished rows stay idle (exit 0: no layer runs for them)
         exits = [0 if self.done[b] else routes[b][0] for b in range(e.B)]
         heads = [routes[b][1] for b in range(e.B)]
@@ -303,7 +312,7 @@ class Generation:
                 tokens_per_second=(max(self.step_index - 1, 0) / decode_s) if decode_s > 0 else float("nan"),
                 time_to_first_token=(self.t_first - self.t_start) if self.t_first else float("nan"),
                 prompt_tokens=len(self.ids[b]), finish_reason=q.finish, notes=list(self.budgets.notes[b]),
-                heads=list(q.heads)))
+                heads=list(q.heads), full_start=min(self.openings[b], len(q.tokens))))
         return outs[0] if self.single else outs
 
 
@@ -311,7 +320,7 @@ class Generation:
 def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, max_new_tokens: int = 128,
              temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None, stop_tokens=None, chat=None,
              stream: bool = False, max_len=None, native=None, calibration="auto", presence_penalty=0.0,
-             frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None, confidence=0.0, full_start=0):
+             frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None, confidence=0.0, full_start="auto"):
     """Generates from one prompt (or a list of prompts, as one batch) at the exit the budget buys.
     A prompt is a string or token ids (a list of ints, or a 1-D tensor; a list of prompts or a 2-D
     tensor of ids makes a batch).
@@ -334,7 +343,12 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     full_start: an int >= 0 (or per-sequence list): the first full_start answer tokens are taken at
     the full depth with the full head, the budget's route after them. An answer's opening sets its
     course, and an exit continues the full model's opening far closer to the full model's answer than
-    its own (docs/results/full_start.md); for a long answer the opening costs little.
+    its own (docs/results/full_start.md); for a long answer the opening costs little. "auto": a budget
+    that is a number (or per-sequence list) is spent over the answer's max_new_tokens tokens: the
+    longest opening up to budgets.OPENING tokens after which a route fits, then the deepest route that
+    fits the rest (budgets.plan_opening; the answer never costs more than budget x max_new_tokens
+    full-depth tokens, out.full_start says how many opened it); schedules, callables, exit_layer and
+    ms_per_token price every token alike.
     stream=True returns a Generation to iterate for text pieces (its set_budget() changes the budget
     mid-generation); otherwise a GenerationOutput (a list for a list of prompts).
     """

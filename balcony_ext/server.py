@@ -7,7 +7,8 @@ server-sent events), GET /v1/models, /health and /metrics (Prometheus). Beyond O
 request may give `budget` (in (0, 1]), `exit_layer` or `max_ms_per_token`, `min_budget` (the floor
 under load), `shortlist` (as generate's: whether the budget may buy a shortlisted LM head), `confidence`
 (as generate's: a token its exit is less sure of is taken again at the full depth), `full_start` (as
-generate's: the first answer tokens at the full depth, the request's route after them), `top_k` and
+generate's: the first answer tokens at the full depth, the request's route after them; "auto": the
+budget spends an opening over max_tokens where it fits), `top_k` and
 `repetition_penalty`; the OpenAI client passes them with `extra_body`.
 OpenAI fields the server does not implement (logit_bias, tools, response_format other than text, ...)
 get a 400 instead of being ignored. Responses add `exit_layers`
@@ -71,7 +72,7 @@ class _Common(BaseModel):
     min_budget: float | None = None
     shortlist: bool | int | None = None
     confidence: float | None = 0.0
-    full_start: int | None = 0
+    full_start: object = "auto" # 'auto' or an int >= 0: checked by the batcher (one message for every bad value)
 
 
 class CompletionBody(_Common):
@@ -234,7 +235,8 @@ def create_app(model, batcher: Batcher, model_id: str | None = None) -> FastAPI:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return Request(ids, max_new_tokens=max_tokens, budget=body.budget, exit_layer=body.exit_layer,
                        ms_per_token=body.max_ms_per_token, min_budget=body.min_budget, shortlist=body.shortlist,
-                       confidence=body.confidence or 0.0, full_start=body.full_start or 0,
+                       confidence=body.confidence or 0.0,
+                       full_start="auto" if body.full_start is None else body.full_start,
                        temperature=1.0 if body.temperature is None else body.temperature,
                        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
                        stop=stop, presence_penalty=body.presence_penalty or 0.0,

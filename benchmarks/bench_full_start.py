@@ -15,6 +15,10 @@ the table gives:
               K-th: how well the exit continues
   control     the same for the exit's own answer (K = 0): how well it does over those positions when
               it wrote the opening itself
+With --budgets b.. the budgets spend an opening (budgets.plan_opening: the longest opening up to
+--longest K tokens after which a route fits the budget over --max-new-tokens, then the deepest route
+that fits the rest; K 0 is the plain per-token route): for each budget and K the plan, its cost over
+the answers, rep4, F1 and F1 after the opening.
 Table, then a JSON line.
 """
 
@@ -26,24 +30,46 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import balcony_ext as bx  # noqa: E402
-from balcony_ext.budgets import costs, head_cost  # noqa: E402
+from balcony_ext.budgets import costs, head_cost, plan_opening, route_costs  # noqa: E402
 from balcony_ext.chat_eval import _strip_stop, heldout_instructions, repeated_ngram_share, token_f1  # noqa: E402
 from balcony_ext.generate import stop_token_ids  # noqa: E402
 from common import emit_json, machine, print_table  # noqa: E402
 
 
-def answers(model, texts, exit_layer, full_start, args, stop, batch=16):
+def answers(model, texts, exit_layer, full_start, args, stop, batch=16, head=None):
+    head = (args.shortlist if exit_layer != model.num_layers else False) if head is None else head
     out = []
     for i in range(0, len(texts), batch):
         out += bx.generate(model, texts[i:i + batch], exit_layer=exit_layer, full_start=full_start,
                            max_new_tokens=args.max_new_tokens, frequency_penalty=args.frequency_penalty,
-                           calibration=None, shortlist=args.shortlist if exit_layer != model.num_layers else False)
+                           calibration=None, shortlist=head)
     return [_strip_stop(o.tokens, stop) for o in out]
 
 
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
+
+
+def budget_rows(model, texts, ref, args, stop) -> list:
+    """A row per (budget, longest opening): the plan plan_opening makes, and how its answers fare."""
+    route_cost = route_costs(model)
+    rows, done = [], {}
+    for b in args.budgets:
+        for longest in sorted(set(args.longest) | {0}):
+            K, (k, head), _ = plan_opening(model, b, args.max_new_tokens, shortlist=None, longest=longest)
+            if (K, k, head) not in done:  # (a longer cap often makes the same plan)
+                done[(K, k, head)] = answers(model, texts, k, K, args, stop, head=head)
+            got = done[(K, k, head)]
+            n = sum(map(len, got))
+            opening = sum(min(K, len(g)) for g in got)
+            rows.append(dict(budget=b, longest=longest, full_start=K, exit=k, head=head,
+                             cost=(opening + (n - opening) * route_cost[(k, head)]) / n,
+                             rep4=mean(map(repeated_ngram_share, got)),
+                             f1=mean(token_f1(g, r) for g, r in zip(got, ref)),
+                             f1_after=mean(token_f1(g[K:], r[K:]) for g, r in zip(got, ref)),
+                             rep4_after=mean(repeated_ngram_share(g[K:]) for g in got), length=n / len(got)))
+    return rows
 
 
 def main():
@@ -57,6 +83,10 @@ def main():
     ap.add_argument("--shortlist", type=int, default=0,
                     help="the exits read the first N tokens of the model's shortlist as their head (0: the full head); "
                          "the opening reads the full head")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None,
+                    help="measure the plans these budgets make (with --longest) instead of exits after openings")
+    ap.add_argument("--longest", type=int, nargs="+", default=[16, 32, 64],
+                    help="with --budgets: the longest openings a budget may spend (0: the per-token route)")
     args = ap.parse_args()
     starts = sorted(set(args.full_start) | {0})
 
@@ -66,6 +96,20 @@ def main():
     stop = stop_token_ids(model)
     c = costs(model)
     ref = answers(model, texts, L, 0, args, stop)
+    if args.budgets:
+        rows = budget_rows(model, texts, ref, args, stop)
+        print(f"{model.name}, exits {model.exits}; {args.prompts} held-out chat prompts, greedy, "
+              f"{args.max_new_tokens} new tokens, budgets spending an opening; {machine()}, "
+              f"CPU kernels {bx.cpu_capability()}")
+        print_table(rows, [("budget", "budget", ".2f"), ("longest", "longest", "d"), ("full_start", "opening", "d"),
+                           ("exit", "exit", "d"), ("head", "head", "d"), ("cost", "cost", ".3f"),
+                           ("rep4", "rep4", ".3f"), ("f1", "F1", ".3f"), ("f1_after", "F1 after", ".3f"),
+                           ("rep4_after", "rep4 after", ".3f"), ("length", "tokens", ".0f")])
+        emit_json(dict(bench="full_start_budgets", machine=machine(), cpu_kernels=bx.cpu_capability(),
+                       prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                       frequency_penalty=args.frequency_penalty, full_answer_rep4=mean(map(repeated_ngram_share, ref)),
+                       rows=rows, when=time.strftime("%Y-%m-%d")))
+        return
     rows = []
     for k in args.exits or model.exits:
         exit_cost = c[("balcony", k)] / c["full"]

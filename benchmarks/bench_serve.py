@@ -74,8 +74,9 @@ def run_load(model, prompts, rate, n_requests, budgets, min_budget, max_tokens, 
         delay = t0 + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+        # (full_start=0: every token at the route its budget buys, so that the controller alone moves the exits)
         reqs.append(b.submit(Request(prompts[i % len(prompts)], max_new_tokens=max_tokens, budget=rng.choice(budgets),
-                                     min_budget=min_budget, stop_tokens=[], on_piece=on_piece)))
+                                     min_budget=min_budget, stop_tokens=[], on_piece=on_piece, full_start=0)))
     for r in reqs:
         r.wait()
     span = time.perf_counter() - t0

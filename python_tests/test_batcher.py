@@ -30,7 +30,7 @@ def _ids(n, seed):
 def _alone(m, req):
     return bx.generate(m, req.prompt_ids, exit_layer=req.target_exit, max_new_tokens=req.max_new_tokens,
                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop_tokens=[],
-                       calibration=None, confidence=req.confidence, full_start=req.full_start)
+                       calibration=None, confidence=req.confidence, full_start=req.opening)
 
 
 def test_continuous_batching_equals_each_request_alone(cpu_capability):
@@ -41,6 +41,7 @@ def test_continuous_batching_equals_each_request_alone(cpu_capability):
         kw = [dict(budget=1.0), dict(exit_layer=2), dict(exit_layer=4), dict(budget=0.3)][i % 4]
         kw |= dict(confidence=0.6) if i % 5 == 1 else {}  # (tokens its exit is unsure of: at the full depth)
         kw |= dict(full_start=2 + i % 4) if i % 6 == 5 else {}  # (its opening at the full depth)
+        kw = dict(budget=0.9) if i % 7 == 3 else kw  # (the budget spends an opening: full_start "auto")
         sampled = dict(temperature=0.9, top_k=20, top_p=0.9, seed=100 + i) if i % 3 == 2 else {}
         specs.append(Request(_ids(3 + (7 * i) % 13, seed=i), max_new_tokens=4 + (5 * i) % 9, stop_tokens=[],
                              **kw, **sampled))
@@ -61,9 +62,16 @@ def test_continuous_batching_equals_each_request_alone(cpu_capability):
         assert r.finish_reason == "length"
     deep = [x for r in reqs if r.confidence for x in r.exit_layers]
     assert L in deep and len(set(deep)) > 1  # some tokens were taken again at the full depth, not all
-    started = [r for r in reqs if r.full_start and r.target_exit != L]
-    assert started and all(r.exit_layers[:r.full_start] == [L] * r.full_start for r in started)
-    assert any(set(r.exit_layers[r.full_start:]) == {r.target_exit} for r in started)
+    started = [r for r in reqs if r.opening and r.target_exit != L]
+    assert started and all(r.exit_layers[:r.opening] == [L] * r.opening for r in started)
+    assert any(set(r.exit_layers[r.opening:]) == {r.target_exit} for r in started)
+    planned = [r for r in reqs if r.budget == 0.9]
+    assert len(planned) == 3 and all(r.opening > 0 and r.target_exit == 2 for r in planned)
+    for r in planned:  # as generate's plan for the request alone
+        alone = bx.generate(m, r.prompt_ids, budget=0.9, full_start="auto", max_new_tokens=r.max_new_tokens,
+                            stop_tokens=[], calibration=None, temperature=r.temperature, top_k=r.top_k,
+                            top_p=r.top_p, seed=r.seed)
+        assert r.tokens == alone.tokens and r.exit_layers == alone.exit_layers and r.opening == alone.full_start
 
 
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps():
@@ -195,9 +203,11 @@ def test_load_controller_holds_requests_the_floors_cannot_serve(monkeypatch):
     (dict(stop_tokens=2), "stop_tokens must be a list of token ids"),
     (dict(confidence=1.5), r"confidence must be a number in \[0, 1\]"),
     (dict(confidence="high"), r"confidence must be a number in \[0, 1\]"),
-    (dict(full_start=-2), r"full_start must be an int >= 0 .*got -2"),
-    (dict(full_start=1.5), r"full_start must be an int >= 0 .*got 1.5"),
-    (dict(full_start=True), r"full_start must be an int >= 0 .*got True"),
+    (dict(full_start=-2), r"full_start must be 'auto' .* or an int >= 0 .*got -2"),
+    (dict(full_start=1.5), r"full_start must be 'auto' .* or an int >= 0 .*got 1.5"),
+    (dict(full_start=True), r"full_start must be 'auto' .* or an int >= 0 .*got True"),
+    (dict(full_start="Auto"), r"full_start must be 'auto' .* or an int >= 0 .*got 'Auto'"),
+    (dict(full_start="auto", budget=1.5), r"budget must be in \(0, 1\]"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_queued(kw, match):
     m = _model()

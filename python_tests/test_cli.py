@@ -1,6 +1,7 @@
 """The `balcony` command line: info (fast) and a train -> eval round trip on the real model (slow)."""
 
 import json
+import re
 
 import pytest
 
@@ -86,14 +87,23 @@ def test_train_then_eval(tmp_path, capsys):
     assert "confidence must be a number in [0, 1]" in capsys.readouterr().err
     assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--full-start", "2", "--max-new-tokens",
                  "5", "--frequency-penalty", "0.5", "Hi"]) == 0  # the opening at the full depth, then exit 15
-    assert "5 tokens at exit 15/30 of 30, the first 2 at the full depth (--full-start);" in capsys.readouterr().out
-    assert main(["generate", "--exits-file", str(exits), "--full-start", "-1", "Hi"]) == 2
-    assert "full_start must be an int >= 0" in capsys.readouterr().err
+    assert "5 tokens at exit 15/30 of 30, the first 2 at the full depth (its opening);" in capsys.readouterr().out
+    # by default a budget spends an opening over --max-new-tokens where it fits
+    assert main(["generate", "--exits-file", str(exits), "--budget", "0.8", "--max-new-tokens", "8", "Hi"]) == 0
+    assert re.search(r"8 tokens at exit 15/30 of 30, .*the first [1-7] at the full depth \(its opening\)",
+                     capsys.readouterr().out)
+    assert main(["generate", "--exits-file", str(exits), "--budget", "0.8", "--max-new-tokens", "8",
+                 "--full-start", "0", "Hi"]) == 0
+    assert re.search(r"8 tokens at exit 15 of 30[;,]", capsys.readouterr().out)
+    for bad in ("-1", "Auto", "2.5"):
+        assert main(["generate", "--exits-file", str(exits), "--full-start", bad, "Hi"]) == 2
+        assert "full_start must be 'auto' (a budget spends an opening where it fits), an int >= 0" in \
+            capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_demo(capsys):
-    assert main(["demo", "--max-new-tokens", "8"]) == 0  # one budget per exit, and 1
+    assert main(["demo", "--max-new-tokens", "8", "--full-start", "0"]) == 0  # one budget per exit, and 1
     out = capsys.readouterr().out
     import json
 
@@ -109,7 +119,7 @@ def test_demo(capsys):
 
 @pytest.mark.slow
 def test_demo_with_confidence(capsys):
-    assert main(["demo", "--budgets", "0.5", "--confidence", "0.3", "--max-new-tokens", "16"]) == 0
+    assert main(["demo", "--budgets", "0.5", "--confidence", "0.3", "--max-new-tokens", "16", "--full-start", "0"]) == 0
     out = capsys.readouterr().out
     assert "confidence 0.3 (a token its exit is less sure of is taken again at the full depth)" in out
     assert "--- budget 0.5: exit 15 with a 16,384-token head (" in out and "the rest at the full depth)" in out
@@ -121,4 +131,14 @@ def test_demo_with_full_start(capsys):
     out = capsys.readouterr().out
     assert "the first 4 answer tokens at the full depth at every budget" in out
     assert "--- budget 0.9: the full model with a 16,384-token head," in out  # (the route past the opening)
-    assert "--- budget 0.7: exit 23 with a 8,192-token head (50% of the tokens; the rest at the full depth)" in out
+    assert "--- budget 0.7: exit 23 with a 8,192-token head after a 4-token opening at the full depth," in out
+
+
+@pytest.mark.slow
+def test_demo_spends_an_opening_by_default(capsys):
+    assert main(["demo", "--budgets", "0.8", "0.5", "--max-new-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    # over 64 tokens 0.8 buys a 32-token opening and then exit 19 with the 16k head: (32 + 32 * 0.597) / 64 <= 0.8
+    assert "--- budget 0.8: exit 19 with a 16,384-token head after a 32-token opening at the full depth," in out
+    assert "--- budget 0.5: exit 15 with a 4,096-token head after a 6-token opening at the full depth," in out
+    assert "opening" in out.split("speed-up")[0].splitlines()[-1]  # the table's column

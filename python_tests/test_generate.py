@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import balcony_ext as bx
-from balcony_ext.budgets import choose_exit, exit_costs
+from balcony_ext.budgets import OPENING, choose_exit, exit_costs, plan_opening
 from balcony_ext.engine import Engine
 from balcony_ext.model import attach
 from step_checks import RecordOps, assert_native_matches_composed
@@ -300,7 +300,8 @@ def test_budgets_choose_the_deepest_exit_that_fits():
     assert k == 2 and "below the cheapest" in note
     out = bx.generate(m, _prompts(1)[0], budget=costs[2] / 2, max_new_tokens=2, stop_tokens=[])
     assert out.exit_layers == [2, 2] and out.notes and "cheapest" in out.notes[0]
-    out = bx.generate(m, _prompts(3), budget=[costs[2], 1.0, costs[4]], max_new_tokens=2, stop_tokens=[])
+    # full_start=0: every token at the route the budget buys (by default a budget spends an opening where it fits)
+    out = bx.generate(m, _prompts(3), budget=[costs[2], 1.0, costs[4]], max_new_tokens=2, stop_tokens=[], full_start=0)
     assert [o.exit_layers[0] for o in out] == [2, L, 4]
 
 
@@ -688,7 +689,76 @@ def test_full_start_with_a_budget_that_changes_mid_generation(cpu_capability):
     assert out.exit_layers == [L] * 3 + [4] * 2 + [2] * 3
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "4", True, None, [2, 2]])
+# -- a budget that spends an opening: full_start="auto"
+def test_plan_opening_spends_the_budget_over_the_answer():
+    m = _model()
+    costs = exit_costs(m)
+    for b in (0.3, 0.45, 0.6, 0.8, 0.95):
+        for N in (1, 5, 16, 40, 200):
+            K, (k, head), note = plan_opening(m, b, N)
+            assert head == 0 and 0 <= K <= min(OPENING, N - 1)
+            if note is None:  # the average over the answer fits the budget
+                assert (K + (N - K) * costs[k]) / N <= b + 1e-9
+                # no longer opening (up to OPENING) leaves room for any route
+                assert K == min(OPENING, N - 1) or all(
+                    (K + 1 + (N - K - 1) * c) / N > b + 1e-9 for c in costs.values())
+                # and no deeper route fits after this opening
+                assert all((K + (N - K) * costs[j]) / N > b + 1e-9 for j in costs if j > k)
+            else:
+                assert K == 0 and k == 2 and "below the cheapest" in note
+    assert plan_opening(m, 1.0, 50) == (0, (L, 0), None)
+    # a long answer: the longest opening, then the route the budget buys per token
+    assert plan_opening(m, costs[4] + 0.01, 10_000) == (OPENING, (4, 0), None)
+    assert plan_opening(m, costs[4] + 0.01, 10_000, longest=5)[0] == 5
+    # a short one: the opening the budget leaves room for after the cheapest route
+    K, route, _ = plan_opening(m, costs[2] + 0.1, 20)
+    assert route == (2, 0) and K == int(20 * 0.1 / (1 - costs[2]) + 1e-9)
+    for bad in (0, 1.5, float("nan"), "0.5", True):
+        with pytest.raises((ValueError, TypeError), match="budget"):
+            plan_opening(m, bad, 10)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_full_start_auto_is_the_plan_of_each_budget(native, cpu_capability):
+    m = _model()
+    prompts = _prompts(3)
+    budgets, N = [0.7, 0.9, 1.0], 24
+    kw = dict(max_new_tokens=N, stop_tokens=[], native=native, calibration=None)
+    together = bx.generate(m, prompts, budget=budgets, full_start="auto", **kw)
+    for p, b, out in zip(prompts, budgets, together):
+        K, (k, head), _ = plan_opening(m, b, N)
+        alone = bx.generate(m, p, exit_layer=k, full_start=K, **kw)
+        assert out.tokens == alone.tokens and out.exit_layers == alone.exit_layers == [L] * K + [k] * (N - K)
+        assert out.full_start == K and (K > 0) == (k != L)
+    # the route past the opening is cheaper than the budget's per-token route, and the answer costs no more
+    costs = exit_costs(m)
+    K, (k, _), _ = plan_opening(m, 0.9, N)
+    assert k < choose_exit(m, 0.9)[0] and sum(costs[j] for j in together[1].exit_layers) / N <= 0.9 + 1e-9
+    # exit_layer, ms_per_token and budget schedules or callables price every token alike: no opening
+    for route in (dict(exit_layer=2), dict(budget={0: 0.5}), dict(budget=lambda step: 0.5)):
+        out = bx.generate(m, prompts[0], full_start="auto", **route, **kw)
+        assert out.full_start == 0 and out.exit_layers == [2] * N
+
+
+def test_full_start_auto_when_the_budget_changes_mid_generation(cpu_capability):
+    m = _model()
+    ids = _prompts(1, lengths=(6,))[0]
+    N = 30
+    K1, (k1, _), _ = plan_opening(m, 0.95, N)
+    K2, (k2, _), _ = plan_opening(m, 0.7, N)
+    assert 4 < K2 < K1 and K2 < 21 and k2 <= k1
+    g = bx.generate(m, ids, budget=0.95, full_start="auto", max_new_tokens=N, stop_tokens=[], stream=True,
+                    calibration=None)
+    for i, _ in enumerate(g):
+        if i == 3:  # after 4 tokens of the opening: the plan 0.7 makes, its opening counted from the start
+            g.set_budget(0.7)
+        if i == 20:  # a schedule prices every token alike: no more opening
+            g.set_budget({0: 0.9})
+    out = g.result()
+    assert out.exit_layers == [L] * K2 + [k2] * (21 - K2) + [choose_exit(m, 0.9)[0]] * (N - 21)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "4", "Auto", True, None, [2, 2], ["auto"]])
 def test_full_start_that_is_not_a_count_is_refused(bad):
     m = _model()
     with pytest.raises(ValueError, match="full_start"):

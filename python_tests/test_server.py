@@ -69,9 +69,9 @@ def _alone(model, prompt, chat, **kw):
 def test_completion_and_chat_completion(server, model):
     c = server.client
     r = c.completions.create(model=model.name, prompt="Hello there", max_tokens=8, temperature=0,
-                             extra_body={"budget": 0.6})
+                             extra_body={"budget": 0.6, "full_start": 0})  # (every token at the budget's route)
     k, _ = choose_exit(model, 0.6)
-    alone = _alone(model, "Hello there", False, budget=0.6, max_new_tokens=8)
+    alone = _alone(model, "Hello there", False, budget=0.6, max_new_tokens=8, full_start=0)
     assert r.choices[0].text == alone.text
     assert r.model_extra["exit_layers"] == alone.exit_layers == [k] * len(alone.tokens)
     assert r.model_extra["heads"] == alone.heads == [0] * len(alone.tokens)  # (no shortlist: the full head)
@@ -102,6 +102,12 @@ def test_completion_and_chat_completion(server, model):
                                   extra_body={"exit_layer": 2, "full_start": 5})
     assert r.choices[0].message.content == alone.text and r.model_extra["exit_layers"] == alone.exit_layers
     assert alone.exit_layers[:5] == [L] * 5 and set(alone.exit_layers[5:]) == {2}
+    # full_start "auto": the budget spends an opening over max_tokens where it fits
+    alone = _alone(model, "Why is the sky blue?", True, budget=0.9, full_start="auto", max_new_tokens=12)
+    r = c.chat.completions.create(model=model.name, messages=msgs, max_tokens=12, temperature=0,
+                                  extra_body={"budget": 0.9, "full_start": "auto"})
+    assert r.choices[0].message.content == alone.text and r.model_extra["exit_layers"] == alone.exit_layers
+    assert 0 < alone.full_start < len(alone.tokens) and alone.exit_layers[:alone.full_start] == [L] * alone.full_start
 
 
 def test_streaming(server, model):
@@ -208,8 +214,13 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
     ({"prompt": "x", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
     ({"prompt": "x", "confidence": 1.5}, 400, "confidence must be a number in [0, 1]"),
     ({"prompt": "x", "confidence": True}, 400, "confidence: Input should be a valid number"),
-    ({"prompt": "x", "full_start": -3}, 400, "full_start must be an int >= 0"),
-    ({"prompt": "x", "full_start": 2.0}, 400, "full_start: Input should be a valid integer"),
+    ({"prompt": "x", "full_start": -3}, 400, "full_start must be 'auto' (a budget spends an opening where it fits)"),
+    ({"prompt": "x", "full_start": "Auto"}, 400, "full_start must be 'auto' (a budget spends an opening where it "
+                                                 "fits) or an int >= 0 (answer tokens taken at the full depth before "
+                                                 "the request's route; 0: none), got 'Auto'"),
+    ({"prompt": "x", "full_start": [3]}, 400, "full_start must be 'auto'"),
+    ({"prompt": "x", "full_start": False}, 400, "full_start must be 'auto'"),
+    ({"prompt": "x", "full_start": 2.0}, 400, "before the request's route; 0: none), got 2.0"),
     ({"prompt": "x", "n": "2"}, 400, "n: Input should be a valid integer"),
     ({"prompt": [True, False]}, 400, "prompt"),
     # a truthy string was taken for include_usage=True before

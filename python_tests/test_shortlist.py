@@ -221,13 +221,15 @@ def test_generate_with_the_shortlist():
     full = bx.generate(m, p, budget=1.0, max_new_tokens=12, stop_tokens=[], calibration=None)
     assert full.heads == [0] * 12
     cheap = route_costs(m)[(L, 86)]
-    auto = bx.generate(m, p, budget=cheap, max_new_tokens=12, stop_tokens=[], calibration=None)
+    # (full_start=0 in this test: every token at the route the budget buys, no opening at the full head)
+    auto = bx.generate(m, p, budget=cheap, max_new_tokens=12, stop_tokens=[], calibration=None, full_start=0)
     assert auto.tokens == out.tokens and auto.heads == [86] * 12
-    never = bx.generate(m, p, budget=cheap, shortlist=False, max_new_tokens=4, stop_tokens=[], calibration=None)
+    never = bx.generate(m, p, budget=cheap, shortlist=False, max_new_tokens=4, stop_tokens=[], calibration=None,
+                        full_start=0)
     assert never.heads == [0] * 4 and never.exit_layers[0] < L
     # per-sequence budgets: rows with different heads in one batch, each as generated alone
     budgets = [cheap, 1.0, route_costs(m)[(4, 40)]]
-    kw = dict(max_new_tokens=8, stop_tokens=[], calibration=None, temperature=0.8, seed=3)
+    kw = dict(max_new_tokens=8, stop_tokens=[], calibration=None, temperature=0.8, seed=3, full_start=0)
     batch = bx.generate(m, _prompts(3), budget=budgets, **kw)
     assert [o.heads[0] for o in batch] == [86, 0, 40]
     for o, q, b in zip(batch, _prompts(3), budgets):
@@ -244,12 +246,13 @@ def test_batcher_serves_shortlisted_budgets_as_generate_does(cpu_capability):
     costs = route_costs(m)
     b = Batcher(m, max_batch=4, max_len=64, prefill_chunk=64, calibration=None)
     budgets = (costs[(L, 86)], 1.0, costs[(4, 40)], 0.3)
-    reqs = [b.submit(Request(ids, max_new_tokens=6, stop_tokens=[], budget=budget))
-            for ids, budget in zip(_prompts(4, seed=3), budgets)]
+    reqs = [b.submit(Request(ids, max_new_tokens=6, stop_tokens=[], budget=budget, full_start=start))
+            for ids, budget, start in zip(_prompts(4, seed=3), budgets, (0, 0, 0, "auto"))]
     while b.busy:
         b.iterate()
     for r in reqs:
-        alone = bx.generate(m, r.prompt_ids, budget=r.budget, max_new_tokens=6, stop_tokens=[], calibration=None)
+        alone = bx.generate(m, r.prompt_ids, budget=r.budget, max_new_tokens=6, stop_tokens=[], calibration=None,
+                            full_start=r.full_start)
         assert r.tokens == alone.tokens and r.exit_layers == alone.exit_layers
         assert r.seq.heads == alone.heads
     assert [r.seq.heads[0] for r in reqs] == [86, 0, 40, 40]
@@ -313,7 +316,8 @@ def test_batcher_requests_take_the_shortlist_option_as_generate_does():
     b = Batcher(m, max_batch=2, max_len=64, prefill_chunk=64, calibration=None)
     p = _prompts(1, seed=4)[0]
     r = b.submit(Request(p, max_new_tokens=5, stop_tokens=[], exit_layer=4, shortlist=40))
-    q = b.submit(Request(p, max_new_tokens=5, stop_tokens=[], budget=route_costs(m)[(L, 86)], shortlist=False))
+    q = b.submit(Request(p, max_new_tokens=5, stop_tokens=[], budget=route_costs(m)[(L, 86)], shortlist=False,
+                         full_start=0))
     while b.busy:
         b.iterate()
     alone = bx.generate(m, p, exit_layer=4, shortlist=40, max_new_tokens=5, stop_tokens=[], calibration=None)
