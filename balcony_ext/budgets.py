@@ -193,7 +193,7 @@ def choose_route(model, budget: float, calibration: dict | None = None, shortlis
     return r, f"budget {budget:g} is below the cheapest exit (depth {r[0]}{head}, cost {costs[r]:.3f}); using it"
 
 
-OPENING = 32  # the longest opening a budget spends at the full depth (full_start="auto")
+OPENING = 64  # the longest opening a budget spends at the full depth (full_start="auto")
 
 
 def plan_opening(model, budget: float, max_new_tokens: int, calibration: dict | None = None, shortlist=None,
@@ -203,20 +203,22 @@ def plan_opening(model, budget: float, max_new_tokens: int, calibration: dict | 
     the budget: the longest opening up to `longest` after which some route fits, then the deepest route
     (with the largest head) that fits what is left. An exit continues the full model's opening far
     closer to the full model's answer than its own (docs/results/full_start.md), so the opening comes
-    first. The answer never costs more than budget * N full-depth tokens; one that stops early
-    spends less in all (but more per token). K is 0 where the route is the full depth."""
+    first. A budget that buys the full depth per token (with a shortlisted head) keeps it: the full
+    depth follows its own course. The answer never costs more than budget * N full-depth tokens; one
+    that stops early spends less in all (but more per token)."""
     _check_budget(budget)
     b, N = float(budget), max_new_tokens
     costs = route_costs(model, calibration, shortlist)
     V, L = model.adapter.vocab_size, model.num_layers
+    plain, note = choose_route(model, budget, calibration, shortlist)
+    if plain[0] == L:
+        return 0, plain, None
     for K in range(min(longest, N - 1), -1, -1):
         allowed = (b * N - K) / (N - K)
         fitting = [r for r, c in costs.items() if c <= allowed + 1e-9]
         if fitting:
-            route = max(fitting, key=lambda r: (r[0], r[1] or V))
-            return (0 if route == (L, 0) else K), route, None
-    route, note = choose_route(model, budget, calibration, shortlist)
-    return 0, route, note
+            return K, max(fitting, key=lambda r: (r[0], r[1] or V)), None
+    return 0, plain, note
 
 
 def choose_exit(model, budget: float, calibration: dict | None = None) -> tuple:

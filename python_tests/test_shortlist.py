@@ -8,7 +8,7 @@ import torch
 
 import balcony_ext as bx
 from balcony_ext.batcher import Batcher, Request
-from balcony_ext.budgets import choose_route, route_costs
+from balcony_ext.budgets import choose_route, plan_opening, route_costs
 from balcony_ext.engine import Engine
 from balcony_ext.model import attach
 from balcony_ext.shortlist import (ShortlistFileError, build_shortlist, check_shortlist, coverage, load_shortlist,
@@ -199,6 +199,10 @@ def test_budgets_buy_the_deepest_route_that_fits():
     assert choose_route(m, costs[(L, 86)], shortlist=False)[0][1] == 0
     assert choose_route(m, 1.0, shortlist=True)[0] == (L, 86)
     assert choose_route(m, 1.0, shortlist=10)[0] == (L, 10)  # any leading part, on request
+    # spent over an answer: a budget that buys the full depth keeps it; below, an opening and an exit
+    assert plan_opening(m, costs[(L, 40)], 100) == (0, (L, 40), None)
+    K, route, _ = plan_opening(m, costs[(L, 40)] - 1e-4, 100)
+    assert K > 0 and route[0] < L and (K + (100 - K) * costs[route]) / 100 <= costs[(L, 40)] - 1e-4 + 1e-9
     # a calibration's measured figures for shortlisted heads win over the parameter estimate
     cal = dict(ms_per_token={"2": 1.0, "4": 2.0, str(L): 4.0},
                shortlist_ms_per_token={"2": {"86": 0.5}, str(L): {"86": 3.8, "40": 3.6}})
