@@ -29,16 +29,12 @@ import balcony_ext as bx  # noqa: E402
 from balcony_ext.budgets import costs, head_cost  # noqa: E402
 from balcony_ext.chat_eval import _strip_stop, heldout_instructions, repeated_ngram_share, token_f1  # noqa: E402
 from balcony_ext.generate import stop_token_ids  # noqa: E402
-from common import emit_json, machine, print_table  # noqa: E402
+from common import batched_answers, emit_json, machine, print_table  # noqa: E402
 
 
-def answers(model, texts, exit_layer, confidence, max_new_tokens, shortlist, batch=16):
-    out = []
-    for i in range(0, len(texts), batch):
-        out += bx.generate(model, texts[i:i + batch], exit_layer=exit_layer, confidence=confidence,
-                           max_new_tokens=max_new_tokens, calibration=None,
-                           shortlist=shortlist if exit_layer != model.num_layers else False)
-    return out
+def answers(model, texts, exit_layer, confidence, max_new_tokens, shortlist):
+    head = shortlist if exit_layer != model.num_layers else False  # (the full depth reads the full head)
+    return batched_answers(model, texts, exit_layer, head, confidence=confidence, max_new_tokens=max_new_tokens)
 
 
 def decode_seconds(model, texts, exit_layer, confidence, tokens, shortlist):

@@ -33,16 +33,16 @@ import balcony_ext as bx  # noqa: E402
 from balcony_ext.budgets import costs, head_cost, plan_opening, route_costs  # noqa: E402
 from balcony_ext.chat_eval import _strip_stop, heldout_instructions, repeated_ngram_share, token_f1  # noqa: E402
 from balcony_ext.generate import stop_token_ids  # noqa: E402
-from common import emit_json, machine, print_table  # noqa: E402
+from common import batched_answers, emit_json, machine, print_table  # noqa: E402
 
 
-def answers(model, texts, exit_layer, full_start, args, stop, batch=16, head=None):
-    head = (args.shortlist if exit_layer != model.num_layers else False) if head is None else head
-    out = []
-    for i in range(0, len(texts), batch):
-        out += bx.generate(model, texts[i:i + batch], exit_layer=exit_layer, full_start=full_start,
-                           max_new_tokens=args.max_new_tokens, frequency_penalty=args.frequency_penalty,
-                           calibration=None, shortlist=head)
+def answers(model, texts, exit_layer, full_start, args, stop, head=None):
+    """Answer tokens (the stop token cut); head: the route's head (default: --shortlist at an exit, the full
+    head at the full depth)."""
+    if head is None:
+        head = args.shortlist if exit_layer != model.num_layers else False
+    out = batched_answers(model, texts, exit_layer, head, full_start=full_start, max_new_tokens=args.max_new_tokens,
+                          frequency_penalty=args.frequency_penalty)
     return [_strip_stop(o.tokens, stop) for o in out]
 
 

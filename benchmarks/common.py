@@ -1,5 +1,5 @@
 """Shared benchmark helpers: timing (median after warm-up), the copy bandwidth of this machine
-measured in the same run, an aligned table, and the final JSON line."""
+measured in the same run, an aligned table, the final JSON line, and answers generated in batches."""
 
 import argparse
 import json
@@ -78,3 +78,15 @@ def print_table(rows, columns):
 def emit_json(payload: dict):
     """The last line of every benchmark: one JSON object."""
     print(json.dumps(payload, sort_keys=True))
+
+
+def batched_answers(model, texts, exit_layer, shortlist, batch: int = 16, **generate_kw) -> list:
+    """GenerationOutputs of `texts` at exit_layer with the head `shortlist` (generate's option), in
+    batches of `batch`, without a calibration (costs from the parameters)."""
+    import balcony_ext as bx
+
+    out = []
+    for i in range(0, len(texts), batch):
+        out += bx.generate(model, texts[i:i + batch], exit_layer=exit_layer, calibration=None, shortlist=shortlist,
+                           **generate_kw)
+    return out
