@@ -30,7 +30,7 @@ the exits of a run still in progress; the figures then say how many tokens they 
 
 The shipped file: exits 15 / 19 / 23 from the default command (3M tokens), exit 26 from
   --exits 26 --tokens 1500000 --run-dir RUN26   then   --from-checkpoint --add-run RUN26
-then all four continued on new instructions, six times, each step from the file the step before wrote:
+then all four continued on new instructions, seven times, each step from the file the step before wrote:
   --from-exits PREVIOUS.safetensors --lr 1e-3 --vocab 16384 --run-dir RUN_N  and
   --prompts 7000  --first 4000  --tokens 1000000   (templates 4,000-6,999: 3,000 new instructions)
   --prompts 11000 --first 7000  --tokens 1000000   (then 4,000 more each time)
@@ -38,6 +38,7 @@ then all four continued on new instructions, six times, each step from the file 
   --prompts 19000 --first 15000 --tokens 1100000
   --prompts 23000 --first 19000 --tokens 1100000
   --prompts 27000 --first 23000 --tokens 1100000
+  --prompts 30000 --first 27000 --tokens 1100000   (the last 3,000)
 """
 
 import argparse
