@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budgets import check_calibration, choose_exit, exit_costs, load_calibration, plan_opening, resolve_route
+from .budgets import OPENING, check_calibration, choose_exit, exit_costs, load_calibration, resolve_plan
 from .checks import check_flag
 from .controller import LoadController
 from .engine import Engine
@@ -182,12 +182,10 @@ class Batcher:
         kind, value = (("exit", req.exit_layer) if req.exit_layer is not None else
                        ("latency", req.ms_per_token) if req.ms_per_token is not None else
                        ("budget", 1.0 if req.budget is None else req.budget))
-        if kind == "budget" and req.full_start == "auto":
-            req.opening, (k, req.head), note = plan_opening(m, value, req.max_new_tokens, self.calibration,
-                                                            req.shortlist)
-        else:
-            (k, req.head), note = resolve_route(m, kind, value, self.calibration, req.shortlist)
-            req.opening = 0 if req.full_start == "auto" else req.full_start
+        auto = req.full_start == "auto"
+        req.opening, (k, req.head), note = resolve_plan(m, kind, value, self.calibration, req.shortlist,
+                                                        req.max_new_tokens, OPENING if auto else 0)
+        req.opening = req.opening if auto else req.full_start
         notes = [note] if note else []
         floor = k
         if req.min_budget is not None:

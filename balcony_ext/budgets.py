@@ -257,6 +257,16 @@ def resolve_route(model, kind: str, value, calibration: dict | None, shortlist=N
     return choose_route(model, value, calibration, shortlist)
 
 
+def resolve_plan(model, kind: str, value, calibration: dict | None, shortlist=None, max_new_tokens=None,
+                 opening: int = 0) -> tuple:
+    """(K, (depth, head), note) for one sequence: with opening > 0 a budget is spent over max_new_tokens
+    (plan_opening, K tokens at the full depth first); otherwise, and for exit_layer and ms_per_token,
+    the route resolve_route gives every token (K = 0)."""
+    if kind == "budget" and opening > 0:
+        return plan_opening(model, value, max_new_tokens, calibration, shortlist, opening)
+    return (0, *resolve_route(model, kind, value, calibration, shortlist))
+
+
 class Budgets:
     """Turns budget / exit_layer / ms_per_token (numbers, per-sequence lists, schedules or
     callables of the step) into the exit of every row at every step. With `opening` > 0 (and
@@ -285,15 +295,12 @@ class Budgets:
         set mid-answer makes the plan it would have made from the start: what is left of its opening
         (answer tokens before openings[b]) at the full depth, then its route."""
         fixed = not callable(value) and not isinstance(value, dict)
-        spend = fixed and self.kind == "budget" and self.opening > 0
-        openings = [0] * self.B
-        if spend:
-            vals = self._rows(value)
-            plans = [plan_opening(self.model, v, self.max_new, self.cal, self.shortlist, self.opening) for v in vals]
-            resolved = [(route, note) for _, route, note in plans]
-            openings = [K for K, _, _ in plans]
+        if fixed:  # (a number or per-sequence list: spent over the answer where openings are on)
+            plans = [resolve_plan(self.model, self.kind, v, self.cal, self.shortlist, self.max_new, self.opening)
+                     for v in self._rows(value)]
+            openings, resolved = [K for K, _, _ in plans], [(route, note) for _, route, note in plans]
         else:
-            resolved = self._resolve(value, step)
+            openings, resolved = [0] * self.B, self._resolve(value, step)
         self.value, self._resolved, self._fixed, self.openings = value, (step, resolved), fixed, openings
 
     def _one(self, v, b):

@@ -7,9 +7,9 @@
 
 A budget in (0, 1] is the fraction of the full model's cost the caller allows; by default it is spent
 over the answer's max_new_tokens tokens: an opening at the full depth, then the deepest route that
-fits the rest (budgets.plan_opening; full_start=0 prices every token alike). The batch runs on one Engine (engine.py) over an
-early-exit KV cache allocated for the call (kv_cache.py); `Generation._advance` is one token for
-every sequence.
+fits the rest (budgets.plan_opening; full_start=0 prices every token alike). The batch runs on one
+Engine (engine.py) over an early-exit KV cache allocated for the call (kv_cache.py);
+`Generation._advance` is one token for every sequence.
 """
 
 from __future__ import annotations
