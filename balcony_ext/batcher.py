@@ -39,7 +39,7 @@ from .checks import check_flag
 from .controller import LoadController
 from .engine import Engine
 from .generate import Sequence, check_seed, fresh_seed, stop_strings, stop_token_ids
-from .penalties import Penalties, check_penalties
+from .penalties import Penalties, check_penalties, dry_breakers
 
 
 @dataclass
@@ -68,6 +68,9 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    dry_multiplier: float = 0.0  # DRY (penalties.py): 0 off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
     seed: int | None = None
     stop: list = field(default_factory=list)
     stop_tokens: list | None = None
@@ -218,7 +221,8 @@ class Batcher:
         if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or req.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {req.top_k!r}")
         req.top_k = min(req.top_k, self.model.adapter.vocab_size)  # (top_k >= the vocabulary: no cut)
-        check_penalties(req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
+        check_penalties(req.presence_penalty, req.frequency_penalty, req.repetition_penalty, req.dry_multiplier,
+                        req.dry_base, req.dry_allowed_length)
         if not (real(req.confidence) and 0 <= req.confidence <= 1):
             raise ValueError(f"confidence must be a number in [0, 1] (0: every token at its exit), "
                              f"got {req.confidence!r}")
@@ -304,8 +308,8 @@ class Batcher:
             one = lambda x, dt: torch.tensor([x], dtype=dt)  # noqa: E731
             inputs = (one(req.temperature, torch.float32), one(req.top_k, torch.long), one(req.top_p, torch.float32),
                       torch.rand(1, generator=req._gen))
-            nxt = e.prefill_step([k], *inputs, self._penalties([req]), [head])
-            deep = e.deepen_unsure([k], [req.confidence], *inputs, self._penalties([req]))
+            nxt = e.prefill_step([k], *inputs, self._penalties([req], self.model), [head])
+            deep = e.deepen_unsure([k], [req.confidence], *inputs, self._penalties([req], self.model))
             req.prefilled = n
             req.t_first = time.perf_counter()
             req.state = "decode"
@@ -332,7 +336,7 @@ class Batcher:
         engine = self.engine.prefix(n)
         engine.catch_up(exits)
         t1 = time.perf_counter()
-        penalties = self._penalties(reqs, n)
+        penalties = self._penalties(reqs, self.model, n)
         nxt = engine.step(exits, temperature, top_k, top_p, uniform, penalties, heads)
         t2 = time.perf_counter()
         confidence = [0.0] * n
@@ -348,18 +352,21 @@ class Batcher:
         self.steps += 1
 
     @staticmethod
-    def _penalties(reqs: list, n: int | None = None):
+    def _penalties(reqs: list, model, n: int | None = None):
         """The repetition penalties of `reqs` on their rows 0..n-1 (n None: one request alone, row 0);
         None when all are off."""
-        if all(r.presence_penalty == 0 and r.frequency_penalty == 0 and r.repetition_penalty == 1 for r in reqs):
+        if all(r.presence_penalty == 0 and r.frequency_penalty == 0 and r.repetition_penalty == 1
+               and r.dry_multiplier == 0 for r in reqs):
             return None
         rows = 1 if n is None else n
         pres, freq, rep, start = [0.0] * rows, [0.0] * rows, [1.0] * rows, [0] * rows
+        dry, base, allowed = [0.0] * rows, [1.75] * rows, [2] * rows
         for r in reqs:
             b = 0 if n is None else r.row
             pres[b], freq[b], rep[b] = r.presence_penalty, r.frequency_penalty, r.repetition_penalty
+            dry[b], base[b], allowed[b] = r.dry_multiplier, r.dry_base, r.dry_allowed_length
             start[b] = len(r.prompt_ids)
-        return Penalties.of(rows, pres, freq, rep, start)
+        return Penalties.of(rows, pres, freq, rep, start, dry, base, allowed, breakers=dry_breakers(model, dry))
 
     def _route(self, req: Request) -> tuple:
         """(exit, head) of the request's next token: the full depth and head in its full start, then its own."""

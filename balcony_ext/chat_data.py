@@ -39,7 +39,8 @@ from .instructions import build_instructions
 ANSWERS_FILE = "answers.jsonl"
 WRITTEN_FILE = "written_questions.jsonl"  # the model's lists of questions (written_questions.py)
 WRITTEN_ANSWERS_FILE = "written_answers.jsonl"
-WRITTEN_EXCLUDES = 16_000  # a written question equal to one of the first this many template instructions is dropped
+WRITTEN_EXCLUDES = 30_000  # a written question equal to one of the first this many template instructions is dropped
+# (the shipped exits trained on all 30,000: a written question is new to them)
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 
@@ -142,15 +143,17 @@ def chat_data(model, prompts: int = 4000, heldout: float = 0.05, seed: int = 0, 
     samples: answers to each training instruction (held-out ones keep one): the first as above, the
     others sampled with `temperature` and `top_p` (other seeds), each set cached in a file of its own.
     first: leave out the template instructions before this index (e.g. first=8000, prompts=12000: the
-    4,000 after those an earlier run trained on); they are neither read nor answered."""
+    4,000 after those an earlier run trained on); they are neither read nor answered. With written > 0,
+    first=prompts leaves out every template instruction: the written questions alone."""
     if model.tokenizer is None:
         raise ValueError("chat data needs the model's tokenizer (the model has none)")
     if not isinstance(prompts, int) or prompts < 1:
         raise ValueError(f"prompts must be a positive int, got {prompts!r}")
     if isinstance(written, bool) or not isinstance(written, int) or written < 0:
         raise ValueError(f"written must be an int >= 0, got {written!r}")
-    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first < prompts:
-        raise ValueError(f"first must be an int in [0, prompts={prompts}), got {first!r}")
+    last = prompts if written else prompts - 1  # (first=prompts with written: the written questions only)
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= last:
+        raise ValueError(f"first must be an int in [0, {last}] (prompts={prompts}, written={written}), got {first!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples (answers to each training instruction) must be an int >= 1, got {samples!r}")
     settings = dict(format=FORMAT_VERSION, model=model.name, dtype=str(model.dtype).replace("torch.", ""),

@@ -125,7 +125,7 @@ def cmd_generate(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, stop=args.stop or None, presence_penalty=args.presence_penalty,
               frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-              confidence=args.confidence, full_start=args.full_start)
+              dry_multiplier=args.dry_multiplier, confidence=args.confidence, full_start=args.full_start)
     if args.exit is not None:
         kw["exit_layer"] = args.exit
     elif args.ms_per_token is not None:
@@ -357,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="Hugging Face's, > 0 (1: off)")
+    g.add_argument("--dry-multiplier", type=float, default=0.0,
+                   help="DRY (llama.cpp's): a token extending a repeat of an earlier stretch of the answer is penalised "
+                        "(0: off; 0.8 stops the exits' loops)")
     g.add_argument("--confidence", type=float, default=0.0,
                    help="a token whose exit gives its most likely token a probability below this is taken again at "
                         "the full depth (0: never)")

@@ -28,7 +28,7 @@ import torch
 from .budgets import OPENING, Budgets, calibration_path, check_calibration, load_calibration
 from .checks import check_flag, check_path
 from .engine import Engine
-from .penalties import Penalties
+from .penalties import Penalties, dry_breakers
 from .files import atomic_write
 
 @dataclass
@@ -174,7 +174,7 @@ class Generation:
                  max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
                  stop_tokens=None, chat=None, max_len=None, native=None, calibration="auto",
                  presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None,
-                 confidence=0.0, full_start="auto"):
+                 confidence=0.0, full_start="auto", dry_multiplier=0.0, dry_base=1.75, dry_allowed_length=2):
         self.t_start = time.perf_counter()  # the time to first token counts from the call
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -217,7 +217,9 @@ class Generation:
             "'auto' (a budget spends an opening where it fits), an int >= 0 (answer tokens taken at the full depth "
             "before the budget's route; 0: none) or a per-sequence list of ints").tolist()
         self.penalties = Penalties.of(B, presence_penalty, frequency_penalty, repetition_penalty,
-                                      start=[len(i) for i in self.ids])
+                                      start=[len(i) for i in self.ids], dry=dry_multiplier, dry_base=dry_base,
+                                      dry_allowed_length=dry_allowed_length,
+                                      breakers=dry_breakers(model, dry_multiplier))
         need = max(len(i) for i in self.ids) + max_new_tokens
         if max_len is not None and need > max_len:
             raise ValueError(f"a prompt of {max(len(i) for i in self.ids)} tokens plus max_new_tokens="
@@ -320,7 +322,8 @@ class Generation:
 def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, max_new_tokens: int = 128,
              temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None, stop_tokens=None, chat=None,
              stream: bool = False, max_len=None, native=None, calibration="auto", presence_penalty=0.0,
-             frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None, confidence=0.0, full_start="auto"):
+             frequency_penalty=0.0, repetition_penalty=1.0, shortlist=None, confidence=0.0, full_start="auto",
+             dry_multiplier=0.0, dry_base=1.75, dry_allowed_length=2):
     """Generates from one prompt (or a list of prompts, as one batch) at the exit the budget buys.
     A prompt is a string or token ids (a list of ints, or a 1-D tensor; a list of prompts or a 2-D
     tensor of ids makes a batch).
@@ -331,11 +334,14 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
     sampling; stop: strings that end a sequence (not included); stop_tokens: ids (default: the
     model's end-of-sequence tokens); chat: wrap a string prompt in the tokenizer's chat template
     (default: when it has one). presence_penalty, frequency_penalty (OpenAI's, in [-2, 2]) and
-    repetition_penalty (Hugging Face's, > 0) discourage repeated tokens (see penalties.py); numbers
-    or per-sequence lists. shortlist: with a vocabulary shortlist attached (shortlist.py), None lets a
-    budget below 1 buy a cheaper shortlisted head (out.heads says which head produced each token), True
-    only shortlisted heads (with exit_layer: the largest), False never, an int n the first n
-    shortlisted tokens at every step. confidence: in [0, 1] (a number or per-sequence list); a token
+    repetition_penalty (Hugging Face's, > 0) discourage repeated tokens, and dry_multiplier (> 0: on;
+    0.8 is llama.cpp's suggestion), dry_base and dry_allowed_length (llama.cpp's DRY) a token that would
+    extend a repeat of an earlier stretch of the answer: what stops an exit's loops at no loss of
+    agreement with the full model (docs/results/dry.md; see penalties.py); numbers or per-sequence lists.
+    shortlist: with a vocabulary shortlist attached (shortlist.py), None lets a budget below 1 buy a
+    cheaper shortlisted head (out.heads says which head produced each token), True only shortlisted
+    heads (with exit_layer: the largest), False never, an int n the first n shortlisted tokens at every
+    step. confidence: in [0, 1] (a number or per-sequence list); a token
     whose exit gives its most likely token a probability below it is taken again at the full depth
     (the layers past the exit run for it and for the positions they lack, in one pass): answers
     closer to the full model's for a price per token between the exit's and a little over the full
@@ -366,7 +372,8 @@ def generate(model, prompt, budget=None, *, exit_layer=None, ms_per_token=None, 
                    stop=stop, stop_tokens=stop_tokens, chat=chat, max_len=max_len, native=native,
                    calibration=calibration, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                    repetition_penalty=repetition_penalty, shortlist=shortlist, confidence=confidence,
-                   full_start=full_start)
+                   full_start=full_start, dry_multiplier=dry_multiplier, dry_base=dry_base,
+                   dry_allowed_length=dry_allowed_length)
     if stream:
         return g
     return g.run()

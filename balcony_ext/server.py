@@ -9,7 +9,8 @@ under load), `shortlist` (as generate's: whether the budget may buy a shortliste
 (as generate's: a token its exit is less sure of is taken again at the full depth), `full_start` (as
 generate's: the first answer tokens at the full depth, the request's route after them; "auto": the
 budget spends an opening over max_tokens where it fits), `top_k` and
-`repetition_penalty`; the OpenAI client passes them with `extra_body`.
+`repetition_penalty`, and `dry_multiplier`, `dry_base`, `dry_allowed_length` (llama.cpp's DRY
+against loops, penalties.py); the OpenAI client passes them with `extra_body`.
 OpenAI fields the server does not implement (logit_bias, tools, response_format other than text, ...)
 get a 400 instead of being ignored. Responses add `exit_layers`
 (the exit of every generated token), `heads` (the LM head of each: 0 the full one, n a shortlisted head
@@ -66,6 +67,9 @@ class _Common(BaseModel):
     frequency_penalty: float | None = 0.0
     # beyond OpenAI
     repetition_penalty: float | None = 1.0
+    dry_multiplier: float | None = 0.0
+    dry_base: float | None = 1.75
+    dry_allowed_length: int | None = 2
     budget: float | None = None
     exit_layer: int | None = None
     max_ms_per_token: float | None = None
@@ -241,7 +245,10 @@ def create_app(model, batcher: Batcher, model_id: str | None = None) -> FastAPI:
                        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
                        stop=stop, presence_penalty=body.presence_penalty or 0.0,
                        frequency_penalty=body.frequency_penalty or 0.0,
-                       repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
+                       repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                       dry_multiplier=body.dry_multiplier or 0.0,
+                       dry_base=1.75 if body.dry_base is None else body.dry_base,
+                       dry_allowed_length=2 if body.dry_allowed_length is None else body.dry_allowed_length)
 
     async def run(http: HTTPRequest, req: Request, stream: bool, shape):
         loop = asyncio.get_running_loop()

@@ -80,6 +80,11 @@ def test_train_then_eval(tmp_path, capsys):
     assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--repetition-penalty", "1.3",
                  "--max-new-tokens", "4", "Hi"]) == 0
     capsys.readouterr()
+    assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--dry-multiplier", "0.8",
+                 "--max-new-tokens", "4", "Hi"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--exits-file", str(exits), "--dry-multiplier", "-1", "Hi"]) == 2
+    assert "dry_multiplier must be a number >= 0" in capsys.readouterr().err
     assert main(["generate", "--exits-file", str(exits), "--exit", "15", "--confidence", "1", "--max-new-tokens",
                  "4", "Hi"]) == 0  # every token is taken again at the full depth
     assert "4 tokens at exit 30 of 30, 4 taken again at the full depth (confidence below 1)" in capsys.readouterr().out

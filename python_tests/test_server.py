@@ -201,6 +201,9 @@ def test_client_that_disconnects_mid_stream_frees_its_row(server, model, monkeyp
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "dry_multiplier": -1}, 400, "dry_multiplier"),
+    ({"prompt": "x", "dry_multiplier": 0.8, "dry_base": 0.5}, 400, "dry_base"),
+    ({"prompt": "x", "dry_allowed_length": 2.0}, 400, "dry_allowed_length: Input should be a valid integer"),
     ({"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
     ({"prompt": "x", "seed": 2**70}, 400, "seed must be an int"),
     ({"prompt": "x", "stop": [""]}, 400, "stop must be a non-empty string"),
@@ -243,11 +246,13 @@ def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(serve
 
 
 def test_penalties_are_applied(server, model):
-    """frequency_penalty (OpenAI's field) and repetition_penalty (extra_body) reach the generation."""
+    """frequency_penalty (OpenAI's field), repetition_penalty and DRY (extra_body) reach the generation."""
     ids = model.tokenizer.encode("the the the the", add_special_tokens=False)
     kw = dict(prompt="the the the the", max_tokens=8, temperature=0, model=model.name)
     for extra, gen in [(dict(frequency_penalty=1.5), dict(frequency_penalty=1.5)),
-                       (dict(extra_body={"repetition_penalty": 1.7}), dict(repetition_penalty=1.7))]:
+                       (dict(extra_body={"repetition_penalty": 1.7}), dict(repetition_penalty=1.7)),
+                       (dict(extra_body={"dry_multiplier": 2.0, "dry_allowed_length": 1}),
+                        dict(dry_multiplier=2.0, dry_allowed_length=1))]:
         r = server.client.completions.create(**kw, **extra)
         alone = bx.generate(model, ids, max_new_tokens=8, calibration=None, **gen)
         assert r.choices[0].text == alone.text

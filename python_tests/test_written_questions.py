@@ -122,6 +122,11 @@ def test_chat_data_answers_the_written_questions_beside_the_templates(tmp_path, 
     assert not {e.prompt for e in data.heldout_examples} & {e.prompt for e in data.train_examples}
     with pytest.raises(ValueError, match="written must be"):
         chat_data(model, written=-2, **args)
+    # first=prompts: the written questions alone (a continuation on new questions only)
+    alone = chat_data(model, written=10, first=12, **args)
+    assert alone.examples == written and "10 of them written by the model" in alone.source
+    with pytest.raises(ValueError, match="first must be"):
+        chat_data(model, first=12, **args)  # (no written questions: nothing left)
 
 
 def test_the_written_questions_do_not_depend_on_the_number_of_template_instructions(tmp_path, monkeypatch):
