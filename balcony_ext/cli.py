@@ -212,6 +212,7 @@ def cmd_demo(args) -> int:
     print(f"{model.name}: {L} layers, exits at {model.exits} (trained on {model.tokens_trained:,} tokens)"
           + (f", shortlisted heads of {sizes} tokens" if sizes else "") + f"; prompt: {args.prompt!r}; greedy"
           + (f", frequency_penalty {args.frequency_penalty:g}" if args.frequency_penalty else "")
+          + (f", DRY {args.dry_multiplier:g} (a token extending a repeat is penalised)" if args.dry_multiplier else "")
           + (f"; confidence {args.confidence:g} (a token its exit is less sure of is taken again at the full depth)"
              if args.confidence else "")
           + (f"; the first {args.full_start} answer tokens at the full depth at every budget"
@@ -226,7 +227,8 @@ def cmd_demo(args) -> int:
     runs, seen = [], set()
     for budget in sorted(budgets, reverse=True):
         out = generate(model, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens,
-                       frequency_penalty=args.frequency_penalty, confidence=args.confidence,
+                       frequency_penalty=args.frequency_penalty, dry_multiplier=args.dry_multiplier,
+                       confidence=args.confidence,
                        full_start=args.full_start)
         # the route the budget bought: its tokens' past the opening (those taken again at the full depth
         # are (L, 0))
@@ -404,9 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budgets", type=float, nargs="+", default=None,
                    help="budgets to answer at (default: 1, 0.9, 0.8, ... down to the cheapest route)")
     d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--frequency-penalty", type=float, default=0.3,
-                   help="OpenAI's frequency penalty at every budget (0: plain greedy); 0.3 measured best for the "
-                        "exits' free answers")
+    d.add_argument("--dry-multiplier", type=float, default=0.8,
+                   help="DRY at every budget: a token extending a repeat of an earlier stretch of the answer is "
+                        "penalised (0: off); 0.8 stops the exits' loops and keeps the answers closest to the full "
+                        "model's (docs/results/dry.md)")
+    d.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's frequency penalty at every budget (0: off)")
     d.add_argument("--confidence", type=float, default=0.0,
                    help="at every budget, a token whose exit gives its most likely token a probability below this is "
                         "taken again at the full depth (0: never)")

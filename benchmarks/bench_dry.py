@@ -10,7 +10,10 @@ at the full depth where it fits, a shortlisted head where the budget buys one) a
 length 2; joined with '+'), the answers in batches of 16 and:
   rep4    the share of each answer's 4-grams that already occurred in it (the full model's own greedy
           answers give the yardstick)
-  F1      token F1 with the full model's greedy answer (how close the answer stays to the full model's)
+  F1      token F1 with the full model's greedy answer (how close the answer stays to the full model's
+          greedy one; a penalty changes the full model's answer too)
+  F1 same token F1 with the full model's answer under the same decoding (budget 1 with it): how close
+          the budget's answer stays to what the full model writes with that decoding
   time    the decoding's wall time relative to greedy's at the same budget (the penalties' overhead;
           both measured in this run, one after the other)
 Table, then a JSON line.
@@ -69,25 +72,28 @@ def main():
     model = bx.load()
     texts = heldout_instructions(args.prompts)
     stop = stop_token_ids(model)
-    ref, _, _ = answers(model, texts, 1.0, args, stop)
-    rows = []
-    for b in args.budgets:
+    ref, _, _ = answers(model, texts, 1.0, args, stop)  # (the greedy reference)
+    rows, full = [], {}  # full: the full model's answers under each decoding
+    for b in sorted(set(args.budgets) | {1.0}, reverse=True):
         base_s = None
         for name, kw in decodings.items():
             got, outs, seconds = answers(model, texts, b, args, stop, **kw)
+            full.setdefault(name, got)
             base_s = seconds if base_s is None else base_s
             o = outs[0]
             rows.append(dict(budget=b, decoding=name, opening=mean(x.full_start for x in outs),
                              route=f"{max(o.exit_layers)}" if b == 1 else route_name(model, o),
                              rep4=mean(map(repeated_ngram_share, got)), f1=mean(token_f1(g, r) for g, r in zip(got, ref)),
+                             f1_same=mean(token_f1(g, r) for g, r in zip(got, full[name])),
                              tokens=mean(map(len, got)), seconds=seconds, time=seconds / base_s))
-            print(f"budget {b:g} {name}: rep4 {rows[-1]['rep4']:.3f} F1 {rows[-1]['f1']:.3f}", file=sys.stderr)
+            print(f"budget {b:g} {name}: rep4 {rows[-1]['rep4']:.3f} F1 {rows[-1]['f1']:.3f} "
+                  f"F1 same {rows[-1]['f1_same']:.3f}", file=sys.stderr)
     print(f"{model.name}, exits {model.exits} (trained on {model.tokens_trained:,} tokens); {args.prompts} held-out "
           f"chat prompts, up to {args.max_new_tokens} new tokens, batch 16; {machine()}, CPU kernels "
           f"{bx.cpu_capability()}; the full model's greedy answers: rep4 {mean(map(repeated_ngram_share, ref)):.3f}")
     print_table(rows, [("budget", "budget", ".2f"), ("route", "route", "s"), ("opening", "opening", ".0f"),
                        ("decoding", "decoding", "s"), ("rep4", "rep4", ".3f"), ("f1", "F1", ".3f"),
-                       ("tokens", "tokens", ".0f"), ("time", "time", ".2f")])
+                       ("f1_same", "F1 same", ".3f"), ("tokens", "tokens", ".0f"), ("time", "time", ".2f")])
     emit_json(dict(bench="dry", machine=machine(), cpu_kernels=bx.cpu_capability(), prompts=args.prompts,
                    max_new_tokens=args.max_new_tokens, tokens_trained=model.tokens_trained,
                    full_answer_rep4=mean(map(repeated_ngram_share, ref)), rows=rows, when=time.strftime("%Y-%m-%d")))

@@ -116,7 +116,7 @@ def test_demo(capsys):
 
     exits = json.loads(bundled_exits_path().with_suffix(".eval.json").read_text())["info"]["exits"]
     assert f"exits at {exits}" in out and "speed-up" in out and "held-out ppl" in out and "chat top-1" in out
-    assert "budget 1: the full model, " in out and "greedy, frequency_penalty 0.3" in out
+    assert "budget 1: the full model, " in out and "greedy, DRY 0.8" in out
     assert "budget 0.9: the full model with a 16,384-token head" in out  # the shipped shortlist's routes
     for k in exits:  # every exit answers at a budget of its own, with its chat agreement
         assert f": exit {k}" in out and "agrees with the full model on" in out

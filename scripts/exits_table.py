@@ -5,7 +5,7 @@
 Reads RESULTS.json (held-out Shakespeare and the chat evaluation, with the shortlisted-head routes) and
 RESULTS_python_docs.json (held-out Python documentation), and prints two Markdown tables: per exit
 (relative cost, chat top-1 and KL with the affine exit's beside them, repeated 4-grams and token F1 of
-the free answers greedy / with the frequency penalty, perplexity ratios to the full model), and per
+the free answers greedy / with the decoding `balcony demo` uses, perplexity ratios to the full model), and per
 route with a shortlisted head. A results file without some figure prints "-" there.
 """
 
@@ -26,14 +26,21 @@ def _rows(results: dict) -> dict:
     return {(r["method"], r["exit"]): r for r in results["rows"]}
 
 
+def decoding_name(decoding: dict) -> str:
+    """How the README names the second decoding of the free answers ("DRY 0.8", "freq. pen. 0.3")."""
+    names = {"dry_multiplier": "DRY", "frequency_penalty": "freq. pen.", "presence_penalty": "pres. pen."}
+    return " + ".join(f"{names.get(k, k)} {v:g}" for k, v in decoding.items()) or "-"
+
+
 def exits_table(results: dict, docs: dict | None) -> str:
     rows, drows = _rows(results), _rows(docs) if docs else {}
     info = results["info"]
     depth = max(info["exits"] + [r["exit"] for r in results["rows"]])
     pen = info.get("chat_free_answers_with", {}).get("rows", {})
+    used = decoding_name(info.get("chat_free_answers_with", {}).get("decoding", {}))
     full, dfull = rows[("full", depth)], drows.get(("full", depth), {})
-    out = ["| exit | relative cost | chat top-1 (affine) | chat KL (affine) | repeated 4-grams, greedy / freq. pen. 0.3 "
-           "| token F1, greedy / freq. pen. 0.3 | Shakespeare ppl (x full) | Python docs ppl (x full) "
+    out = [f"| exit | relative cost | chat top-1 (affine) | chat KL (affine) | repeated 4-grams, greedy / {used} "
+           f"| token F1, greedy / {used} | Shakespeare ppl (x full) | Python docs ppl (x full) "
            "| affine ppl, Shakespeare / docs |", "|---|---|---|---|---|---|---|---|---|"]
     for k in info["exits"]:
         b, a = rows[("balcony", k)], rows.get(("affine", k), {})

@@ -16,7 +16,7 @@ The recipe (chosen by the pilot runs in docs/results/pilots.json):
 Everything is cached or checkpointed outside the repository (--run-dir, the chat cache): run the same
 command again after an interruption and it resumes where it stopped (answer generation included).
 When training is complete it evaluates every exit on held-out instructions (chat agreement, KL, free
-answers, greedy and with frequency_penalty 0.3), held-out Shakespeare plays and held-out Python
+answers, greedy and with DRY 0.8), held-out Shakespeare plays and held-out Python
 documentation, and writes
   balcony_ext/exits/smollm2-135m-instruct.safetensors  (bf16, the exits `bx.load()` attaches)
   balcony_ext/exits/smollm2-135m-instruct.eval.json    (the report `balcony demo` shows)
@@ -190,10 +190,10 @@ def main():
                          chat_prompts=args.chat_prompts)
     docs = bx.evaluate(model, data="python-docs", seq_len=args.seq, max_tokens=args.eval_tokens, affine=run["affine"],
                        baselines=())
-    # the exits' free answers again with the decoding `balcony demo` uses (frequency_penalty 0.3)
+    # the exits' free answers again with the decoding `balcony demo` uses (DRY 0.8)
     from balcony_ext.chat_eval import evaluate_chat
 
-    decoding = {"frequency_penalty": 0.3}
+    decoding = {"dry_multiplier": 0.8}
     penalised = evaluate_chat(model, prompts=args.chat_prompts, decoding=decoding, shortlisted=False)
     report.info["chat_free_answers_with"] = dict(decoding=decoding, rows={
         f"{key[0]}@{key[1]}": {f: v[f] for f in ("chat_rep4", "chat_prefix", "chat_f1")}
